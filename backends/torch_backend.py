@@ -1,0 +1,63 @@
+"""The ``torch`` backend: masked attention in plain PyTorch, the semantic definition.
+
+Runs on every device and every float dtype; in float64 it is the golden
+every other backend is compared with (DESIGN.md, parity rule). Query blocks
+are processed in chunks so memory stays ``O(chunk x Sk)`` per head, never
+``O(Sq x Sk)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from rainfusion_core.backend import Backend
+from rainfusion_core.block_mask import BlockMask
+
+#: scores materialised per chunk, in elements (B * Hq * rows * Sk); ~256 MB of float32.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
+    *, chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``softmax(scale * q k^T + mask) v`` with the block pattern of ``block_mask``.
+
+    Shapes: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` (strided views are
+    fine), ``block_mask [B, Hq, NQ, NK]``; returns ``[B, Hq, Sq, D]`` in
+    ``q.dtype``. Scores and ``P @ V`` run in the input dtype, the softmax in
+    float32 (float64 for float64 inputs), as a flash kernel would. A query row
+    whose block keeps no key block is zero.
+    """
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bs = block_mask.block_size
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    q_grouped = q.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Sq, D]
+    k_t = k.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, Sk]
+    v_b = v.unsqueeze(2)  # [B, Hkv, 1, Sk, D]
+    rows_per_chunk = max(bs, (chunk_elements // max(1, batch * q_heads * kv_len)) // bs * bs)
+    for start in range(0, q_len, rows_per_chunk):
+        stop = min(q_len, start + rows_per_chunk)
+        # --- scores of this chunk of query rows against every key
+        scores = (q_grouped[:, :, :, start:stop] @ k_t).to(softmax_dtype) * scale  # [B, Hkv, G, rows, Sk]
+        keep = block_mask.token_mask(start, stop).unflatten(1, (kv_heads, group))
+        scores = scores.masked_fill(~keep, float("-inf"))
+        # --- softmax over kept keys; rows with no kept key are zeros, not NaN
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.where(keep.any(dim=-1, keepdim=True), probs, 0.0)
+        out[:, :, start:stop] = (probs.to(v.dtype) @ v_b).flatten(1, 2)
+    return out
+
+
+class TorchBackend(Backend):
+    """Pure PyTorch masked attention on any device and dtype; the parity golden in float64."""
+
+    name = "torch"
+    device_types = ("*",)
+    priority = 0
+
+    def forward(self, q, k, v, block_mask, scale):
+        return masked_attention(q, k, v, block_mask, scale)

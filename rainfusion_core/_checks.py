@@ -1,0 +1,89 @@
+"""Input checks shared by the public entry points; each error names the argument."""
+from __future__ import annotations
+
+import torch
+
+TENSOR_LAYOUTS = ("BNSD", "BSND")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def check_qkv(q, k, v) -> None:
+    """Check ``(B, H, S, D)`` query/key/value tensors against each other."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, S, D), got {describe(x)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.dtype must be one of float16/bfloat16/float32/float64, got {x.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} batch size must equal q's ({q.shape[0]}), got {x.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k head dim must equal q's ({q.shape[3]}), got {k.shape[3]}")
+    if v.shape[3] != q.shape[3]:
+        raise ValueError(f"v head dim must equal q's ({q.shape[3]}), got {v.shape[3]}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must have k's heads and length {tuple(k.shape[1:3])}, got {tuple(v.shape[1:3])}"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for grouped-query attention"
+        )
+
+
+def check_mask_matches(q, k, block_mask) -> None:
+    """Check that ``block_mask`` describes attention of ``q`` over ``k``."""
+    from .block_mask import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a rainfusion_core.BlockMask, got {describe(block_mask)}")
+    batch, heads, q_len = q.shape[:3]
+    if (block_mask.q_len, block_mask.kv_len) != (q_len, k.shape[2]):
+        raise ValueError(
+            f"block_mask lengths (q_len={block_mask.q_len}, kv_len={block_mask.kv_len}) must match "
+            f"q and k sequence lengths ({q_len}, {k.shape[2]})"
+        )
+    if block_mask.shape[:2] != (batch, heads):
+        raise ValueError(
+            f"block_mask batch and heads {block_mask.shape[:2]} must equal q's (B, H) = {(batch, heads)}"
+        )
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def check_tensor_layout(tensor_layout) -> str:
+    if tensor_layout not in TENSOR_LAYOUTS:
+        raise ValueError(f"tensor_layout must be one of {TENSOR_LAYOUTS}, got {tensor_layout!r}")
+    return tensor_layout
+
+
+def default_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,59 @@
+"""The ``Backend`` base class: what a kernel provider implements."""
+from __future__ import annotations
+
+import torch
+
+from .block_mask import BlockMask
+
+
+class Backend:
+    """A way to run block-sparse attention on some devices.
+
+    Subclasses set three class attributes and override what they need:
+
+    * ``name`` -- unique registry key (``"triton"``, ``"cpu"``, ``"my_asic"``).
+    * ``device_types`` -- torch device types it runs on, e.g. ``("cuda",)``;
+      ``("*",)`` means any device.
+    * ``priority`` -- higher wins when several backends fit one device.
+
+    Methods:
+
+    * :meth:`unavailable_reason` -- ``None`` when the backend can run on this
+      machine, else a sentence saying why not (package missing, no device,
+      extension not built). Called lazily, never at import.
+    * :meth:`unsupported_reasons` -- sentences for every property of a call
+      the backend cannot handle (dtype, head dim, block size, GQA ratio);
+      empty when it can.
+    * :meth:`forward` -- the computation, on tensors already in permuted order.
+
+    ``forward`` contract: ``q`` is ``[B, Hq, Sq, D]``, ``k`` and ``v`` are
+    ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads key head
+    ``h // (Hq // Hkv)``); all three may be strided views (for instance a
+    ``[B, S, H, D]`` tensor transposed). ``block_mask`` has shape
+    ``[B, Hq, NQ, NK]``. Return ``[B, Hq, Sq, D]`` in ``q.dtype`` where row
+    ``t`` is ``softmax(scale * q_t k_j^T) v_j`` over the key tokens ``j`` of the
+    kept blocks of ``t``'s query block, and zeros for a row with no kept block.
+    """
+
+    name: str = ""
+    device_types: tuple[str, ...] = ()
+    priority: int = 0
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def unsupported_reasons(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+    ) -> list[str]:
+        return []
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+
+    def runs_on(self, device_type: str) -> bool:
+        return "*" in self.device_types or device_type in self.device_types
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} device_types={self.device_types} priority={self.priority}>"

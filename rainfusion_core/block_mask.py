@@ -1,0 +1,157 @@
+"""``BlockMask``: which (query block, key block) tiles of attention are computed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import describe
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Blocks of ``block_size`` tokens covering ``length`` tokens (the last may be partial)."""
+    return -(-length // block_size)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMask:
+    """A block-sparse attention pattern, held in two equivalent views.
+
+    Shapes (named dimensions): ``B`` batch, ``H`` query heads, ``NQ = ceil(q_len /
+    block_size)`` query blocks, ``NK = ceil(kv_len / block_size)`` key blocks.
+
+    Attributes:
+        dense: bool ``[B, H, NQ, NK]``; ``dense[b, h, i, j]`` keeps the tile of
+            query block ``i`` and key block ``j``.
+        kv_counts: int32 ``[B, H, NQ]``; kept key blocks of each query block row.
+        kv_indices: int32 ``[B, H, NQ, NK]``; the kept key blocks of each row in
+            ascending order, left-packed: entries ``[..., :kv_counts]`` are
+            valid, entries past the count are unspecified.
+        block_size: tokens per block, on both the query and key side.
+        q_len: query tokens ``Sq``; the last query block holds
+            ``q_len - (NQ - 1) * block_size`` of them.
+        kv_len: key tokens ``Sk``; likewise for the last key block.
+
+    Invariants (checked on construction): the three tensors share a device,
+    their leading shapes agree, ``NQ`` and ``NK`` match the lengths. A row with
+    no kept block is legal; its output rows are zeros. Build one with
+    :meth:`from_dense`, which derives the index view from the dense view
+    without synchronising with the host.
+    """
+
+    dense: torch.Tensor
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    block_size: int
+    q_len: int
+    kv_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "q_len", "kv_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockMask.{name} must be a positive int, got {value!r}")
+        nq, nk = num_blocks(self.q_len, self.block_size), num_blocks(self.kv_len, self.block_size)
+        if self.dense.dtype != torch.bool or self.dense.dim() != 4:
+            raise ValueError(
+                f"BlockMask.dense must be a bool tensor [B, H, NQ, NK], got {self.dense.dtype} "
+                f"of shape {tuple(self.dense.shape)}"
+            )
+        batch, heads = self.dense.shape[:2]
+        expected = {
+            "dense": ((batch, heads, nq, nk), torch.bool),
+            "kv_counts": ((batch, heads, nq), torch.int32),
+            "kv_indices": ((batch, heads, nq, nk), torch.int32),
+        }
+        for name, (shape, dtype) in expected.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(
+                    f"BlockMask.{name} must be {dtype} of shape {shape} (block_size={self.block_size}, "
+                    f"q_len={self.q_len}, kv_len={self.kv_len}), got {tensor.dtype} of shape "
+                    f"{tuple(tensor.shape)}"
+                )
+            if tensor.device != self.dense.device:
+                raise ValueError(
+                    f"BlockMask.{name} is on {tensor.device} but dense is on {self.dense.device}"
+                )
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, *, block_size: int, q_len: int, kv_len: int) -> "BlockMask":
+        """Build from a bool ``[B, H, NQ, NK]`` mask; no host synchronisation."""
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise ValueError(f"mask must be a 4-D tensor [B, H, NQ, NK], got {describe(mask)}")
+        mask = mask.to(torch.bool).contiguous()
+        counts = mask.sum(dim=-1, dtype=torch.int32)
+        # A stable sort of "not kept" puts kept block indices first, in ascending order.
+        order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
+        return cls(mask, counts, order.to(torch.int32), block_size, q_len, kv_len)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, NQ, NK)``."""
+        return tuple(self.dense.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dense.device
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the ``NQ x NK`` tiles, averaged over batch and heads.
+
+        Reading it synchronises with the device; do not use it in a hot path.
+        """
+        return float(self.dense.float().mean())
+
+    def token_density(self) -> float:
+        """Kept fraction of the ``q_len x kv_len`` token pairs (weights partial blocks)."""
+        q_sizes = _block_sizes(self.q_len, self.block_size, self.device)
+        k_sizes = _block_sizes(self.kv_len, self.block_size, self.device)
+        kept = (self.dense.double() * q_sizes[:, None] * k_sizes[None, :]).sum(dim=(-1, -2))
+        return float(kept.mean() / (self.q_len * self.kv_len))
+
+    def to(self, device: torch.device | str) -> "BlockMask":
+        return BlockMask(
+            self.dense.to(device), self.kv_counts.to(device), self.kv_indices.to(device),
+            self.block_size, self.q_len, self.kv_len,
+        )
+
+    def token_mask(self, q_start: int = 0, q_end: int | None = None) -> torch.Tensor:
+        """Bool ``[B, H, q_end - q_start, kv_len]`` token mask of query rows ``[q_start, q_end)``."""
+        q_end = self.q_len if q_end is None else q_end
+        bs = self.block_size
+        rows = self.dense[:, :, q_start // bs : num_blocks(q_end, bs)]
+        rows = rows.repeat_interleave(bs, dim=2)[:, :, q_start % bs : q_start % bs + q_end - q_start]
+        return rows.repeat_interleave(bs, dim=3)[..., : self.kv_len]
+
+    def to_flex_block_mask(self):
+        """The same pattern as a ``torch.nn.attention.flex_attention.BlockMask``.
+
+        Every kept tile is a partial block with the no-op ``mask_mod``, so
+        FlexAttention applies only the block pattern and its own bounds for a
+        ragged last block.
+        """
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        return FlexBlockMask.from_kv_blocks(
+            self.kv_counts, self.kv_indices, BLOCK_SIZE=self.block_size,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, block_size={self.block_size}, q_len={self.q_len}, "
+            f"kv_len={self.kv_len}, device={self.device})"
+        )
+
+
+def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Tensor:
+    sizes = torch.full((num_blocks(length, block_size),), float(block_size), dtype=torch.float64, device=device)
+    sizes[-1] = length - (sizes.numel() - 1) * block_size
+    return sizes
+
+
+__all__ = ["BlockMask", "num_blocks"]

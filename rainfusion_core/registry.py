@@ -1,0 +1,233 @@
+"""Backend registry: built-ins and plugins, selection by name or by device.
+
+Selection rules (DESIGN.md):
+
+* a name (``"triton"``) or a ``Backend`` instance is *explicit*: it runs or
+  raises an error listing its reasons, never falls back;
+* a device string (``"cpu"``, ``"cuda:1"``, ``"npu:0"``) or ``None`` (the
+  inputs' device) is *automatic*: the highest-priority available backend for
+  that device type that supports the call; skipping a higher-priority one
+  warns once with the reason. When nothing fits, one error lists every
+  candidate and why it was refused.
+
+Strings that name a device type are devices, so ``"cpu"`` selects by device;
+pass ``name="cpu"`` to :func:`get_backend` to name the C++ backend itself.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+
+from .backend import Backend
+from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
+
+ENTRY_POINT_GROUP = "rainfusion_core.backends"
+_BUILTINS = ("rainfusion_core.backends.torch_backend:TorchBackend",)
+_DEVICE_TYPES = {"cpu", "cuda", "npu", "xpu", "mps", "hpu", "mtia", "meta", "xla", "privateuseone"}
+_DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+_lock = threading.RLock()
+_backends: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
+_loaded = False
+_warned: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of :func:`list_backends`."""
+
+    name: str
+    device_types: tuple[str, ...]
+    priority: int
+    available: bool
+    reason: str  # why it is unavailable; empty when available
+
+
+# --------------------------------------------------------------------------- loading
+def _instantiate(obj, origin: str) -> Backend:
+    """A Backend instance from an instance, a Backend subclass, or a zero-argument factory."""
+    if not isinstance(obj, Backend) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Backend):
+        raise TypeError(f"{origin} gave {type(obj).__name__}, expected a rainfusion_core.Backend")
+    return obj
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        for target in _BUILTINS:
+            module, attr = target.split(":")
+            _add(_instantiate(getattr(importlib.import_module(module), attr), target), replace=False)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                _add(_instantiate(ep.load(), f"entry point {ep.name!r} ({ep.value})"), replace=False)
+            except Exception as exc:  # a broken plugin must never break the registry
+                _load_errors[ep.name] = f"failed to load entry point {ep.value!r}: {type(exc).__name__}: {exc}"
+        _loaded = True
+
+
+def _add(backend: Backend, replace: bool) -> None:
+    if not isinstance(backend.name, str) or _NAME_RE.match(backend.name) is None:
+        raise ValueError(
+            f"backend.name must be lowercase letters, digits and '_' (starting with a letter), got {backend.name!r}"
+        )
+    if not backend.device_types or not all(isinstance(t, str) for t in backend.device_types):
+        raise ValueError(f"backend {backend.name!r}: device_types must be a non-empty tuple of str")
+    if backend.name in _backends and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered; pass replace=True")
+    _backends[backend.name] = backend
+    _load_errors.pop(backend.name, None)
+
+
+def register_backend(backend: Backend | type[Backend], *, replace: bool = False) -> Backend:
+    """Register a backend instance (or a ``Backend`` subclass, instantiated with no arguments)."""
+    backend = _instantiate(backend, "register_backend argument")
+    _ensure_loaded()
+    with _lock:
+        _add(backend, replace)
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (tests and plugins that replace one)."""
+    _ensure_loaded()
+    with _lock:
+        if _backends.pop(name, None) is None:
+            raise UnknownBackendError(f"no backend named {name!r} is registered")
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every registered backend, and every plugin that failed to load, by priority."""
+    _ensure_loaded()
+    rows = []
+    for backend in _backends.values():
+        reason = backend.unavailable_reason()
+        rows.append(BackendInfo(backend.name, tuple(backend.device_types), backend.priority, reason is None, reason or ""))
+    for name, error in _load_errors.items():
+        rows.append(BackendInfo(name, (), 0, False, error))
+    return sorted(rows, key=lambda r: (-r.priority, r.name))
+
+
+# --------------------------------------------------------------------------- selection
+def _parse_device(spec: str) -> str | None:
+    """The device type of ``spec`` if it is a device string, else ``None``.
+
+    A device string is a known device type (torch's, or one a registered
+    backend runs on), optionally with ``:index``; any ``word:index`` counts too.
+    """
+    _ensure_loaded()
+    match = _DEVICE_RE.match(spec)
+    if match is None:
+        return None
+    known = _DEVICE_TYPES.union(*(b.device_types for b in _backends.values())) - {"*"}
+    if match.group(1) in known or match.group(2) is not None:
+        return match.group(1)
+    return None
+
+
+def _by_name(name: str) -> Backend:
+    _ensure_loaded()
+    if name in _backends:
+        return _backends[name]
+    if name in _load_errors:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {_load_errors[name]}")
+    known = sorted(_backends) + sorted(_load_errors)
+    raise UnknownBackendError(
+        f"unknown backend {name!r}; expected one of {known} or a device string such as 'cpu' or 'cuda:0'"
+    )
+
+
+def _candidates(device_type: str) -> list[Backend]:
+    _ensure_loaded()
+    found = [b for b in _backends.values() if b.runs_on(device_type)]
+    return sorted(found, key=lambda b: -b.priority)
+
+
+def get_backend(spec: str | Backend | None = None, *, name: str | None = None) -> Backend:
+    """Look up a backend.
+
+    ``get_backend("triton")`` returns the backend of that name (raising if it
+    is unavailable here); ``get_backend("cuda:0")`` the highest-priority
+    available backend for that device type; ``get_backend(name="cpu")`` the
+    backend named ``cpu`` (the plain string ``"cpu"`` is the device).
+    """
+    if name is not None:
+        if spec is not None:
+            raise TypeError("get_backend takes a spec or name=, not both")
+        backend = _by_name(name)
+        _require_available(backend)
+        return backend
+    if isinstance(spec, Backend):
+        _require_available(spec)
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"backend must be a name, a device string or a Backend, got {type(spec).__name__}")
+    device_type = _parse_device(spec)
+    if device_type is None:
+        backend = _by_name(spec)
+        _require_available(backend)
+        return backend
+    return _choose(device_type, None, spec)
+
+
+def _require_available(backend: Backend) -> None:
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend.name!r} is unavailable: {reason}")
+
+
+def select_backend(spec, q, k, v, block_mask) -> Backend:
+    """The backend that runs this call; ``spec`` as in :func:`get_backend`, ``None`` = q's device."""
+    device_type = q.device.type
+    if spec is None:
+        return _choose(device_type, (q, k, v, block_mask), str(q.device))
+    if isinstance(spec, str) and (spec_type := _parse_device(spec)) is not None:
+        if spec_type != device_type:
+            raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
+        return _choose(device_type, (q, k, v, block_mask), spec)
+    backend = spec if isinstance(spec, Backend) else get_backend(spec)
+    _require_available(backend)
+    if not backend.runs_on(device_type):
+        raise UnsupportedInputError(
+            f"backend {backend.name!r} runs on {'/'.join(backend.device_types)} devices, "
+            f"but the inputs are on {q.device}"
+        )
+    reasons = backend.unsupported_reasons(q, k, v, block_mask)
+    if reasons:
+        raise UnsupportedInputError(f"backend {backend.name!r} cannot run this call: " + "; ".join(reasons))
+    return backend
+
+
+def _choose(device_type: str, call, spec: str) -> Backend:
+    refused: list[tuple[str, str]] = []
+    for backend in _candidates(device_type):
+        reason = backend.unavailable_reason()
+        if reason is None and call is not None:
+            reason = "; ".join(backend.unsupported_reasons(*call)) or None
+        if reason is not None:
+            refused.append((backend.name, reason))
+            continue
+        for skipped, why in refused:
+            if (skipped, why) not in _warned:
+                _warned.add((skipped, why))
+                warnings.warn(
+                    f"rainfusion_core: backend {skipped!r} skipped on {spec} ({why}); using {backend.name!r}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return backend
+    if not refused:
+        raise BackendError(f"no backend is registered for device type {device_type!r} ({spec})")
+    lines = "\n".join(f"  - {name}: {why}" for name, why in refused)
+    raise BackendError(f"no backend can run on {spec}:\n{lines}")
