@@ -130,15 +130,22 @@ class BlockMask:
     def to_flex_block_mask(self):
         """The same pattern as a ``torch.nn.attention.flex_attention.BlockMask``.
 
-        Every kept tile is a partial block with the no-op ``mask_mod``, so
-        FlexAttention applies only the block pattern and its own bounds for a
-        ragged last block.
+        Kept tiles are passed as *full* blocks, so compiled FlexAttention
+        kernels skip them without evaluating a ``mask_mod``; the ``mask_mod``
+        still encodes the pattern token by token, because eager FlexAttention
+        applies only the ``mask_mod``.
         """
         from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
+        dense, bs = self.dense, self.block_size
+
+        def block_pattern(b, h, q_idx, kv_idx):
+            return dense[b, h, q_idx // bs, kv_idx // bs]
+
         return FlexBlockMask.from_kv_blocks(
-            self.kv_counts, self.kv_indices, BLOCK_SIZE=self.block_size,
-            seq_lengths=(self.q_len, self.kv_len),
+            torch.zeros_like(self.kv_counts), self.kv_indices,
+            full_kv_num_blocks=self.kv_counts, full_kv_indices=self.kv_indices,
+            BLOCK_SIZE=bs, mask_mod=block_pattern, seq_lengths=(self.q_len, self.kv_len),
         )
 
     def __repr__(self) -> str:

@@ -1,0 +1,37 @@
+"""Shared helpers: naive float64 definitions written independently of the library."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh but reproducible random inputs per test.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+
+
+def naive_attention(q, k, v, dense, block_size, scale):
+    """float64 masked attention, one (batch, head) at a time, the token mask built by index arithmetic."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, q_heads, q_len, _ = q.shape
+    group = q_heads // k.shape[1]
+    rows = torch.arange(q_len) // block_size
+    cols = torch.arange(k.shape[2]) // block_size
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            allowed = dense[b, h].cpu()[rows][:, cols]
+            scores = (q[b, h] @ k[b, h // group].T).cpu() * scale
+            scores[~allowed] = float("-inf")
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out[b, h] = probs @ v[b, h // group].cpu()
+    return out
+
+
+def random_dense(batch, heads, nq, nk, density=0.5, empty_rows=()):
+    dense = torch.rand(batch, heads, nq, nk) < density
+    dense[..., 0] |= torch.rand(batch, heads, nq) < 0.5  # vary row starts
+    for b, h, i in empty_rows:
+        dense[b, h, i] = False
+    return dense

@@ -1,0 +1,195 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rainfusion_core as rf
+from rainfusion_core import registry
+from rainfusion_core.backends.torch_backend import TorchBackend
+
+
+class FakeBackend(rf.Backend):
+    """A CPU backend that doubles as a spy: it records calls and refuses what it is told to."""
+
+    device_types = ("cpu",)
+
+    def __init__(self, name, priority, unavailable=None, refuse=()):
+        self.name, self.priority = name, priority
+        self._unavailable, self._refuse, self.calls = unavailable, list(refuse), 0
+
+    def unavailable_reason(self):
+        return self._unavailable
+
+    def unsupported_reasons(self, q, k, v, block_mask):
+        return list(self._refuse)
+
+    def forward(self, q, k, v, block_mask, scale):
+        self.calls += 1
+        return TorchBackend().forward(q, k, v, block_mask, scale)
+
+
+@pytest.fixture
+def fakes():
+    added = []
+
+    def add(*args, **kwargs):
+        backend = rf.register_backend(FakeBackend(*args, **kwargs))
+        added.append(backend.name)
+        return backend
+
+    yield add
+    for name in added:
+        rf.unregister_backend(name)
+    registry._warned.clear()
+
+
+def _call():
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    return q, k, v, rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=64, q_len=64, kv_len=64)
+
+
+def test_builtin_torch_backend_is_listed():
+    rows = {row.name: row for row in rf.list_backends()}
+    assert rows["torch"].available and rows["torch"].device_types == ("*",) and rows["torch"].reason == ""
+
+
+def test_highest_priority_available_backend_wins(fakes):
+    fast = fakes("fast_cpu", 50)
+    assert rf.get_backend("cpu") is fast
+    q, k, v, mask = _call()
+    rf.block_sparse_attention(q, k, v, mask)
+    assert fast.calls == 1
+
+
+def test_automatic_selection_falls_back_with_one_warning(fakes):
+    fakes("broken_cpu", 50, unavailable="its extension is not built")
+    q, k, v, mask = _call()
+    with pytest.warns(RuntimeWarning, match=r"'broken_cpu' skipped on cpu \(its extension is not built\); using 'torch'"):
+        rf.block_sparse_attention(q, k, v, mask)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rf.block_sparse_attention(q, k, v, mask)  # second time: silent
+
+
+def test_unsupported_call_falls_back_to_next_candidate(fakes):
+    picky = fakes("picky_cpu", 50, refuse=["head dim 16 is not supported"])
+    q, k, v, mask = _call()
+    with pytest.warns(RuntimeWarning, match="head dim 16 is not supported"):
+        rf.block_sparse_attention(q, k, v, mask)
+    assert picky.calls == 0
+
+
+def test_explicit_backend_never_falls_back(fakes):
+    fakes("broken_cpu", 50, unavailable="its extension is not built")
+    fakes("picky_cpu", 40, refuse=["head dim 16 is not supported"])
+    q, k, v, mask = _call()
+    with pytest.raises(rf.BackendUnavailableError, match="'broken_cpu' is unavailable: its extension is not built"):
+        rf.block_sparse_attention(q, k, v, mask, backend="broken_cpu")
+    with pytest.raises(rf.UnsupportedInputError, match="'picky_cpu' cannot run this call: head dim 16"):
+        rf.block_sparse_attention(q, k, v, mask, backend="picky_cpu")
+    with pytest.raises(rf.BackendUnavailableError):
+        rf.get_backend("broken_cpu")
+
+
+def test_explicit_backend_on_the_wrong_device(fakes):
+    class CudaOnly(FakeBackend):
+        device_types = ("cuda",)
+
+    rf.register_backend(CudaOnly("gpu_only", 10))
+    try:
+        q, k, v, mask = _call()
+        with pytest.raises(rf.UnsupportedInputError, match="'gpu_only' runs on cuda devices, but the inputs are on cpu"):
+            rf.block_sparse_attention(q, k, v, mask, backend="gpu_only")
+    finally:
+        rf.unregister_backend("gpu_only")
+
+
+def test_nothing_fits_lists_every_candidate(fakes, monkeypatch):
+    fakes("broken_cpu", 50, unavailable="its extension is not built")
+    monkeypatch.setattr(TorchBackend, "unsupported_reasons", lambda self, *a: ["pretend refusal"])
+    q, k, v, mask = _call()
+    with pytest.raises(rf.BackendError, match=r"(?s)no backend can run on cpu.*broken_cpu: its extension.*torch: pretend"):
+        rf.block_sparse_attention(q, k, v, mask)
+
+
+def test_name_keyword_reaches_a_backend_named_like_a_device(fakes):
+    class CpuNamed(FakeBackend):
+        pass
+
+    backend = rf.register_backend(CpuNamed("cpu", -5), replace=True)
+    try:
+        assert rf.get_backend(name="cpu") is backend
+        assert rf.get_backend("cpu").name == "torch"  # "cpu" is the device; torch has higher priority here
+    finally:
+        rf.unregister_backend("cpu")
+
+
+def test_registration_errors(fakes):
+    fakes("dup_cpu", 1)
+    with pytest.raises(ValueError, match="already registered; pass replace=True"):
+        rf.register_backend(FakeBackend("dup_cpu", 2))
+    with pytest.raises(ValueError, match="backend.name must be lowercase"):
+        rf.register_backend(FakeBackend("Bad Name", 2))
+    with pytest.raises(TypeError, match="expected a rainfusion_core.Backend"):
+        rf.register_backend(lambda: 42)
+    with pytest.raises(rf.UnknownBackendError, match="no backend named 'nope'"):
+        rf.unregister_backend("nope")
+
+
+def test_entry_point_plugins_load_lazily(tmp_path):
+    """A package on sys.path with entry points is picked up on first registry use, not at import."""
+    (tmp_path / "toy_plugin.py").write_text(textwrap.dedent("""
+        import rainfusion_core as rf
+        from rainfusion_core.backends.torch_backend import masked_attention
+
+        class ToyBackend(rf.Backend):
+            name, device_types, priority = "toy", ("cpu",), 7
+            def forward(self, q, k, v, block_mask, scale):
+                return masked_attention(q, k, v, block_mask, scale)
+
+        def make():
+            return ToyBackend()
+    """))
+    (tmp_path / "broken_plugin.py").write_text("raise ImportError('vendor SDK missing')\n")
+    dist = tmp_path / "toy_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[rainfusion_core.backends]\ntoy = toy_plugin:make\nbroken = broken_plugin:Backend\n"
+    )
+    script = textwrap.dedent("""
+        import sys, torch
+        import rainfusion_core as rf
+        assert "toy_plugin" not in sys.modules, "plugins must not load at import"
+        rows = {r.name: r for r in rf.list_backends()}
+        assert rows["toy"].available and rows["toy"].priority == 7, rows
+        assert not rows["broken"].available and "vendor SDK missing" in rows["broken"].reason, rows
+        assert rf.get_backend("cpu").name == "toy"
+        q = torch.randn(1, 1, 64, 8)
+        mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=64, q_len=64, kv_len=64)
+        rf.block_sparse_attention(q, q, q, mask, backend="toy")
+        try:
+            rf.get_backend("broken")
+        except rf.BackendUnavailableError as e:
+            assert "vendor SDK missing" in str(e)
+        else:
+            raise AssertionError("broken plugin was returned")
+        print("ok")
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_import_does_no_backend_work():
+    script = "import sys, rainfusion_core; print(sorted(m for m in sys.modules if m.startswith('rainfusion_core.backends')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
