@@ -1,5 +1,53 @@
-"""Install rainfusion_core; the top-level ``backends/`` folder installs as ``rainfusion_core.backends``."""
+"""Install rainfusion_core.
+
+* The top-level ``backends/`` folder installs as ``rainfusion_core.backends``.
+* The C++ CPU kernel (``csrc/``) builds as ``rainfusion_core._cpu_kernel`` when
+  pybind11 and a C++17 compiler are present; OpenMP and native vector
+  instructions are probed, not assumed. A failed build only warns: the package
+  still installs and the ``cpu`` backend reports why it is unavailable.
+"""
+import os
+import sys
+
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, has_flag
+except ImportError:  # no pybind11: install without the extension
+    Pybind11Extension = None
+
+
+class OptionalBuildExt(build_ext):
+    """Build the CPU kernel with the flags this compiler accepts; never fail the install."""
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            for flag in ("-O3", "-march=native", "-fopenmp"):
+                if os.environ.get("RAINFUSION_NO_NATIVE") and flag == "-march=native":
+                    continue
+                if has_flag(self.compiler, flag):
+                    ext.extra_compile_args.append(flag)
+                    if flag == "-fopenmp":
+                        ext.extra_link_args.append(flag)
+        try:
+            super().build_extensions()
+        except Exception as exc:  # compiler missing or broken: the cpu backend says so at run time
+            print(f"WARNING: rainfusion_core C++ CPU kernel not built ({exc}); "
+                  "the 'cpu' backend will be unavailable", file=sys.stderr)
+
+
+ext_modules, cmdclass = [], {}
+if Pybind11Extension is not None and os.environ.get("RAINFUSION_SKIP_CPP") != "1":
+    ext_modules = [
+        Pybind11Extension(
+            "rainfusion_core._cpu_kernel",
+            ["csrc/block_sparse_attention.cpp", "csrc/bindings.cpp"],
+            include_dirs=["csrc"],
+            cxx_std=17,
+        )
+    ]
+    cmdclass = {"build_ext": OptionalBuildExt}
 
 setup(
     name="rainfusion_core",
@@ -8,6 +56,8 @@ setup(
     python_requires=">=3.9",
     packages=["rainfusion_core", "rainfusion_core.backends"],
     package_dir={"rainfusion_core": "rainfusion_core", "rainfusion_core.backends": "backends"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy"],
     extras_require={"test": ["pytest>=7"], "triton": ["triton>=3.0"]},
 )

@@ -26,7 +26,10 @@ from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
 
 ENTRY_POINT_GROUP = "rainfusion_core.backends"
-_BUILTINS = ("rainfusion_core.backends.torch_backend:TorchBackend",)
+_BUILTINS = (
+    "rainfusion_core.backends.torch_backend:TorchBackend",
+    "rainfusion_core.backends.cpu:CpuBackend",
+)
 _DEVICE_TYPES = {"cpu", "cuda", "npu", "xpu", "mps", "hpu", "mtia", "meta", "xla", "privateuseone"}
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -1,0 +1,56 @@
+"""The ``cpu`` backend: the C++17 block-sparse flash-attention kernel in ``csrc/``.
+
+float32 and float64 run natively; float16 and bfloat16 are computed in float32
+and returned in the input dtype. Inputs may be strided views (BSND): the
+kernel reads them through their strides, without copies.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from rainfusion_core.backend import Backend
+
+_NATIVE = (torch.float32, torch.float64)
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _load_kernel():
+    try:
+        return importlib.import_module("rainfusion_core._cpu_kernel"), None
+    except ImportError as exc:
+        return None, (
+            f"the C++ extension rainfusion_core._cpu_kernel is not built ({exc}); reinstall with a C++17 "
+            "compiler and pybind11 present (pip install -e .) to build it"
+        )
+
+
+class CpuBackend(Backend):
+    """Block-sparse flash attention in C++ with OpenMP; the fast path on machines without an accelerator."""
+
+    name = "cpu"
+    device_types = ("cpu",)
+    priority = 10
+
+    def unavailable_reason(self):
+        return _load_kernel()[1]
+
+    def unsupported_reasons(self, q, k, v, block_mask):
+        if q.dtype not in _NATIVE + _UPCAST:
+            return [f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"]
+        return []
+
+    def forward(self, q, k, v, block_mask, scale):
+        kernel, reason = _load_kernel()
+        if kernel is None:
+            raise RuntimeError(reason)
+        compute = q.dtype if q.dtype in _NATIVE else torch.float32
+        q_c, k_c, v_c = (x if x.dtype == compute else x.to(compute) for x in (q, k, v))
+        out = torch.empty(q.shape, dtype=compute)
+        kernel.forward(
+            q_c.numpy(), k_c.numpy(), v_c.numpy(), out.numpy(),
+            block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
+            block_mask.block_size, float(scale), torch.get_num_threads(),
+        )
+        return out if compute == q.dtype else out.to(q.dtype)

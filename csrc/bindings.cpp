@@ -1,0 +1,65 @@
+// pybind11 binding of the CPU kernel: NumPy arrays in (buffer protocol, any strides), GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "block_sparse_attention.h"
+
+namespace py = pybind11;
+using rainfusion::AttentionArgs;
+using rainfusion::Strides4;
+
+namespace {
+
+template <typename T>
+Strides4 element_strides(const py::array_t<T, 0>& x, const char* name) {
+  if (x.ndim() != 4) throw std::invalid_argument(std::string(name) + " must be 4-D [B, H, S, D]");
+  int64_t s[4];
+  for (int i = 0; i < 4; ++i) {
+    if (x.strides(i) % static_cast<py::ssize_t>(sizeof(T)) != 0 || x.strides(i) < 0)
+      throw std::invalid_argument(std::string(name) + " has a stride that is negative or not a whole element");
+    s[i] = x.strides(i) / static_cast<py::ssize_t>(sizeof(T));
+  }
+  return {s[0], s[1], s[2], s[3]};
+}
+
+template <typename T>
+void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::array_t<T, 0> out,
+             py::array_t<int32_t, py::array::c_style> kv_counts,
+             py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
+             int num_threads) {
+  AttentionArgs<T> a{};
+  a.q_strides = element_strides(q, "q");
+  a.k_strides = element_strides(k, "k");
+  a.v_strides = element_strides(v, "v");
+  a.out_strides = element_strides(out, "out");
+  a.batch = q.shape(0), a.q_heads = q.shape(1), a.q_len = q.shape(2), a.head_dim = q.shape(3);
+  a.kv_heads = k.shape(1), a.kv_len = k.shape(2);
+  if (block_size < 1) throw std::invalid_argument("block_size must be positive");
+  const int64_t nq = (a.q_len + block_size - 1) / block_size, nk = (a.kv_len + block_size - 1) / block_size;
+  if (k.shape(0) != a.batch || k.shape(3) != a.head_dim || v.shape(0) != a.batch || v.shape(1) != a.kv_heads ||
+      v.shape(2) != a.kv_len || v.shape(3) != a.head_dim || a.kv_heads < 1 || a.q_heads % a.kv_heads != 0)
+    throw std::invalid_argument("k and v must be [B, Hkv, Sk, D] with Hq a multiple of Hkv");
+  for (int i = 0; i < 4; ++i)
+    if (out.shape(i) != q.shape(i)) throw std::invalid_argument("out must have q's shape");
+  if (kv_counts.size() != a.batch * a.q_heads * nq || kv_indices.size() != a.batch * a.q_heads * nq * nk)
+    throw std::invalid_argument("kv_counts/kv_indices do not match [B, Hq, NQ(, NK)] for this block_size");
+  if (!out.writeable()) throw std::invalid_argument("out must be writeable");
+  a.q = q.data(), a.k = k.data(), a.v = v.data(), a.out = out.mutable_data();
+  a.kv_counts = kv_counts.data(), a.kv_indices = kv_indices.data();
+  a.block_size = block_size, a.scale = static_cast<T>(scale), a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  rainfusion::block_sparse_attention_forward(a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_kernel, m) {
+  m.doc() = "RainFusion2.0 block-sparse flash attention forward, C++17 CPU kernel";
+  const char* doc = "forward(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads)";
+  m.def("forward", &forward<float>, doc);
+  m.def("forward", &forward<double>, doc);
+  m.def("has_openmp", &rainfusion::has_openmp);
+}
