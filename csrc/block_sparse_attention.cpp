@@ -22,7 +22,7 @@ namespace rainfusion {
 namespace {
 
 constexpr int64_t QR = 64;  // query rows per work item
-constexpr int64_t KT = 64;  // keys per tile
+constexpr int64_t KT = 128;  // keys per tile
 constexpr int64_t RB = 4;   // query rows per register block
 
 template <typename T>
@@ -143,20 +143,24 @@ struct Scratch {
       : dp(padded_dim<T>(head_dim)), q(QR * dp), s(QR * KT), o(QR * dp), m(QR), l(QR) {}
 };
 
-// s[i][j] = sum_d q[i][d] * kt[d][j]: RB rows x all KT keys held in registers, vectorised over j.
+// s[i][j] = sum_d q[i][d] * kt[d][j]: RB rows x JW keys held in registers, vectorised over j.
 template <typename T>
 void scores_tile(Scratch<T>& w, const T* kt_tile, int64_t rows) {
+  constexpr int64_t JW = 4 * kVec<T>;
+  static_assert(KT % JW == 0, "key tile must be a whole number of register blocks");
   for (int64_t i0 = 0; i0 < rows; i0 += RB) {
-    T acc[RB][KT] = {};
-    for (int64_t d = 0; d < w.dp; ++d) {
-      const T* kt = kt_tile + d * KT;
-      for (int64_t r = 0; r < RB; ++r) {
-        const T qv = w.q[(i0 + r) * w.dp + d];
+    for (int64_t j0 = 0; j0 < KT; j0 += JW) {
+      T acc[RB][JW] = {};
+      for (int64_t d = 0; d < w.dp; ++d) {
+        const T* kt = kt_tile + d * KT + j0;
+        for (int64_t r = 0; r < RB; ++r) {
+          const T qv = w.q[(i0 + r) * w.dp + d];
 #pragma omp simd
-        for (int64_t j = 0; j < KT; ++j) acc[r][j] += qv * kt[j];
+          for (int64_t j = 0; j < JW; ++j) acc[r][j] += qv * kt[j];
+        }
       }
+      for (int64_t r = 0; r < RB; ++r) std::memcpy(&w.s[(i0 + r) * KT + j0], acc[r], sizeof(acc[r]));
     }
-    for (int64_t r = 0; r < RB; ++r) std::memcpy(&w.s[(i0 + r) * KT], acc[r], sizeof(acc[r]));
   }
 }
 
@@ -222,23 +226,25 @@ void attend_rows(const AttentionArgs<T>& a, const PackedKV<T>& kv, Scratch<T>& w
       const int64_t tile = kblock * kv.tiles_per_block + sub;
       // ---- scores S = Q K^T
       scores_tile(w, kv.kt_tile(b, kh, a.kv_heads, tile), rows_padded);
-      // ---- online softmax: new running max, rescale the accumulator, P = exp(S - max)
+      // ---- online softmax: new running max, rescale the accumulator, P = exp(S - max).
+      //      Padding keys get -inf, so every loop runs the whole tile without masks.
       for (int64_t r = 0; r < rows_padded; ++r) {
         T* s = &w.s[r * KT];
+        std::fill(s + keys, s + KT, neg_inf);
         T row_max = w.m[r];
-        for (int64_t j = 0; j < keys; ++j) row_max = std::max(row_max, s[j]);
-        const T alpha = w.m[r] == neg_inf ? T(0) : std::exp(w.m[r] - row_max);
+#pragma omp simd reduction(max : row_max)
+        for (int64_t j = 0; j < KT; ++j) row_max = s[j] > row_max ? s[j] : row_max;
+        const T alpha = exp_nonpositive<T>(w.m[r] - row_max);  // 0 while the old max is -inf
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < KT; ++j) {
-          const T p = j < keys ? exp_nonpositive<T>(s[j] - row_max) : T(0);
-          s[j] = p;
-          sum += p;
+          s[j] = exp_nonpositive<T>(s[j] - row_max);
+          sum += s[j];
         }
         w.l[r] = w.l[r] * alpha + sum;
         w.m[r] = row_max;
-        if (alpha != T(1))
-          for (int64_t d = 0; d < dp; ++d) w.o[r * dp + d] *= alpha;
+#pragma omp simd
+        for (int64_t d = 0; d < dp; ++d) w.o[r * dp + d] *= alpha;
       }
       // ---- accumulate O += P V
       values_tile(w, kv.v_tile(b, kh, a.kv_heads, tile), rows_padded, keys);
