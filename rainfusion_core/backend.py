@@ -53,6 +53,11 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
 
     def runs_on(self, device_type: str) -> bool:
+        """Whether the backend accepts tensors of ``device_type`` when named explicitly.
+
+        Automatic selection uses ``device_types`` alone; a backend may accept
+        more when asked by name (Triton's CPU interpreter, for instance).
+        """
         return "*" in self.device_types or device_type in self.device_types
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
     "rainfusion_core.backends.torch_backend:TorchBackend",
     "rainfusion_core.backends.cpu:CpuBackend",
+    "rainfusion_core.backends.triton_backend:TritonBackend",
 )
 _DEVICE_TYPES = {"cpu", "cuda", "npu", "xpu", "mps", "hpu", "mtia", "meta", "xla", "privateuseone"}
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
@@ -153,7 +154,8 @@ def _by_name(name: str) -> Backend:
 
 def _candidates(device_type: str) -> list[Backend]:
     _ensure_loaded()
-    found = [b for b in _backends.values() if b.runs_on(device_type)]
+    # Automatic choice goes by declared device types; runs_on may be wider for explicit use.
+    found = [b for b in _backends.values() if device_type in b.device_types or "*" in b.device_types]
     return sorted(found, key=lambda b: -b.priority)
 
 

@@ -1,8 +1,15 @@
 """Shared helpers: naive float64 definitions written independently of the library."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton backend is tested through Triton's CPU interpreter. The flag must be
+# set before Triton is first imported, so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

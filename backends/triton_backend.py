@@ -1,0 +1,90 @@
+"""The ``triton`` backend: block-sparse flash attention on NVIDIA GPUs.
+
+With ``TRITON_INTERPRET=1`` (set before Triton is imported) the same kernel
+also runs on CPU tensors through Triton's interpreter; that is how CI tests
+it. The interpreter path is reachable only by naming the backend.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+
+from rainfusion_core.backend import Backend
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None):
+    """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
+
+    No host synchronisation: the loop bound of every program is read on the device.
+    """
+    kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
+    batch, q_heads, q_len, head_dim = q.shape
+    mask_block = block_mask.block_size
+    config = config or kernels.pick_config(head_dim, q.dtype, mask_block)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    counts = block_mask.kv_counts.contiguous()
+    indices = block_mask.kv_indices.contiguous()
+    grid = (math.ceil(q_len / config.block_m), batch * q_heads)
+    kernels.block_sparse_attention_fwd[grid](
+        q, k, v, out, counts, indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q_heads, q_len, k.shape[2], head_dim, indices.shape[2], indices.shape[3],
+        scale * math.log2(math.e),
+        GROUP=q_heads // k.shape[1],
+        MASK_BLOCK=mask_block,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_D=max(16, _next_power_of_2(head_dim)),
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class TritonBackend(Backend):
+    """Block-sparse flash attention in Triton: fp16/bf16 fast paths, fp32 exact (no tf32)."""
+
+    name = "triton"
+    device_types = ("cuda",)
+    priority = 20
+
+    def unavailable_reason(self):
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            return f"Triton is not installed ({exc}); pip install triton"
+        if not _interpreting() and not torch.cuda.is_available():
+            return "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter)"
+        return None
+
+    def runs_on(self, device_type: str) -> bool:
+        return device_type == "cuda" or (device_type == "cpu" and _interpreting())
+
+    def unsupported_reasons(self, q, k, v, block_mask):
+        reasons = []
+        if q.dtype not in _DTYPES:
+            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16 and float32 are)")
+        head_dim = q.shape[-1]
+        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            reasons.append(f"head dim {head_dim} is outside the supported range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+        if block_mask.block_size % 16:
+            reasons.append(f"mask block size {block_mask.block_size} is not a multiple of 16")
+        return reasons
+
+    def forward(self, q, k, v, block_mask, scale):
+        return block_sparse_attention_triton(q, k, v, block_mask, scale)

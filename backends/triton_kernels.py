@@ -1,0 +1,124 @@
+"""Triton block-sparse flash-attention forward kernel and its tuned configurations.
+
+Imported only when the ``triton`` backend runs (never at ``import rainfusion_core``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters; BLOCK_M and BLOCK_N must divide the mask block size."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Chosen per (head dim bucket, dtype class) on the lent H100 with benchmarks/triton_bench.py
+# (BENCHMARKS.md lists what was tried). They depend on neither sequence length nor
+# density, so a new shape never triggers re-tuning.
+_CONFIGS = {
+    (64, "half"): KernelConfig(128, 128, 8, 3),
+    (128, "half"): KernelConfig(128, 128, 8, 3),
+    (256, "half"): KernelConfig(64, 64, 4, 2),
+    (64, "fp32"): KernelConfig(64, 64, 4, 2),
+    (128, "fp32"): KernelConfig(64, 32, 4, 2),
+    (256, "fp32"): KernelConfig(32, 32, 4, 1),
+}
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int) -> KernelConfig:
+    """The tuned configuration for this head dim and dtype, shrunk to divide ``mask_block``."""
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    config = _CONFIGS[(bucket, "fp32" if dtype == torch.float32 else "half")]
+    block_m, block_n = config.block_m, config.block_n
+    while mask_block % block_m:
+        block_m //= 2
+    while mask_block % block_n:
+        block_n //= 2
+    return KernelConfig(block_m, block_n, config.num_warps, config.num_stages)
+
+
+@triton.jit
+def block_sparse_attention_fwd(
+    Q, K, V, Out, KV_COUNTS, KV_INDICES,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    q_heads, q_len, kv_len, head_dim, mask_rows, mask_cols, qk_scale,
+    GROUP: tl.constexpr,
+    MASK_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
+
+    ``qk_scale`` is ``scale * log2(e)``: the softmax runs in base 2 with ``exp2``.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    kv_h = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    # -- the query tile stays in registers for the whole loop
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None] & d_ok[None, :], other=0.0)
+
+    # -- this tile's mask row: how many key blocks, and which
+    mask_row = (b * q_heads + h) * mask_rows + (pid_m * BLOCK_M) // MASK_BLOCK
+    count = tl.load(KV_COUNTS + mask_row)
+    kept = KV_INDICES + mask_row.to(tl.int64) * mask_cols
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- one flat loop over every kept key tile, so the pipeliner can prefetch across blocks
+    TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
+    for t in range(0, count * TILES):
+        key_block = tl.load(kept + t // TILES)
+        offs_k = key_block * MASK_BLOCK + (t % TILES) * BLOCK_N + offs_n
+        k_ok = offs_k < kv_len
+        k = tl.load(
+            k_base + offs_k[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            mask=k_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        # -- scores in base 2; keys past the sequence end never win
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        qk = tl.where(k_ok[None, :], qk, float("-inf"))
+        # -- online softmax: new running max, rescale what was accumulated
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- accumulate P V
+        v = tl.load(
+            v_base + offs_k[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    # -- epilogue: normalise; a row with no kept block stays zero
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])

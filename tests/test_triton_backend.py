@@ -1,0 +1,122 @@
+"""The ``triton`` backend against the float64 golden.
+
+On a machine without a GPU (CI) the kernel runs in Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py); on a GPU it runs for real, and
+the GPU-only properties at the end run too.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import rainfusion_core as rf
+from conftest import random_dense
+from rainfusion_core.parity import parity
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+BF16 = pytest.param(
+    torch.bfloat16, id="bf16",
+    marks=pytest.mark.skipif(not ON_GPU, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9); "
+                             "bf16 is checked on the GPU"),
+)
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"), BF16]
+
+CASES = [  # (q_len, kv_len, q_heads, kv_heads, head_dim, block_size)
+    pytest.param(113, 203, 2, 2, 64, 128, id="113x203"),
+    pytest.param(1023, 1024, 2, 1, 64, 128, id="1023x1024-gqa2"),
+    pytest.param(129, 129, 4, 1, 128, 128, id="129-gqa4-d128"),
+    pytest.param(200, 200, 2, 2, 48, 64, id="d48-block64"),
+    pytest.param(1, 77, 2, 2, 16, 128, id="single-query-d16"),
+    pytest.param(150, 150, 2, 1, 256, 128, id="d256"),
+]
+
+
+def _check(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype, *, bsnd=False, density=0.4):
+    if bsnd:
+        q = torch.randn(2, q_len, q_heads, dim, dtype=torch.float64).transpose(1, 2)
+        k, v = (torch.randn(2, kv_len, kv_heads, dim, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    else:
+        q = torch.randn(2, q_heads, q_len, dim, dtype=torch.float64)
+        k, v = (torch.randn(2, kv_heads, kv_len, dim, dtype=torch.float64) for _ in range(2))
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    dense = random_dense(2, q_heads, nq, nk, density=density, empty_rows=[(0, q_heads - 1, nq - 1)])
+    mask = rf.BlockMask.from_dense(dense, block_size=block_size, q_len=q_len, kv_len=kv_len)
+    golden = rf.block_sparse_attention(q, k, v, mask, backend="torch")
+    low = [x.to(DEVICE, dtype) for x in (q, k, v)]
+    mask_dev = mask.to(DEVICE)
+    ref_lp = rf.block_sparse_attention(*low, mask_dev, backend="torch")
+    out = rf.block_sparse_attention(*low, mask_dev, backend="triton")
+    assert out.dtype == dtype and out.device.type == DEVICE
+    result = parity(out, golden, ref_lp)
+    assert result.passed, str(result)
+    assert out[0, q_heads - 1, (nq - 1) * block_size :].abs().max() == 0  # empty row -> zeros
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len, kv_len, q_heads, kv_heads, dim, block_size", CASES)
+def test_parity_with_float64_golden(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype):
+    _check(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bsnd_strided_views(dtype):
+    _check(300, 300, 4, 2, 64, 128, dtype, bsnd=True)
+
+
+def test_full_and_nearly_empty_masks():
+    _check(257, 257, 2, 2, 64, 128, torch.float16, density=1.1)
+    _check(257, 257, 2, 2, 64, 128, torch.float16, density=0.0)
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, block_size, match",
+    [
+        (torch.float64, 64, 128, "dtype torch.float64 is not supported"),
+        (torch.float16, 8, 128, "head dim 8 is outside the supported range 16..256"),
+        (torch.float16, 320, 128, "head dim 320 is outside"),
+        (torch.float16, 64, 24, "mask block size 24 is not a multiple of 16"),
+    ],
+)
+def test_refusals_name_the_reason(dtype, dim, block_size, match):
+    q = torch.randn(1, 1, 48, dim, dtype=dtype, device=DEVICE)
+    mask = rf.BlockMask.from_dense(
+        torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), block_size=block_size, q_len=48, kv_len=48
+    ) if block_size == 24 else rf.BlockMask.from_dense(
+        torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), block_size=block_size, q_len=48, kv_len=48
+    )
+    with pytest.raises(rf.UnsupportedInputError, match=match):
+        rf.block_sparse_attention(q, q, q, mask, backend="triton")
+
+
+def test_interpreter_is_never_chosen_automatically_on_cpu():
+    if ON_GPU:
+        pytest.skip("CPU-interpreter property")
+    assert rf.get_backend("cpu").name != "triton"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and the sync check need a GPU")
+def test_no_host_sync_and_cuda_graph_replay():
+    q, k, v = (torch.randn(1, 4, 4000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dense = random_dense(1, 4, 32, 32).cuda()
+    mask = rf.BlockMask.from_dense(dense, block_size=128, q_len=4000, kv_len=4000)
+    backend = rf.get_backend("triton")
+    first = backend.forward(q, k, v, mask, 0.1)  # compile outside the checks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.forward(q, k, v, mask, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = backend.forward(q, k, v, mask, 0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, first)
