@@ -38,8 +38,8 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None):
     kernels.block_sparse_attention_fwd[grid](
         q, k, v, out, counts, indices,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        q_heads, q_len, k.shape[2], head_dim, indices.shape[2], indices.shape[3],
-        scale * math.log2(math.e),
+        q_heads, q_len, k.shape[2], indices.shape[2], indices.shape[3], scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
         GROUP=q_heads // k.shape[1],
         MASK_BLOCK=mask_block,
         BLOCK_M=config.block_m,

@@ -47,13 +47,55 @@ def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int) -> KernelCon
 
 
 @triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, kept, first, last, k_base, v_base,
+    stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, RAGGED: tl.constexpr,
+):
+    """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``."""
+    TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    # -- one flat loop over the kept tiles, so the pipeliner can prefetch across blocks
+    for t in range(first, last):
+        key_block = tl.load(kept + t // TILES)
+        offs_k = key_block * MASK_BLOCK + (t % TILES) * BLOCK_N + offs_n
+        k_ok = offs_k < kv_len if RAGGED else offs_k >= 0
+        k = tl.load(
+            k_base + offs_k[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            mask=k_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        # -- scores in base 2; keys past the sequence end never win
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        if RAGGED:
+            qk = tl.where(k_ok[None, :], qk, float("-inf"))
+        # -- online softmax: new running max, rescale what was accumulated
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- accumulate P V
+        v = tl.load(
+            v_base + offs_k[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, Out, KV_COUNTS, KV_INDICES,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    q_heads, q_len, kv_len, head_dim, mask_rows, mask_cols, qk_scale,
+    q_heads, q_len, kv_len, mask_rows, mask_cols, qk_scale,
+    HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
     MASK_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -72,53 +114,40 @@ def block_sparse_attention_fwd(
     kv_h = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    row_ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     # -- the query tile stays in registers for the whole loop
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok, other=0.0)
 
     # -- this tile's mask row: how many key blocks, and which
     mask_row = (b * q_heads + h) * mask_rows + (pid_m * BLOCK_M) // MASK_BLOCK
     count = tl.load(KV_COUNTS + mask_row)
     kept = KV_INDICES + mask_row.to(tl.int64) * mask_cols
+    # The ragged last key block, if kept, is the last entry (indices ascend): only it needs bounds checks.
+    last_block = tl.load(kept + tl.maximum(count - 1, 0))
+    ragged = (count > 0) & (last_block == mask_cols - 1) & (kv_len % MASK_BLOCK != 0)
+    even = count - ragged.to(tl.int32)
+
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # -- one flat loop over every kept key tile, so the pipeliner can prefetch across blocks
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
-    for t in range(0, count * TILES):
-        key_block = tl.load(kept + t // TILES)
-        offs_k = key_block * MASK_BLOCK + (t % TILES) * BLOCK_N + offs_n
-        k_ok = offs_k < kv_len
-        k = tl.load(
-            k_base + offs_k[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=k_ok[None, :] & d_ok[:, None], other=0.0,
-        )
-        # -- scores in base 2; keys past the sequence end never win
-        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
-        qk = tl.where(k_ok[None, :], qk, float("-inf"))
-        # -- online softmax: new running max, rescale what was accumulated
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # -- accumulate P V
-        v = tl.load(
-            v_base + offs_k[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base,
+        stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, RAGGED=False,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base,
+        stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, RAGGED=True,
+    )
 
     # -- epilogue: normalise; a row with no kept block stays zero
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok)
