@@ -22,10 +22,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None):
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None, use_tma=None):
     """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
-    No host synchronisation: the loop bound of every program is read on the device.
+    ``use_tma=None`` picks tensor-memory-accelerator descriptors where they work
+    (see :func:`_tma_usable`). No host synchronisation: the loop bound of every
+    program is read on the device.
     """
     kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
     batch, q_heads, q_len, head_dim = q.shape
@@ -34,9 +36,19 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
+    if use_tma is None:
+        use_tma = _tma_usable(q, k, v, out)
+    descs = [None] * 4
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = [
+            TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, head_dim])
+            for x, rows in ((q, config.block_m), (k, config.block_n), (v, config.block_n), (out, config.block_m))
+        ]
     grid = (math.ceil(q_len / config.block_m), batch * q_heads)
     kernels.block_sparse_attention_fwd[grid](
-        q, k, v, out, counts, indices,
+        q, k, v, out, counts, indices, *descs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_heads, q_len, k.shape[2], indices.shape[2], indices.shape[3], scale * math.log2(math.e),
         HEAD_DIM=head_dim,
@@ -46,10 +58,29 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None):
         BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_2(head_dim)),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_TMA=use_tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
+
+
+def _tma_usable(*tensors) -> bool:
+    """TMA needs a Hopper-or-newer GPU, a power-of-two head dim, unit last stride, 16-byte aligned rest."""
+    q = tensors[0]
+    if _interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    head_dim, size = q.shape[-1], q.element_size()
+    if head_dim != _next_power_of_2(head_dim) or head_dim < 16:
+        return False
+    try:
+        importlib.import_module("triton.tools.tensor_descriptor")
+    except ImportError:
+        return False
+    return all(
+        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
+        for x in tensors
+    )
 
 
 def _next_power_of_2(n: int) -> int:

@@ -26,7 +26,7 @@ class KernelConfig:
 # density, so a new shape never triggers re-tuning.
 _CONFIGS = {
     (64, "half"): KernelConfig(128, 128, 8, 3),
-    (128, "half"): KernelConfig(128, 128, 8, 3),
+    (128, "half"): KernelConfig(128, 128, 8, 2),
     (256, "half"): KernelConfig(64, 64, 4, 2),
     (64, "fp32"): KernelConfig(64, 64, 4, 2),
     (128, "fp32"): KernelConfig(64, 32, 4, 2),
@@ -47,41 +47,52 @@ def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int) -> KernelCon
 
 
 @triton.jit
+def _load_tile(base, desc, coords, offs_rows, rows_ok, stride_rows, offs_d, stride_d,
+               HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A ``[BLOCK_ROWS, BLOCK_D]`` tile: through a TMA descriptor (bounds zero-filled by hardware) or pointers."""
+    if USE_TMA:
+        tile = desc.load(coords).reshape(BLOCK_ROWS, HEAD_DIM)
+    else:
+        ptrs = base + offs_rows[:, None] * stride_rows + offs_d[None, :] * stride_d
+        ok = (offs_d < HEAD_DIM)[None, :]
+        if CHECK_ROWS:
+            ok = ok & rows_ok[:, None]
+        tile = tl.load(ptrs, mask=ok, other=0.0)
+    return tile
+
+
+@triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, kept, first, last, k_base, v_base,
+    acc, l_i, m_i, q, kept, first, last, k_base, v_base, desc_k, desc_v, b, kv_h,
     stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, RAGGED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     # -- one flat loop over the kept tiles, so the pipeliner can prefetch across blocks
     for t in range(first, last):
-        key_block = tl.load(kept + t // TILES)
-        offs_k = key_block * MASK_BLOCK + (t % TILES) * BLOCK_N + offs_n
-        k_ok = offs_k < kv_len if RAGGED else offs_k >= 0
-        k = tl.load(
-            k_base + offs_k[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=k_ok[None, :] & d_ok[:, None], other=0.0,
-        )
-        # -- scores in base 2; keys past the sequence end never win
-        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        start = tl.load(kept + t // TILES) * MASK_BLOCK + (t % TILES) * BLOCK_N
+        start = tl.multiple_of(start, BLOCK_N)
+        offs_k = start + offs_n
+        k_ok = offs_k < kv_len
+        k = _load_tile(k_base, desc_k, [b, kv_h, start, 0], offs_k, k_ok, stride_ks, offs_d, stride_kd,
+                       HEAD_DIM, BLOCK_N, USE_TMA, RAGGED)
+        # -- scores in base 2 (scale folded into one FMA); keys past the sequence end never win
+        qk = tl.dot(q, k.T, input_precision=INPUT_PRECISION)
         if RAGGED:
             qk = tl.where(k_ok[None, :], qk, float("-inf"))
         # -- online softmax: new running max, rescale what was accumulated
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # -- accumulate P V
-        v = tl.load(
-            v_base + offs_k[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        v = _load_tile(v_base, desc_v, [b, kv_h, start, 0], offs_k, k_ok, stride_vs, offs_d, stride_vd,
+                       HEAD_DIM, BLOCK_N, USE_TMA, RAGGED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -90,6 +101,7 @@ def _attend_tiles(
 @triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, Out, KV_COUNTS, KV_INDICES,
+    desc_q, desc_k, desc_v, desc_o,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -102,10 +114,13 @@ def block_sparse_attention_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
 
-    ``qk_scale`` is ``scale * log2(e)``: the softmax runs in base 2 with ``exp2``.
+    ``qk_scale`` is ``scale * log2(e)``: the softmax runs in base 2 with ``exp2``. With USE_TMA the
+    tiles move through the ``desc_*`` tensor descriptors of the 4-D ``[B, H, S, D]`` views
+    (Hopper and newer); otherwise through pointers and strides.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -115,11 +130,12 @@ def block_sparse_attention_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_ok = offs_m < q_len
 
     # -- the query tile stays in registers for the whole loop
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q = _load_tile(q_base, desc_q, [b, h, pid_m * BLOCK_M, 0], offs_m, m_ok, stride_qs, offs_d, stride_qd,
+                   HEAD_DIM, BLOCK_M, USE_TMA, True)
 
     # -- this tile's mask row: how many key blocks, and which
     mask_row = (b * q_heads + h) * mask_rows + (pid_m * BLOCK_M) // MASK_BLOCK
@@ -137,17 +153,20 @@ def block_sparse_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base,
+        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
-        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, RAGGED=False,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA, RAGGED=False,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base,
+        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base, desc_k, desc_v, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
-        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, RAGGED=True,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA, RAGGED=True,
     )
 
     # -- epilogue: normalise; a row with no kept block stays zero
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok)
+    acc = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
+    if USE_TMA:
+        desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, acc, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

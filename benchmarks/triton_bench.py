@@ -27,9 +27,9 @@ SHAPES = {  # name: (B, heads, frames, height, width, text)
     "wan14b": (1, 40, 21, 45, 80, 0),
     "hunyuan": (1, 24, 33, 45, 80, 256),
 }
-SWEEP = [KernelConfig(m, n, w, s) for m, n, w, s in [
-    (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
-    (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 4),
+SWEEP = [KernelConfig(*c) for c in [
+    (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
+    (64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4),
 ]]
 
 
@@ -95,6 +95,8 @@ def run_shape(name: str, sweep: bool, flex: bool) -> list[str]:
     rows.append(f"| {name} | flex sparse | {flex_ms:.3f} ms | {tf(flex_ms, density):.0f} TFLOP/s |")
     rows.append(f"| {name} | cuDNN dense | {cudnn:.3f} ms | {tf(cudnn):.0f} TFLOP/s |")
     rows.append(f"| {name} | FA2 dense | {fa2:.3f} ms | {tf(fa2):.0f} TFLOP/s |")
+    no_tma = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, use_tma=False))
+    rows.append(f"{name}: pointer path (no TMA) {no_tma:.3f} ms {tf(no_tma, density):.0f} TFLOP/s")
     if sweep:
         for config in SWEEP:
             try:
