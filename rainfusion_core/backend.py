@@ -15,6 +15,9 @@ class Backend:
     * ``device_types`` -- torch device types it runs on, e.g. ``("cuda",)``;
       ``("*",)`` means any device.
     * ``priority`` -- higher wins when several backends fit one device.
+    * ``head_dims`` (optional) -- the head dims to prove in the conformance kit.
+
+    Defaults: available, refuses nothing; only :meth:`forward` must be written.
 
     Methods:
 
@@ -38,6 +41,8 @@ class Backend:
     name: str = ""
     device_types: tuple[str, ...] = ()
     priority: int = 0
+    #: head dims the conformance kit tests (``rainfusion_core.testing``); ``None``: 32, 64 and 128
+    head_dims: tuple[int, ...] | None = None
 
     def unavailable_reason(self) -> str | None:
         return None
