@@ -59,5 +59,10 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy"],
-    extras_require={"test": ["pytest>=7"], "triton": ["triton>=3.0"]},
+    extras_require={
+        "test": ["pytest>=7", "matplotlib", "triton>=3.0"],
+        "triton": ["triton>=3.0"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["rainfusion = rainfusion_core.cli:main"]},
 )

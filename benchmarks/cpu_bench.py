@@ -8,23 +8,12 @@ Masks keep exactly round(density * NK) random key blocks per query block
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import rainfusion_core as rf
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from rainfusion_core.benchmarking import median_ms
 
 
 def random_mask(batch, heads, length, block_size, density):
@@ -49,7 +38,7 @@ def main() -> None:
     shape = (1, args.heads, args.seq, args.head_dim)
     q, k, v = (torch.randn(shape) for _ in range(3))
     cpu, ref = rf.get_backend(name="cpu"), rf.get_backend("torch")
-    sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+    sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), "cpu", repeats=args.repeats)
 
     print(f"torch {torch.__version__}, {args.threads} threads, float32, B=1 H={args.heads} "
           f"S={args.seq} D={args.head_dim}, block 128")
@@ -57,8 +46,8 @@ def main() -> None:
     print(f"{'density':>8} {'cpu ms':>9} {'torch ms':>9} {'SDPA/cpu':>9} {'torch/cpu':>10} {'GFLOP/s':>8}")
     for density in (float(d) for d in args.densities.split(",")):
         mask = random_mask(1, args.heads, args.seq, 128, density)
-        cpu_ms = median_ms(lambda: rf.block_sparse_attention(q, k, v, mask, backend=cpu), args.repeats)
-        ref_ms = median_ms(lambda: rf.block_sparse_attention(q, k, v, mask, backend=ref), max(1, args.repeats // 2))
+        cpu_ms = median_ms(lambda: rf.block_sparse_attention(q, k, v, mask, backend=cpu), "cpu", repeats=args.repeats)
+        ref_ms = median_ms(lambda: rf.block_sparse_attention(q, k, v, mask, backend=ref), "cpu", repeats=max(1, args.repeats // 2))
         flops = 4 * args.heads * args.seq**2 * args.head_dim * mask.token_density()
         print(f"{mask.density:>8.2f} {cpu_ms:>9.2f} {ref_ms:>9.2f} {sdpa_ms / cpu_ms:>9.2f} "
               f"{ref_ms / cpu_ms:>10.2f} {flops / cpu_ms / 1e6:>8.1f}")

@@ -9,50 +9,17 @@ the float64 golden of the same mask.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 import rainfusion_core as rf
+from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.synthetic import video_like_qkv
 
 
 def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def video_like_qkv(layout: rf.VideoLayout, heads: int, dim: int, device: str, dtype: torch.dtype):
-    """Queries and keys that depend smoothly on each token's (frame, row, column), plus noise.
-
-    Nearby tokens get similar features, so attention is local as in a real
-    video DiT; iid random inputs would spread attention evenly and make any
-    sparsity look bad.
-    """
-    f, h, w = torch.meshgrid(
-        torch.arange(layout.frames), torch.arange(layout.height), torch.arange(layout.width), indexing="ij"
-    )
-    pos = torch.stack([f / 4.0, h / 8.0, w / 8.0], dim=-1).reshape(-1, 3)  # [S, 3]
-    freqs = torch.randn(heads, 3, dim // 2)  # [H, 3, D/2], a few cycles across the grid
-    phase = pos @ freqs  # [H, S, D/2]
-    base = torch.cat([phase.sin(), phase.cos()], dim=-1) * 3.0
-    q, k = (base + 0.3 * torch.randn_like(base) for _ in range(2))
-    v = torch.randn_like(base)
-    return tuple(x.unsqueeze(0).to(device, dtype) for x in (q, k, v))
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -75,11 +42,11 @@ def main() -> None:
     layout = rf.VideoLayout(args.frames or frames, args.height or height, args.width or width)
     heads = args.heads or (12 if on_gpu else 4)
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    q, k, v = video_like_qkv(layout, heads, args.head_dim, device, dtype)
+    q, k, v = video_like_qkv(layout, heads, args.head_dim, device=device, dtype=dtype)
 
-    dense_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, args.repeats)
+    dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats=args.repeats)
     sparse = lambda: rf.sparse_attention(q, k, v, layout, sparsity=args.sparsity, backend=args.backend)  # noqa: E731
-    sparse_ms = timed(sparse, device, args.repeats)
+    sparse_ms = median_ms(sparse, device, repeats=args.repeats)
 
     out, dense = sparse().double(), F.scaled_dot_product_attention(q, k, v).double()
     perm = rf.build_permutation(layout, device)

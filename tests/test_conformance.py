@@ -105,3 +105,17 @@ def test_triton_backend_conforms_through_the_interpreter():
     # bf16 is left out: Triton's CPU interpreter computes bf16 tl.dot wrongly (checked on the GPU instead).
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert_backend_conforms("triton", device=device, dtypes=[torch.float16, torch.float32], cases=QUICK)
+
+
+def test_vendor_pytest_entry(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAINFUSION_BACKEND": "cpu", "RAINFUSION_DTYPES": "float32"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "rainfusion_core.conformance"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"{len(default_cases())} passed" in run.stdout

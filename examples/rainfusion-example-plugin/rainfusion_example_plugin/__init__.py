@@ -1,0 +1,45 @@
+"""An out-of-tree backend: block-sparse attention by gathering each row's kept key blocks.
+
+It reads the index view of the mask (``kv_counts``/``kv_indices``), as an
+accelerator kernel would, and is a template for vendors: replace ``forward``
+with a call into your device's kernel, declare the device types, and refuse
+what the kernel cannot do in ``unsupported_reasons``.
+"""
+from __future__ import annotations
+
+import torch
+
+import rainfusion_core as rf
+
+
+class BlockwiseBackend(rf.Backend):
+    name = "example_blockwise"
+    device_types = ("cpu",)
+    priority = -10  # never preferred over the built-ins; name it to use it
+    head_dims = (64, 128)
+
+    def unsupported_reasons(self, q, k, v, block_mask):
+        if q.dtype == torch.float16:
+            return ["float16 is not supported by this example (use bfloat16 or float32)"]
+        return []
+
+    def forward(self, q, k, v, block_mask, scale):
+        batch, q_heads, q_len, _ = q.shape
+        group = q_heads // k.shape[1]
+        bs = block_mask.block_size
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        counts = block_mask.kv_counts.tolist()  # one host copy; fine on a CPU backend
+        offsets = torch.arange(bs, device=q.device)
+        for b in range(batch):
+            for h in range(q_heads):
+                for i, count in enumerate(counts[b][h]):
+                    if count == 0:
+                        continue  # a row with no kept block stays zero
+                    blocks = block_mask.kv_indices[b, h, i, :count].long()
+                    keys = (blocks[:, None] * bs + offsets).flatten()
+                    keys = keys[keys < k.shape[2]]
+                    rows = slice(i * bs, min(q_len, (i + 1) * bs))
+                    scores = (q[b, h, rows].float() @ k[b, h // group, keys].float().T) * scale
+                    probs = torch.softmax(scores, dim=-1)
+                    out[b, h, rows] = (probs @ v[b, h // group, keys].float()).to(q.dtype)
+        return out
