@@ -30,6 +30,7 @@ class BlockwiseBackend(rf.Backend):
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         counts = block_mask.kv_counts.tolist()  # one host copy; fine on a CPU backend
         offsets = torch.arange(bs, device=q.device)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         for b in range(batch):
             for h in range(q_heads):
                 for i, count in enumerate(counts[b][h]):
@@ -39,7 +40,7 @@ class BlockwiseBackend(rf.Backend):
                     keys = (blocks[:, None] * bs + offsets).flatten()
                     keys = keys[keys < k.shape[2]]
                     rows = slice(i * bs, min(q_len, (i + 1) * bs))
-                    scores = (q[b, h, rows].float() @ k[b, h // group, keys].float().T) * scale
+                    scores = (q[b, h, rows].to(acc) @ k[b, h // group, keys].to(acc).T) * scale
                     probs = torch.softmax(scores, dim=-1)
-                    out[b, h, rows] = (probs @ v[b, h // group, keys].float()).to(q.dtype)
+                    out[b, h, rows] = (probs @ v[b, h // group, keys].to(acc)).to(q.dtype)
         return out
