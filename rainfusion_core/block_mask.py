@@ -79,14 +79,23 @@ class BlockMask:
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_dense(cls, mask: torch.Tensor, *, block_size: int, q_len: int, kv_len: int) -> "BlockMask":
-        """Build from a bool ``[B, H, NQ, NK]`` mask; no host synchronisation."""
+        """Build from a bool ``[B, H, NQ, NK]`` mask; no host synchronisation.
+
+        Entries of ``kv_indices`` past a row's count hold that row's skipped
+        blocks in ascending order (callers must not rely on it).
+        """
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             raise ValueError(f"mask must be a 4-D tensor [B, H, NQ, NK], got {describe(mask)}")
         mask = mask.to(torch.bool).contiguous()
-        counts = mask.sum(dim=-1, dtype=torch.int32)
-        # A stable sort of "not kept" puts kept block indices first, in ascending order.
-        order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices
-        return cls(mask, counts, order.to(torch.int32), block_size, q_len, kv_len)
+        kept_rank = mask.cumsum(dim=-1, dtype=torch.int32)  # 1-based rank among kept blocks
+        counts = kept_rank[..., -1:].contiguous()
+        # Kept blocks go to slots 0..count-1 in ascending order, the others after them:
+        # a permutation built from cumulative sums and one scatter (plain ops on every device).
+        other_rank = (~mask).cumsum(dim=-1, dtype=torch.int32)
+        slot = torch.where(mask, kept_rank - 1, counts + other_rank - 1).long()
+        blocks = torch.arange(mask.shape[-1], dtype=torch.int32, device=mask.device).expand_as(slot)
+        indices = torch.empty_like(blocks).scatter_(-1, slot, blocks)
+        return cls(mask, counts.squeeze(-1), indices, block_size, q_len, kv_len)
 
     # ------------------------------------------------------------------ views
     @property

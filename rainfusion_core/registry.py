@@ -30,6 +30,7 @@ _BUILTINS = (
     "rainfusion_core.backends.torch_backend:TorchBackend",
     "rainfusion_core.backends.cpu:CpuBackend",
     "rainfusion_core.backends.triton_backend:TritonBackend",
+    "rainfusion_core.backends.npu:NpuBackend",
 )
 _DEVICE_TYPES = {"cpu", "cuda", "npu", "xpu", "mps", "hpu", "mtia", "meta", "xla", "privateuseone"}
 _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")

@@ -1,0 +1,137 @@
+"""The ``npu`` backend against a strict double of torch_npu.npu_block_sparse_attention.
+
+No Ascend device exists here: the double (tests/npu_double.py) stands in for
+``torch_npu`` in ``sys.modules`` for each test only (fixture-isolated; it
+patches nothing global), and CPU tensors stand in for NPU tensors.
+"""
+import importlib.machinery
+import sys
+
+import pytest
+import torch
+
+import npu_double
+import rainfusion_core as rf
+from rainfusion_core.backends.npu import NpuBackend
+from rainfusion_core.testing import Case, check_backend
+
+
+@pytest.fixture
+def torch_npu(monkeypatch):
+    module = npu_double.make_module()
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setattr(torch, "npu", module.npu, raising=False)
+    # CPU tensors stand in for NPU tensors: let the backend take them when named.
+    monkeypatch.setattr(NpuBackend, "runs_on", lambda self, device_type: device_type in ("npu", "cpu"))
+    npu_double.CALLS.clear()
+    return module
+
+
+def test_unavailable_without_torch_npu_and_not_imported_eagerly():
+    if "torch_npu" in sys.modules:
+        pytest.skip("a real torch_npu is imported in this process")
+    reason = NpuBackend().unavailable_reason()
+    assert reason.startswith("torch_npu is not installed")
+    assert "torch_npu" not in sys.modules
+    rows = {r.name: r for r in rf.list_backends()}
+    assert not rows["npu"].available and "torch_npu is not installed" in rows["npu"].reason
+
+
+def test_no_device_visible(torch_npu, monkeypatch):
+    monkeypatch.setattr(torch_npu.npu, "is_available", lambda: False)
+    assert NpuBackend().unavailable_reason() == "torch_npu is installed but no Ascend NPU device is visible"
+
+
+def test_selected_for_npu_device_strings(torch_npu):
+    assert rf.get_backend("npu:0").name == "npu"
+    assert rf.get_backend("npu").name == "npu"
+
+
+CASES = [
+    Case("len-1000-d64", 1000, 1000, head_dim=64),
+    Case("len-1023-d128", 1023, 1023, head_dim=128),
+    Case("len-129-gqa2", 129, 129, q_heads=4, kv_heads=2, head_dim=64),
+    Case("len-777-gqa4", 777, 777, q_heads=4, kv_heads=1, head_dim=128),
+    Case("cross-113x203", 113, 203, head_dim=64),
+    Case("bsnd-strides", 300, 300, q_heads=4, kv_heads=2, head_dim=64, bsnd=True),
+    Case("empty-rows", 640, 640, head_dim=64, pattern="empty_rows"),
+    Case("one-per-row", 777, 777, head_dim=128, pattern="one_per_row"),
+]
+
+
+def test_parity_with_the_double(torch_npu):
+    report = check_backend("npu", device="cpu", dtypes=[torch.float16, torch.bfloat16, torch.float32], cases=CASES)
+    assert report.passed, report.table()
+    assert all(r.verdict == ("refused" if r.dtype == "float32" else "pass") for r in report.rows), report.table()
+
+
+def test_arguments_follow_the_operator_contract(torch_npu):
+    q, k, v = (torch.randn(1, h, 300, 64, dtype=torch.bfloat16) for h in (4, 2, 2))
+    mask = rf.BlockMask.from_dense(torch.ones(1, 4, 3, 3, dtype=torch.bool), block_size=128, q_len=300, kv_len=300)
+    rf.block_sparse_attention(q, k, v, mask, scale=0.2, backend=rf.get_backend(name="npu"))
+    (call,) = npu_double.CALLS
+    assert call["q_input_layout"] == call["kv_input_layout"] == "BNSD"
+    assert call["num_key_value_heads"] == 2 and call["inner_precise"] == 0
+    assert call["scale_value"] == pytest.approx(0.2) and call["block_shape"] == [128, 128]
+    assert call["actual_seq_lengths"] is None and call["actual_seq_lengths_kv"] is None
+
+
+def test_empty_rows_are_zero_even_though_the_operator_leaves_nan(torch_npu):
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.float16) for _ in range(3))
+    dense = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    dense[0, 1, 0] = False
+    mask = rf.BlockMask.from_dense(dense, block_size=128, q_len=256, kv_len=256)
+    raw, _ = torch_npu.npu_block_sparse_attention(
+        q, k, v, dense.to(torch.int8), [128, 128], q_input_layout="BNSD", kv_input_layout="BNSD",
+        num_key_value_heads=2, scale_value=0.125, inner_precise=0)
+    assert raw[0, 1, :128].isnan().all()  # the double's worst case
+    out = rf.block_sparse_attention(q, k, v, mask, backend=rf.get_backend(name="npu"))
+    assert out[0, 1, :128].abs().max() == 0 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, block_size, match",
+    [
+        (torch.float32, 64, 128, "takes float16 or bfloat16, not torch.float32"),
+        (torch.float16, 96, 128, "supports head dim 64 or 128, not 96"),
+        (torch.float16, 64, 64, "multiple of 128 tokens; block_size=64 is not"),
+    ],
+)
+def test_refusals_are_sentences(torch_npu, dtype, dim, block_size, match):
+    q = torch.randn(1, 2, 256, dim, dtype=dtype)
+    nb = -(-256 // block_size)
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, nb, nb, dtype=torch.bool), block_size=block_size, q_len=256, kv_len=256)
+    with pytest.raises(rf.UnsupportedInputError, match=match):
+        rf.block_sparse_attention(q, q, q, mask, backend=rf.get_backend(name="npu"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(inner_precise=1), "bfloat16 requires inner_precise=0"),
+        (dict(q_input_layout="BSND", kv_input_layout="BSND"), "unknown q_input_layout"),
+        (dict(kv_input_layout="TND"), "must be equal"),
+        (dict(actual_seq_lengths=[256]), "set both"),
+        (dict(block_shape=[128, 64]), "multiple of 128"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+    ],
+)
+def test_the_double_is_strict(torch_npu, kwargs, match):
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    args = dict(q_input_layout="BNSD", kv_input_layout="BNSD", num_key_value_heads=2, scale_value=0.125,
+                inner_precise=0)
+    block_shape = kwargs.pop("block_shape", [128, 128])
+    args.update(kwargs)
+    mask = torch.ones(1, 2, 2, 256 // block_shape[1], dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=match):
+        torch_npu.npu_block_sparse_attention(q, k, v, mask, block_shape, **args)
+
+
+def test_frontend_runs_with_plain_ops_end_to_end(torch_npu):
+    layout = rf.VideoLayout(4, 16, 16)  # 1024 tokens
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 64, dtype=torch.float64) for _ in range(3))
+    low = [x.to(torch.bfloat16) for x in (q, k, v)]
+    out = rf.sparse_attention(*low, layout, sparsity=0.5, backend=rf.get_backend(name="npu"))
+    ref = rf.sparse_attention(*low, layout, sparsity=0.5, backend="torch")
+    assert (out.float() - ref.float()).abs().max() < 3e-2
