@@ -5,6 +5,7 @@
     rainfusion parity --all [--device DEV]           every available backend on the device
     rainfusion bench [--shape B,H,T,Hh,W,D] [--plot out.png]
     rainfusion mask --frames 4 --height 16 --width 24 --out mask.png
+    rainfusion evaluate (--qkv FILE | --synthetic F,H,W) [--plot recall.png]
 """
 from __future__ import annotations
 
@@ -136,6 +137,39 @@ def cmd_mask(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .layout import VideoLayout
+    from .quality import evaluate, load_qkv
+    from .synthetic import video_dit_qkv
+
+    if bool(args.qkv) == bool(args.synthetic):
+        print("rainfusion evaluate: give --qkv FILE or --synthetic F,H,W", file=sys.stderr)
+        return 2
+    if args.qkv:
+        q, k, v, layout, meta = load_qkv(args.qkv)
+        source = f"{args.qkv} {meta or ''}".strip()
+    else:
+        try:
+            frames, height, width = (int(x) for x in args.synthetic.split(","))
+        except ValueError:
+            print(f"--synthetic must be three integers F,H,W, got {args.synthetic!r}", file=sys.stderr)
+            return 2
+        layout = VideoLayout(frames, height, width)
+        q, k, v = video_dit_qkv(layout, args.heads, args.head_dim, seed=args.seed)
+        source = f"synthetic video-DiT q/k/v, seed {args.seed}"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, v = (x.to(device) for x in (q, k, v))
+    print(f"evaluating {source}: {tuple(q.shape)} {q.dtype}, {layout}", flush=True)
+    report = evaluate(q, k, v, layout, sparsities=[float(s) for s in args.sparsity.split(",")],
+                      block_size=args.block_size, backend=args.backend)
+    print(report.table())
+    if args.plot:
+        _pyplot()
+        report.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -179,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, default=0)
     p.add_argument("--out", default="mask.png")
     p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("evaluate", help="recall and error of the mask variants on captured or synthetic q/k/v")
+    p.add_argument("--qkv", help="a file written by rainfusion_core.quality.save_qkv")
+    p.add_argument("--synthetic", help="F,H,W: evaluate on synthetic video-DiT activations of this grid")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsity", default="0.5,0.8,0.9")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--device")
+    p.add_argument("--backend", help="backend for the sparse outputs (default: best for the device)")
+    p.add_argument("--plot", help="write a PNG of recall vs sparsity here")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

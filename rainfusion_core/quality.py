@@ -1,0 +1,256 @@
+"""How much attention a block mask keeps, and what each RainFusion2.0 idea buys.
+
+* :func:`attention_recall` -- softmax mass that falls in kept blocks, exactly.
+* :func:`oracle_block_mask` -- the best mask with the same kept count per row.
+* :func:`evaluate` -- compares ``rainfusion``, ``no_permutation``, ``no_sink``,
+  ``oracle`` and ``random`` across sparsities: density, recall, output error.
+
+Everything runs blockwise over query rows (memory ``O(rows x S)``, never
+``O(S^2)``) on the inputs' device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ._checks import check_qkv, default_scale
+from .api import block_sparse_attention
+from .block_mask import BlockMask, num_blocks
+from .layout import VideoLayout
+from .permutation import build_permutation
+from .prediction import predict_block_mask
+
+VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random")
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _row_chunks(q: torch.Tensor, kv_len: int, block_size: int):
+    """Query row ranges aligned to blocks, sized so scores stay near CHUNK_ELEMENTS elements."""
+    batch, heads, q_len, _ = q.shape
+    rows = max(block_size, CHUNK_ELEMENTS // max(1, batch * heads * kv_len) // block_size * block_size)
+    for start in range(0, q_len, rows):
+        yield start, min(q_len, start + rows)
+
+
+def _log_probs(q, k, start, stop, scale, dtype):
+    """``log softmax(scale * q k^T)`` of query rows ``[start, stop)`` over all keys, ``[B, Hq, rows, Sk]``."""
+    kv_heads = k.shape[1]
+    grouped = q[:, :, start:stop].unflatten(1, (kv_heads, q.shape[1] // kv_heads)).to(dtype)
+    scores = (grouped @ k.unsqueeze(2).to(dtype).transpose(-1, -2)).flatten(1, 2) * scale
+    return torch.log_softmax(scores, dim=-1)
+
+
+def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, *, scale: float | None = None) -> torch.Tensor:
+    """Mean over query tokens of the softmax probability mass inside kept blocks, ``[B, Hq]``.
+
+    ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` in the order the mask was made
+    for. Exact (float64 for float64 inputs, float32 otherwise), blockwise.
+    """
+    check_qkv(q, k, k)
+    scale = default_scale(scale, q.shape[-1])
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    total = torch.zeros(q.shape[:2], dtype=dtype, device=q.device)
+    for start, stop in _row_chunks(q, k.shape[2], block_mask.block_size):
+        log_p = _log_probs(q, k, start, stop, scale, dtype)
+        kept = block_mask.token_mask(start, stop)
+        mass = torch.logsumexp(log_p.masked_fill(~kept, float("-inf")), dim=-1).exp()  # 0 for empty rows
+        total += mass.sum(dim=-1)
+    return total / q.shape[2]
+
+
+def block_attention_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+    """True attention mass of each (query block, key block) tile, summed over the block's queries.
+
+    Returns ``[B, Hq, NQ, NK]``; each row sums to the number of queries in that block.
+    """
+    check_qkv(q, k, k)
+    scale = default_scale(scale, q.shape[-1])
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kv_len = k.shape[2]
+    nq, nk = num_blocks(q.shape[2], block_size), num_blocks(kv_len, block_size)
+    key_block = torch.arange(kv_len, device=q.device) // block_size
+    mass = torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=dtype, device=q.device)
+    for start, stop in _row_chunks(q, kv_len, block_size):
+        probs = _log_probs(q, k, start, stop, scale, dtype).exp()  # [B, H, rows, Sk]
+        per_key_block = torch.zeros(*probs.shape[:3], nk, dtype=dtype, device=q.device)
+        per_key_block.index_add_(3, key_block, probs)
+        query_block = torch.arange(start, stop, device=q.device) // block_size
+        mass.index_add_(2, query_block, per_key_block)
+    return mass
+
+
+def _keep_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping the ``counts[..., i]`` largest entries of each row of ``scores``."""
+    order = scores.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank < counts.unsqueeze(-1)
+
+
+def oracle_block_mask(
+    q: torch.Tensor, k: torch.Tensor, keep_per_row, *, block_size: int = 128, scale: float | None = None
+) -> BlockMask:
+    """Per query block, the ``keep_per_row`` key blocks holding the most true attention mass.
+
+    ``keep_per_row``: an int, or an int tensor ``[B, Hq, NQ]`` (e.g. another
+    mask's ``kv_counts``, to compare at equal density). The recall ceiling of
+    any predictor at that kept count.
+    """
+    mass = block_attention_mass(q, k, block_size=block_size, scale=scale)
+    counts = torch.as_tensor(keep_per_row, device=q.device).expand(mass.shape[:3])
+    return BlockMask.from_dense(_keep_top(mass, counts), block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2])
+
+
+def random_block_mask(like: BlockMask, *, generator: torch.Generator | None = None) -> BlockMask:
+    """Random key blocks with exactly the kept count per row of ``like``."""
+    noise = torch.rand(like.dense.shape, generator=generator).to(like.device)
+    return BlockMask.from_dense(_keep_top(noise, like.kv_counts), block_size=like.block_size,
+                                q_len=like.q_len, kv_len=like.kv_len)
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    variant: str
+    sparsity: float
+    density: float
+    recall: float
+    rel_l2: float
+    cosine: float
+
+
+@dataclass
+class QualityReport:
+    """Rows of :func:`evaluate`, one per (sparsity, variant)."""
+
+    rows: list[QualityRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, variant: str, sparsity: float) -> QualityRow:
+        return next(r for r in self.rows if r.variant == variant and math.isclose(r.sparsity, sparsity))
+
+    def table(self) -> str:
+        lines = [f"{'sparsity':>8} {'variant':<15} {'density':>8} {'recall':>8} {'rel L2':>8} {'cosine':>8}"]
+        for r in self.rows:
+            lines.append(f"{r.sparsity:>8.2f} {r.variant:<15} {r.density:>8.3f} {r.recall:>8.4f} "
+                         f"{r.rel_l2:>8.4f} {r.cosine:>8.4f}")
+        return "\n".join(lines + self.notes)
+
+    __str__ = table
+
+    def plot(self, path) -> None:
+        """Recall vs sparsity per variant, as a PNG (needs matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in dict.fromkeys(r.variant for r in self.rows):
+            rows = [r for r in self.rows if r.variant == variant]
+            ax.plot([r.sparsity for r in rows], [r.recall for r in rows], "o-", label=variant)
+        ax.set(xlabel="sparsity", ylabel="attention recall", title="attention mass kept by the block mask")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def evaluate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    *,
+    sparsities=(0.5, 0.8, 0.9),
+    variants=VARIANTS,
+    block_size: int = 128,
+    scale: float | None = None,
+    backend="torch",
+    seed: int = 0,
+) -> QualityReport:
+    """Compare mask variants on BNSD ``q, k, v`` in the model's token order.
+
+    Variants: ``rainfusion`` (permutation + block-mean prediction + sink),
+    ``no_permutation`` (prediction on the raw order), ``no_sink`` (no forced
+    first frame), ``oracle`` (true top blocks at rainfusion's kept count per
+    row), ``random`` (random blocks at that count). Columns: tile density,
+    attention recall, relative L2 error and cosine similarity of the output
+    against dense attention.
+    """
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
+    check_qkv(q, k, v)
+    scale = default_scale(scale, q.shape[-1])
+    perm = build_permutation(layout, q.device)
+    qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+    full = BlockMask.from_dense(
+        torch.ones(q.shape[0], q.shape[1], num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size),
+                   dtype=torch.bool, device=q.device),
+        block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
+    )
+    dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
+    gen = torch.Generator().manual_seed(seed)
+    report = QualityReport()
+    for sparsity in sparsities:
+        predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
+        for variant in variants:
+            order_q, order_k, order_v, ref = qp, kp, vp, dense
+            if variant == "rainfusion":
+                mask = predicted
+            elif variant == "no_sink":
+                mask = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale,
+                                          first_frame_sink=False)
+            elif variant == "oracle":
+                mask = oracle_block_mask(qp, kp, predicted.kv_counts, block_size=block_size, scale=scale)
+            elif variant == "random":
+                mask = random_block_mask(predicted, generator=gen)
+            else:  # no_permutation: the same method on the raw token order
+                order_q, order_k, order_v = q, k, v
+                ref = perm.undo(dense, 2)
+                mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
+            out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale, backend=backend).double()
+            recall = float(attention_recall(order_q, order_k, mask, scale=scale).mean())
+            rel = float((out - ref).norm() / ref.norm())
+            cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+            report.rows.append(QualityRow(variant, sparsity, mask.density, recall, rel, cos))
+    _add_findings(report, sparsities, variants)
+    return report
+
+
+def _add_findings(report: QualityReport, sparsities, variants) -> None:
+    """Say in words what the permutation and the sink bought on this data (or that they did not)."""
+    for sparsity in sparsities:
+        if "rainfusion" not in variants:
+            return
+        rf_row = report.get("rainfusion", sparsity)
+        if "oracle" in variants:
+            ratio = rf_row.recall / max(report.get("oracle", sparsity).recall, 1e-12)
+            report.notes.append(f"sparsity {sparsity:.2f}: rainfusion recall is {ratio:.3f} x the oracle's")
+        for variant, idea in (("no_permutation", "the permutation"), ("no_sink", "the first-frame sink")):
+            if variant in variants:
+                other = report.get(variant, sparsity)
+                gain = rf_row.recall - other.recall
+                verdict = "helps" if gain > 1e-3 else "shows no effect" if gain > -1e-3 else "hurts"
+                report.notes.append(
+                    f"sparsity {sparsity:.2f}: {idea} {verdict} on this data (recall {other.recall:.4f} without, "
+                    f"{rf_row.recall:.4f} with; density {other.density:.3f} vs {rf_row.density:.3f})"
+                )
+
+
+def save_qkv(path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, **meta) -> None:
+    """Save BNSD activations and their layout for ``rainfusion evaluate --qkv FILE``."""
+    torch.save({"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu(),
+                "layout": dataclasses.asdict(layout), "meta": meta}, path)
+
+
+def load_qkv(path):
+    """``(q, k, v, layout, meta)`` from a file written by :func:`save_qkv`."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"q", "k", "v", "layout"} - set(data)
+    if missing:
+        raise ValueError(f"{path}: not a rainfusion q/k/v capture (missing {sorted(missing)})")
+    return data["q"], data["k"], data["v"], VideoLayout(**data["layout"]), data.get("meta", {})

@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+import rainfusion_core as rf
+from conftest import random_dense
+from rainfusion_core.cli import main
+from rainfusion_core.quality import (
+    attention_recall, block_attention_mass, evaluate, load_qkv, oracle_block_mask, random_block_mask, save_qkv,
+)
+from rainfusion_core.synthetic import video_dit_qkv
+
+
+def naive_recall(q, k, dense, block_size, scale):
+    """Full float64 softmax matrix per (batch, head); kept mass per row, averaged."""
+    q, k = q.double(), k.double()
+    group = q.shape[1] // k.shape[1]
+    rows = torch.arange(q.shape[2]) // block_size
+    cols = torch.arange(k.shape[2]) // block_size
+    out = torch.zeros(q.shape[:2], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            probs = torch.softmax(q[b, h] @ k[b, h // group].T * scale, dim=-1)
+            out[b, h] = (probs * dense[b, h][rows][:, cols]).sum(-1).mean()
+    return out
+
+
+@pytest.mark.parametrize("q_len, kv_len, heads, bs", [(113, 203, (2, 2), 64), (1000, 1000, (4, 2), 128), (129, 129, (2, 1), 128)])
+def test_attention_recall_equals_naive_float64(q_len, kv_len, heads, bs, monkeypatch):
+    monkeypatch.setattr("rainfusion_core.quality.CHUNK_ELEMENTS", 1)  # force many row chunks
+    q = torch.randn(2, heads[0], q_len, 32, dtype=torch.float64)
+    k = torch.randn(2, heads[1], kv_len, 32, dtype=torch.float64)
+    dense = random_dense(2, heads[0], -(-q_len // bs), -(-kv_len // bs), empty_rows=[(0, 0, 0)])
+    mask = rf.BlockMask.from_dense(dense, block_size=bs, q_len=q_len, kv_len=kv_len)
+    got = attention_recall(q, k, mask, scale=0.3)
+    assert got.shape == (2, heads[0])
+    assert (got - naive_recall(q, k, dense, bs, 0.3)).abs().max() < 1e-6
+
+
+def test_full_mask_recall_is_one_and_block_mass_sums_to_row_sizes():
+    q, k = torch.randn(1, 2, 300, 16, dtype=torch.float64), torch.randn(1, 2, 300, 16, dtype=torch.float64)
+    full = rf.BlockMask.from_dense(torch.ones(1, 2, 3, 3, dtype=torch.bool), block_size=128, q_len=300, kv_len=300)
+    assert torch.allclose(attention_recall(q, k, full), torch.ones(1, 2, dtype=torch.float64))
+    mass = block_attention_mass(q, k, block_size=128)
+    assert torch.allclose(mass.sum(-1), torch.tensor([128.0, 128.0, 44.0], dtype=torch.float64).expand(1, 2, 3))
+
+
+def test_oracle_keeps_the_counts_and_beats_any_mask_with_them():
+    layout = rf.VideoLayout(4, 16, 16)
+    q, k, _ = video_dit_qkv(layout, 2, 32, seed=1, dtype=torch.float64)
+    predicted = rf.predict_block_mask(q, k, layout, sparsity=0.7, block_size=64)
+    oracle = oracle_block_mask(q, k, predicted.kv_counts, block_size=64)
+    rand = random_block_mask(predicted, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(oracle.kv_counts, predicted.kv_counts) and torch.equal(rand.kv_counts, predicted.kv_counts)
+    r_oracle, r_pred, r_rand = (attention_recall(q, k, m) for m in (oracle, predicted, rand))
+    assert (r_oracle >= r_pred - 1e-12).all() and (r_oracle >= r_rand - 1e-12).all()
+
+
+def test_evaluate_reports_every_variant_and_says_what_each_idea_buys(tmp_path):
+    layout = rf.VideoLayout(8, 16, 24)
+    q, k, v = video_dit_qkv(layout, 2, 64, seed=0)
+    report = evaluate(q, k, v, layout, sparsities=(0.5, 0.8), block_size=64, backend="cpu")
+    assert len(report.rows) == 10
+    for row in report.rows:
+        assert 0 < row.density <= 1 and 0 < row.recall <= 1 + 1e-6 and row.rel_l2 >= 0 and -1 <= row.cosine <= 1
+    assert report.get("oracle", 0.8).recall >= report.get("rainfusion", 0.8).recall
+    assert report.get("random", 0.8).recall < report.get("rainfusion", 0.8).recall
+    text = report.table()
+    assert "x the oracle's" in text and "the permutation" in text and "the first-frame sink" in text
+    report.plot(tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sparsity_zero_has_full_recall_and_no_error():
+    layout = rf.VideoLayout(2, 8, 16)
+    q, k, v = video_dit_qkv(layout, 2, 32, seed=2, dtype=torch.float64)
+    report = evaluate(q, k, v, layout, sparsities=(0.0,), variants=("rainfusion", "no_permutation"), block_size=32)
+    for row in report.rows:
+        assert math.isclose(row.recall, 1.0, abs_tol=1e-9) and row.rel_l2 < 1e-9
+
+
+def test_unknown_variant():
+    layout = rf.VideoLayout(2, 8, 8)
+    q = torch.randn(1, 1, 128, 16)
+    with pytest.raises(ValueError, match="variants must be among"):
+        evaluate(q, q, q, layout, variants=("magic",))
+
+
+def test_capture_file_round_trip_and_cli(tmp_path, capsys):
+    layout = rf.VideoLayout(4, 8, 16, text_len=5)
+    q, k, v = video_dit_qkv(layout, 2, 32, seed=3)
+    path = tmp_path / "qkv.pt"
+    save_qkv(path, q, k, v, layout, layer=7, step=3)
+    q2, _, _, layout2, meta = load_qkv(path)
+    assert torch.equal(q2, q) and layout2 == layout and meta == {"layer": 7, "step": 3}
+    plot = tmp_path / "recall.png"
+    assert main(["evaluate", "--qkv", str(path), "--sparsity", "0.5", "--block-size", "32", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "rainfusion" in out and "oracle" in out and plot.exists()
+    assert main(["evaluate", "--synthetic", "2,8,8", "--sparsity", "0.5", "--block-size", "32"]) == 0
+    assert main(["evaluate"]) == 2
+
+
+def test_synthetic_generator_is_deterministic_and_local():
+    layout = rf.VideoLayout(4, 16, 16)
+    a = video_dit_qkv(layout, 1, 64, seed=5)
+    b = video_dit_qkv(layout, 1, 64, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    q, k, _ = a
+    probs = torch.softmax(q[0, 0] @ k[0, 0].T / 8, dim=-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+    assert entropy < 0.85 * math.log(layout.seq_len)  # attention concentrates, unlike iid noise
