@@ -12,7 +12,7 @@ import torch
 
 import rainfusion_core as rf
 from conftest import random_dense
-from rainfusion_core.parity import parity
+from rainfusion_core.testing import Case, run_case
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
@@ -29,51 +29,24 @@ BF16 = pytest.param(
 )
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"), BF16]
 
-CASES = [  # (q_len, kv_len, q_heads, kv_heads, head_dim, block_size)
-    pytest.param(113, 203, 2, 2, 64, 128, id="113x203"),
-    pytest.param(1023, 1024, 2, 1, 64, 128, id="1023x1024-gqa2"),
-    pytest.param(129, 129, 4, 1, 128, 128, id="129-gqa4-d128"),
-    pytest.param(200, 200, 2, 2, 48, 64, id="d48-block64"),
-    pytest.param(1, 77, 2, 2, 16, 128, id="single-query-d16"),
-    pytest.param(150, 150, 2, 1, 256, 128, id="d256"),
+CASES = [
+    Case("113x203", 113, 203, 2, 2, 64, pattern="empty_rows"),
+    Case("1023x1024-gqa2", 1023, 1024, 2, 1, 64, pattern="empty_rows"),
+    Case("129-gqa4-d128", 129, 129, 4, 1, 128),
+    Case("d48-block64", 200, 200, 2, 2, 48, block_size=64, pattern="empty_rows"),
+    Case("single-query-d16", 1, 77, 2, 2, 16),
+    Case("d256", 150, 150, 2, 1, 256),
+    Case("bsnd-strides", 300, 300, 4, 2, 64, bsnd=True),
+    Case("full-mask", 257, 257, 2, 2, 64, pattern="full"),
+    Case("one-block-per-row", 257, 257, 2, 2, 64, pattern="one_per_row"),
 ]
 
 
-def _check(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype, *, bsnd=False, density=0.4):
-    if bsnd:
-        q = torch.randn(2, q_len, q_heads, dim, dtype=torch.float64).transpose(1, 2)
-        k, v = (torch.randn(2, kv_len, kv_heads, dim, dtype=torch.float64).transpose(1, 2) for _ in range(2))
-    else:
-        q = torch.randn(2, q_heads, q_len, dim, dtype=torch.float64)
-        k, v = (torch.randn(2, kv_heads, kv_len, dim, dtype=torch.float64) for _ in range(2))
-    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    dense = random_dense(2, q_heads, nq, nk, density=density, empty_rows=[(0, q_heads - 1, nq - 1)])
-    mask = rf.BlockMask.from_dense(dense, block_size=block_size, q_len=q_len, kv_len=kv_len)
-    golden = rf.block_sparse_attention(q, k, v, mask, backend="torch")
-    low = [x.to(DEVICE, dtype) for x in (q, k, v)]
-    mask_dev = mask.to(DEVICE)
-    ref_lp = rf.block_sparse_attention(*low, mask_dev, backend="torch")
-    out = rf.block_sparse_attention(*low, mask_dev, backend="triton")
-    assert out.dtype == dtype and out.device.type == DEVICE
-    result = parity(out, golden, ref_lp)
-    assert result.passed, str(result)
-    assert out[0, q_heads - 1, (nq - 1) * block_size :].abs().max() == 0  # empty row -> zeros
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_len, kv_len, q_heads, kv_heads, dim, block_size", CASES)
-def test_parity_with_float64_golden(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype):
-    _check(q_len, kv_len, q_heads, kv_heads, dim, block_size, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bsnd_strided_views(dtype):
-    _check(300, 300, 4, 2, 64, 128, dtype, bsnd=True)
-
-
-def test_full_and_nearly_empty_masks():
-    _check(257, 257, 2, 2, 64, 128, torch.float16, density=1.1)
-    _check(257, 257, 2, 2, 64, 128, torch.float16, density=0.0)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_parity_with_float64_golden(case, dtype):
+    result = run_case(rf.get_backend("triton"), case, dtype, DEVICE)
+    assert result.verdict == "pass", result
 
 
 @pytest.mark.parametrize(
