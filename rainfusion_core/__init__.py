@@ -3,7 +3,7 @@
 Importing the package does no work beyond defining names: backends, plugins
 and accelerator stacks are loaded on first use.
 """
-from .api import block_sparse_attention, sparse_attention
+from .api import SparseAttentionPlan, block_sparse_attention, plan_sparse_attention, sparse_attention
 from .backend import Backend
 from .block_mask import BlockMask
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "BackendError", "BackendInfo", "BackendUnavailableError", "BlockMask", "Permutation",
+    "SparseAttentionPlan", "plan_sparse_attention",
     "UnknownBackendError", "UnsupportedInputError", "VideoLayout", "block_means", "block_sparse_attention",
     "build_permutation", "get_backend", "list_backends", "predict_block_mask", "register_backend",
     "sparse_attention", "unregister_backend",

@@ -1,12 +1,16 @@
-"""Public entry points: ``block_sparse_attention`` and ``sparse_attention``."""
+"""Public entry points: ``block_sparse_attention``, ``sparse_attention`` and the plan/run pair."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ._checks import check_mask_matches, check_qkv, check_tensor_layout, default_scale, describe
+from .backend import Backend
 from .block_mask import BlockMask
 from .layout import VideoLayout
-from .permutation import build_permutation
+from .ops import block_sparse_attention_op
+from .permutation import Permutation, build_permutation
 from .prediction import predict_block_mask
 from .registry import select_backend
 
@@ -31,8 +35,106 @@ def block_sparse_attention(
     check_qkv(q, k, v)
     check_mask_matches(q, k, block_mask)
     scale = default_scale(scale, q.shape[-1])
-    chosen = select_backend(backend, q, k, v, block_mask)
-    return chosen.forward(q, k, v, block_mask, scale)
+    if isinstance(backend, Backend):  # an object cannot cross the op boundary: call it directly (eager)
+        return select_backend(backend, q, k, v, block_mask).forward(q, k, v, block_mask, scale)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
+    return block_sparse_attention_op(
+        q, k, v, block_mask.dense, block_mask.kv_counts, block_mask.kv_indices, block_mask.block_size, scale, backend
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class SparseAttentionPlan:
+    """A predicted block mask with the permutation it belongs to, reusable across calls.
+
+    Made by :func:`plan_sparse_attention`; :meth:`run` attends any q, k, v of
+    the same layout (other layers, later denoising steps) without permuting
+    for prediction or predicting again.
+
+    Attributes:
+        layout: the token grid.
+        permutation: its cached rf_v2 permutation.
+        block_mask: the mask, in permuted order, ``[B, Hq, NQ, NK]``.
+        tensor_layout: ``"BNSD"`` or ``"BSND"`` of the tensors :meth:`run` takes.
+        scale: softmax scale (``None``: ``D ** -0.5``).
+        backend: backend name or device string (``None``: best for the inputs).
+    """
+
+    layout: VideoLayout
+    permutation: Permutation
+    block_mask: BlockMask
+    tensor_layout: str = "BNSD"
+    scale: float | None = None
+    backend: str | None = None
+
+    @property
+    def density(self) -> float:
+        return self.block_mask.density
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q."""
+        q, k, v = _as_bnsd(q, k, v, self.layout, self.tensor_layout)
+        return _attend_permuted(self, q, k, v)
+
+
+def _as_bnsd(q, k, v, layout: VideoLayout, tensor_layout: str):
+    """Validate model-order inputs and return them as (possibly strided) [B, H, S, D] views."""
+    tensor_layout = check_tensor_layout(tensor_layout)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    seq_dim = 2 if tensor_layout == "BNSD" else 1
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor in {tensor_layout} layout, got {describe(x)}")
+        if x.shape[seq_dim] != layout.seq_len:
+            raise ValueError(
+                f"{name} has {x.shape[seq_dim]} tokens on its sequence dim {seq_dim} ({tensor_layout}), "
+                f"but layout.seq_len is {layout.seq_len} for {layout}"
+            )
+    if tensor_layout == "BSND":  # strided [B, H, S, D] views, no copies
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    check_qkv(q, k, v)
+    return q, k, v
+
+
+def _attend_permuted(plan: SparseAttentionPlan, q, k, v, permuted=None) -> torch.Tensor:
+    perm = plan.permutation
+    q_p, k_p, v_p = permuted or (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))
+    out_p = block_sparse_attention(q_p, k_p, v_p, plan.block_mask, scale=plan.scale, backend=plan.backend)
+    if plan.tensor_layout == "BSND":
+        return perm.undo(out_p.transpose(1, 2), 1)
+    return perm.undo(out_p, 2)
+
+
+def _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink, share_batch_mask):
+    perm = build_permutation(layout, q.device)
+    q_p, k_p = perm.apply(q, 2), perm.apply(k, 2)
+    mask = predict_block_mask(
+        q_p, k_p, layout, sparsity=sparsity, block_size=block_size,
+        first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask,
+    )
+    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend), q_p, k_p
+
+
+def plan_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    *,
+    sparsity: float = 0.8,
+    block_size: int = 128,
+    tensor_layout: str = "BNSD",
+    backend: str | None = None,
+    scale: float | None = None,
+    first_frame_sink: bool | None = None,
+    share_batch_mask: bool = False,
+) -> SparseAttentionPlan:
+    """Predict the RainFusion2.0 mask of q, k (model order) once, for :meth:`SparseAttentionPlan.run`."""
+    q, k, _ = _as_bnsd(q, k, k, layout, tensor_layout)
+    plan, _, _ = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
+                       share_batch_mask)
+    return plan
 
 
 def sparse_attention(
@@ -55,30 +157,10 @@ def sparse_attention(
     mask from block means, runs the block-sparse kernel and restores the
     original token order. ``tensor_layout`` is ``"BNSD"`` (``[B, H, S, D]``)
     or ``"BSND"`` (``[B, S, H, D]``); the output has q's shape and layout.
+    Equivalent to ``plan_sparse_attention(q, k, layout, ...).run(q, k, v)``
+    without permuting q and k twice.
     """
-    tensor_layout = check_tensor_layout(tensor_layout)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
-    seq_dim = 2 if tensor_layout == "BNSD" else 1
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor in {tensor_layout} layout, got {describe(x)}")
-        if x.shape[seq_dim] != layout.seq_len:
-            raise ValueError(
-                f"{name} has {x.shape[seq_dim]} tokens on its sequence dim {seq_dim} ({tensor_layout}), "
-                f"but layout.seq_len is {layout.seq_len} for {layout}"
-            )
-    if tensor_layout == "BSND":  # strided [B, H, S, D] views, no copies
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    check_qkv(q, k, v)
-
-    perm = build_permutation(layout, q.device)
-    q_p, k_p, v_p = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
-    mask = predict_block_mask(
-        q_p, k_p, layout, sparsity=sparsity, block_size=block_size,
-        first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask,
-    )
-    out_p = block_sparse_attention(q_p, k_p, v_p, mask, scale=scale, backend=backend)
-    if tensor_layout == "BSND":
-        return perm.undo(out_p.transpose(1, 2), 1)
-    return perm.undo(out_p, 2)
+    q, k, v = _as_bnsd(q, k, v, layout, tensor_layout)
+    plan, q_p, k_p = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
+                           share_batch_mask)
+    return _attend_permuted(plan, q, k, v, permuted=(q_p, k_p, plan.permutation.apply(v, 2)))

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +11,9 @@ import torch
 from .layout import VideoLayout
 
 TILE = 8
+# A plain dict (not functools.lru_cache) so torch.compile guards on it and reuses the tensors.
+_CACHE: dict[tuple[VideoLayout, torch.device], "Permutation"] = {}
+_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +62,6 @@ def _frame_orders(height: int, width: int, device: torch.device) -> tuple[torch.
     return grid.reshape(-1), later
 
 
-@functools.lru_cache(maxsize=64)
 def _build(layout: VideoLayout, device: torch.device) -> Permutation:
     first, later = _frame_orders(layout.height, layout.width, device)
     frame_len = layout.frame_len
@@ -97,4 +98,10 @@ def build_permutation(layout: VideoLayout, device: torch.device | str | None = N
     """
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {type(layout).__name__}")
-    return _build(layout, _canonical_device(device))
+    key = (layout, _canonical_device(device))
+    perm = _CACHE.get(key)
+    if perm is None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        perm = _CACHE[key] = _build(*key)
+    return perm

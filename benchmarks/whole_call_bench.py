@@ -1,0 +1,88 @@
+"""Breakdown of one ``rf.sparse_attention`` call on a CUDA GPU, against dense SDPA.
+
+    python benchmarks/whole_call_bench.py [--shapes wan1.3b,wan14b]
+
+bf16, head dim 128, sparsity 0.8, first-frame sink on, inputs and output in the
+model's order (BNSD). Stages are timed separately with do_bench medians; the
+extra memory is the peak allocated during one call minus what was allocated
+before it (inputs excluded).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import rainfusion_core as rf
+
+SHAPES = {"wan1.3b": (1, 12, 21, 30, 52), "wan14b": (1, 40, 21, 45, 80)}
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def run(name: str) -> list[str]:
+    batch, heads, frames, height, width = SHAPES[name]
+    layout = rf.VideoLayout(frames, height, width)
+    q, k, v = (torch.randn(batch, heads, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    perm = rf.build_permutation(layout, "cuda")
+    qp, kp, vp = (perm.apply(x, 2) for x in (q, k, v))
+    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
+    out_p = rf.block_sparse_attention(qp, kp, vp, mask, backend="triton")
+    plan = rf.plan_sparse_attention(q, k, layout, sparsity=0.8, backend="triton")
+    call = lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton")  # noqa: E731
+
+    times = {
+        "permute q, k, v": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
+        "predict mask": bench(lambda: rf.predict_block_mask(qp, kp, layout, sparsity=0.8)),
+        "kernel": bench(lambda: rf.block_sparse_attention(qp, kp, vp, mask, backend="triton")),
+        "inverse permutation": bench(lambda: perm.undo(out_p, 2)),
+        "whole call (eager)": bench(call),
+        "plan.run (mask reused)": bench(lambda: plan.run(q, k, v)),
+    }
+    graph = torch.cuda.CUDAGraph()
+    call()
+    with torch.cuda.graph(graph):
+        call()
+    times["whole call (CUDA graph)"] = bench(graph.replay)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    qkv = 3 * q.numel() * q.element_size()
+
+    rows = [f"{name}: S={layout.seq_len} H={heads}, mask density {mask.density:.3f}; "
+            f"cuDNN dense {cudnn:.3f} ms, flash dense {flash:.3f} ms"]
+    for what, ms in times.items():
+        rows.append(f"| {name} | {what} | {ms:.3f} ms | {100 * ms / cudnn:.1f} % of cuDNN | "
+                    f"cuDNN/this {cudnn / ms:.2f} | flash/this {flash / ms:.2f} |")
+    rows.append(f"| {name} | extra memory of one call | {extra / 2**20:.0f} MiB | q+k+v = {qkv / 2**20:.0f} MiB | "
+                f"ratio {extra / qkv:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="wan1.3b,wan14b")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    rows = []
+    for name in args.shapes.split(","):
+        rows += run(name)
+        print("\n".join(rows[-10:]), flush=True)
+    print("\n==== summary ====\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The sparse path under torch.compile, as a custom op, in CUDA graphs, and the plan/run API."""
+import pytest
+import torch
+
+import rainfusion_core as rf
+from rainfusion_core.ops import block_sparse_attention_op
+
+LAYOUT = rf.VideoLayout(3, 8, 16)  # 384 tokens
+
+
+def _qkv(device="cpu", dtype=torch.float32, heads=(2, 2), dim=32, layout=LAYOUT):
+    q = torch.randn(1, heads[0], layout.seq_len, dim, device=device, dtype=dtype)
+    k, v = (torch.randn(1, heads[1], layout.seq_len, dim, device=device, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v = _qkv(heads=(4, 2))
+    mask = rf.predict_block_mask(q, k, LAYOUT, sparsity=0.5, block_size=64)
+    args = (q, k, v, mask.dense, mask.kv_counts, mask.kv_indices, 64, 0.2, "torch")
+    torch.library.opcheck(block_sparse_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiled_fullgraph_matches_eager(backend):
+    q, k, v = _qkv(heads=(4, 2))
+
+    def layer(q, k, v):
+        return rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend=backend) * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), rtol=0, atol=0)
+
+
+def test_plan_reuses_one_mask_across_layers():
+    q, k, v = _qkv()
+    plan = rf.plan_sparse_attention(q, k, LAYOUT, sparsity=0.6, block_size=32)
+    assert isinstance(plan, rf.SparseAttentionPlan) and 0 < plan.density <= 1
+    torch.testing.assert_close(plan.run(q, k, v), rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.6, block_size=32),
+                               rtol=0, atol=0)
+    q2, k2, v2 = _qkv()  # another layer: same mask, new activations
+    idx = plan.permutation.indices
+    expected = torch.empty_like(q2)
+    expected[:, :, idx] = rf.block_sparse_attention(q2[:, :, idx], k2[:, :, idx], v2[:, :, idx], plan.block_mask)
+    torch.testing.assert_close(plan.run(q2, k2, v2), expected, rtol=0, atol=0)
+
+
+def test_plan_in_bsnd():
+    q, k, v = (x.transpose(1, 2).contiguous() for x in _qkv())
+    plan = rf.plan_sparse_attention(q, k, LAYOUT, sparsity=0.6, block_size=32, tensor_layout="BSND")
+    out = plan.run(q, k, v)
+    assert out.shape == q.shape
+    torch.testing.assert_close(
+        out, rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.6, block_size=32, tensor_layout="BSND"), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="q has 2 tokens"):
+        plan.run(q.transpose(1, 2), k, v)
+
+
+def test_backend_object_and_bad_backend_type():
+    q, k, v = _qkv()
+    mask = rf.predict_block_mask(q, k, LAYOUT, sparsity=0.5, block_size=64)
+    ref = rf.block_sparse_attention(q, k, v, mask, backend="torch")
+    torch.testing.assert_close(rf.block_sparse_attention(q, k, v, mask, backend=rf.get_backend("torch")), ref)
+    with pytest.raises(TypeError, match="backend must be None, a name"):
+        rf.block_sparse_attention(q, k, v, mask, backend=3)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+WAN_SMALL = rf.VideoLayout(5, 30, 52)  # 7800 tokens, unaligned width like Wan 480p
+
+
+@GPU
+def test_whole_call_has_no_host_sync_and_replays_in_a_cuda_graph():
+    q, k, v = _qkv("cuda", torch.bfloat16, heads=(4, 2), dim=128, layout=WAN_SMALL)
+    eager = rf.sparse_attention(q, k, v, WAN_SMALL)  # builds the cached permutation, compiles kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rf.sparse_attention(q, k, v, WAN_SMALL)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rf.sparse_attention(q, k, v, WAN_SMALL)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    q.copy_(torch.randn_like(q))  # new inputs, same buffers: the replay recomputes everything
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, rf.sparse_attention(q, k, v, WAN_SMALL))
+
+
+@GPU
+def test_compiled_fullgraph_on_gpu_with_triton():
+    q, k, v = _qkv("cuda", torch.bfloat16, heads=(4, 2), dim=128, layout=WAN_SMALL)
+    compiled = torch.compile(lambda q, k, v: rf.sparse_attention(q, k, v, WAN_SMALL, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), rf.sparse_attention(q, k, v, WAN_SMALL, backend="triton"),
+                               rtol=0, atol=0)
