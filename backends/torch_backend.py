@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rainfusion_core.backend import Backend
-from rainfusion_core.block_mask import BlockMask
+from rainfusion_core.block_mask import BlockMask, query_chunks
 
 #: scores materialised per chunk, in elements (B * Hq * rows * Sk); ~256 MB of float32.
 CHUNK_ELEMENTS = 1 << 26
@@ -38,9 +38,7 @@ def masked_attention(
     q_grouped = q.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Sq, D]
     k_t = k.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, Sk]
     v_b = v.unsqueeze(2)  # [B, Hkv, 1, Sk, D]
-    rows_per_chunk = max(bs, (chunk_elements // max(1, batch * q_heads * kv_len)) // bs * bs)
-    for start in range(0, q_len, rows_per_chunk):
-        stop = min(q_len, start + rows_per_chunk)
+    for start, stop in query_chunks(q_len, kv_len, batch * q_heads, bs, chunk_elements):
         # --- scores of this chunk of query rows against every key
         scores = (q_grouped[:, :, :, start:stop] @ k_t).to(softmax_dtype) * scale  # [B, Hkv, G, rows, Sk]
         keep = block_mask.token_mask(start, stop).unflatten(1, (kv_heads, group))

@@ -13,6 +13,17 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def query_chunks(q_len: int, kv_len: int, batch_heads: int, block_size: int, chunk_elements: int):
+    """``(start, stop)`` query row ranges, whole blocks each, with about ``chunk_elements`` scores per chunk.
+
+    Lets a dense-score computation (reference attention, recall) stay at
+    ``O(chunk x kv_len)`` memory instead of ``O(q_len x kv_len)``.
+    """
+    rows = max(block_size, chunk_elements // max(1, batch_heads * kv_len) // block_size * block_size)
+    for start in range(0, q_len, rows):
+        yield start, min(q_len, start + rows)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockMask:
     """A block-sparse attention pattern, held in two equivalent views.
@@ -170,4 +181,4 @@ def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Te
     return sizes
 
 
-__all__ = ["BlockMask", "num_blocks"]
+__all__ = ["BlockMask", "num_blocks", "query_chunks"]

@@ -18,21 +18,13 @@ import torch
 
 from ._checks import check_qkv, default_scale
 from .api import block_sparse_attention
-from .block_mask import BlockMask, num_blocks
+from .block_mask import BlockMask, num_blocks, query_chunks
 from .layout import VideoLayout
 from .permutation import build_permutation
 from .prediction import predict_block_mask
 
 VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random")
 CHUNK_ELEMENTS = 1 << 25
-
-
-def _row_chunks(q: torch.Tensor, kv_len: int, block_size: int):
-    """Query row ranges aligned to blocks, sized so scores stay near CHUNK_ELEMENTS elements."""
-    batch, heads, q_len, _ = q.shape
-    rows = max(block_size, CHUNK_ELEMENTS // max(1, batch * heads * kv_len) // block_size * block_size)
-    for start in range(0, q_len, rows):
-        yield start, min(q_len, start + rows)
 
 
 def _log_probs(q, k, start, stop, scale, dtype):
@@ -53,7 +45,8 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, *,
     scale = default_scale(scale, q.shape[-1])
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     total = torch.zeros(q.shape[:2], dtype=dtype, device=q.device)
-    for start, stop in _row_chunks(q, k.shape[2], block_mask.block_size):
+    for start, stop in query_chunks(q.shape[2], k.shape[2], q.shape[0] * q.shape[1], block_mask.block_size,
+                                    CHUNK_ELEMENTS):
         log_p = _log_probs(q, k, start, stop, scale, dtype)
         kept = block_mask.token_mask(start, stop)
         mass = torch.logsumexp(log_p.masked_fill(~kept, float("-inf")), dim=-1).exp()  # 0 for empty rows
@@ -73,7 +66,7 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     nq, nk = num_blocks(q.shape[2], block_size), num_blocks(kv_len, block_size)
     key_block = torch.arange(kv_len, device=q.device) // block_size
     mass = torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=dtype, device=q.device)
-    for start, stop in _row_chunks(q, kv_len, block_size):
+    for start, stop in query_chunks(q.shape[2], kv_len, q.shape[0] * q.shape[1], block_size, CHUNK_ELEMENTS):
         probs = _log_probs(q, k, start, stop, scale, dtype).exp()  # [B, H, rows, Sk]
         per_key_block = torch.zeros(*probs.shape[:3], nk, dtype=dtype, device=q.device)
         per_key_block.index_add_(3, key_block, probs)
