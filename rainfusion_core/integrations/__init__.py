@@ -1,0 +1,1 @@
+"""Integrations with model libraries (imported on demand; their packages are optional)."""

@@ -1,0 +1,260 @@
+"""RainFusion2.0 for Hugging Face diffusers' Wan transformers (Wan2.1 / Wan2.2).
+
+    from rainfusion_core.integrations.diffusers import apply_rainfusion, Schedule
+    handle = apply_rainfusion(pipe, sparsity=0.8, schedule=Schedule(dense_steps=2))
+    video = pipe(prompt, ...).frames
+    handle.remove()   # the original processors, exactly
+
+Only self-attention (``attn1``) of each ``WanTransformerBlock`` is replaced;
+cross-attention stays dense. The latent grid is read from the transformer's
+own input (``hidden_states.shape`` and ``config.patch_size``) by a forward
+pre-hook, so any resolution and frame count works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..api import sparse_attention
+from ..layout import VideoLayout
+from ..quality import save_qkv
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When attention stays dense.
+
+    Attributes:
+        dense_steps: the first denoising steps run dense. Steps are counted per
+            distinct timestep the transformer sees, so classifier-free guidance
+            (two calls, or one doubled batch, per step) counts once; a timestep
+            larger than the previous one starts a new generation at step 0.
+        dense_above_timestep: run dense while the timestep is above this value.
+    Reading the timestep costs one host synchronisation per transformer call,
+    and only when one of these is set.
+    """
+
+    dense_steps: int = 0
+    dense_above_timestep: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"Schedule.dense_steps must be a non-negative int, got {self.dense_steps!r}")
+
+    @property
+    def reads_timestep(self) -> bool:
+        return self.dense_steps > 0 or self.dense_above_timestep is not None
+
+
+@dataclass
+class _State:
+    """What the pre-hook learns each transformer call; shared by the processors of one model (or pipeline)."""
+
+    schedule: Schedule
+    layout: VideoLayout | None = None
+    step: int = -1
+    last_timestep: float | None = None
+    sparse: bool = True
+    calls: int = 0
+
+    def update(self, module, args, kwargs) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        _, _, frames, height, width = hidden.shape
+        p_t, p_h, p_w = module.config.patch_size
+        self.layout = VideoLayout(frames // p_t, height // p_h, width // p_w)
+        self.calls += 1
+        self.sparse = True
+        if not self.schedule.reads_timestep:
+            return
+        t = float(timestep.flatten()[0])  # one host sync per transformer call
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t != self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+        if self.step < self.schedule.dense_steps:
+            self.sparse = False
+        if self.schedule.dense_above_timestep is not None and t > self.schedule.dense_above_timestep:
+            self.sparse = False
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding: rotate (even, odd) channel pairs by the per-position angles."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+
+
+def _self_attention_qkv(attn, hidden_states, rotary_emb):
+    """q, k, v ``[B, S, H, D]`` of a Wan self-attention, computed as WanAttnProcessor does."""
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+    if rotary_emb is not None:
+        query, key = _rotate_pairs(query, *rotary_emb), _rotate_pairs(key, *rotary_emb)
+    return query, key, value
+
+
+class _SelfAttentionProcessor:
+    """Base of the replacements: keeps the original and the attributes diffusers sets on processors."""
+
+    def __init__(self, original, state: _State, layer: int):
+        self.original, self.state, self.layer = original, state, layer
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _dense(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs):
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+
+
+class RainFusionAttnProcessor(_SelfAttentionProcessor):
+    """Wan self-attention through ``rf.sparse_attention`` (dense when the schedule says so)."""
+
+    def __init__(self, original, state, layer, *, sparsity, block_size, backend, first_frame_sink):
+        super().__init__(original, state, layer)
+        self.sparsity, self.block_size, self.backend, self.first_frame_sink = sparsity, block_size, backend, first_frame_sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
+        if not self.state.sparse:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        if encoder_hidden_states is not None or attention_mask is not None or kwargs:
+            raise ValueError("RainFusion replaces Wan self-attention only: it got encoder states, a mask or extra "
+                             "arguments; is this processor on a cross-attention layer?")
+        layout = self.state.layout
+        if layout is None or hidden_states.shape[1] != layout.seq_len:
+            raise ValueError(f"self-attention has {hidden_states.shape[1]} tokens but the transformer input gives "
+                             f"{layout}; RainFusion needs the whole latent sequence on this device")
+        query, key, value = _self_attention_qkv(attn, hidden_states, rotary_emb)
+        out = sparse_attention(query, key, value, layout, sparsity=self.sparsity, block_size=self.block_size,
+                               tensor_layout="BSND", backend=self.backend, first_frame_sink=self.first_frame_sink)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CaptureProcessor(_SelfAttentionProcessor):
+    """Saves q, k, v (BNSD, model order) of chosen steps to files, then runs the original processor."""
+
+    def __init__(self, original, state, layer, *, directory: Path, steps):
+        super().__init__(original, state, layer)
+        self.directory, self.steps = directory, set(steps)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
+        if self.state.step in self.steps and encoder_hidden_states is None:
+            q, k, v = (x.transpose(1, 2) for x in _self_attention_qkv(attn, hidden_states, rotary_emb))
+            path = self.directory / f"qkv_layer{self.layer}_step{self.state.step}_call{self.state.calls}.pt"
+            save_qkv(path, q, k, v, self.state.layout, layer=self.layer, step=self.state.step)
+        return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+
+
+@dataclass
+class RainFusionHandle:
+    """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`."""
+
+    state: _State
+    _restore: list = field(default_factory=list)  # (attention module, original processor)
+    _hooks: list = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def layout(self) -> VideoLayout | None:
+        return self.state.layout
+
+    def remove(self) -> None:
+        for attn, original in reversed(self._restore):
+            attn.processor = original
+        for hook in self._hooks:
+            hook.remove()
+        self._restore.clear()
+        self._hooks.clear()
+
+
+def _transformers(model) -> list:
+    """The Wan transformers of a pipeline (transformer, transformer_2) or the model itself."""
+    if hasattr(model, "blocks") and hasattr(model, "config"):
+        return [model]
+    found = [getattr(model, name, None) for name in ("transformer", "transformer_2")]
+    found = [t for t in found if t is not None]
+    if not found:
+        raise TypeError(f"expected a WanTransformer3DModel or a pipeline holding one, got {type(model).__name__}")
+    return found
+
+
+def _install(model, state: _State, layers, make) -> RainFusionHandle:
+    handle = RainFusionHandle(state)
+    for transformer in _transformers(model):
+        chosen = range(len(transformer.blocks)) if layers is None else layers
+        for index in chosen:
+            if not 0 <= index < len(transformer.blocks):
+                raise ValueError(f"layers: block {index} does not exist (the model has {len(transformer.blocks)})")
+            attn = transformer.blocks[index].attn1
+            handle._restore.append((attn, attn.processor))
+            attn.processor = make(attn.processor, index)
+        handle._hooks.append(transformer.register_forward_pre_hook(state.update, with_kwargs=True))
+    return handle
+
+
+def apply_rainfusion(
+    model,
+    *,
+    sparsity: float = 0.8,
+    block_size: int = 128,
+    backend=None,
+    first_frame_sink: bool | None = None,
+    schedule: Schedule = Schedule(),
+    layers=None,
+) -> RainFusionHandle:
+    """Make the self-attention of a Wan transformer (or of a pipeline's transformers) RainFusion2.0-sparse.
+
+    Args:
+        model: a ``WanTransformer3DModel`` or a pipeline with ``transformer``
+            (and ``transformer_2``, Wan2.2).
+        sparsity, block_size, backend, first_frame_sink: as in ``rf.sparse_attention``.
+        schedule: when to stay dense (:class:`Schedule`).
+        layers: block indices to make sparse; ``None`` means all, the rest stay dense.
+    Each batch item gets its own mask, so the halves of a guidance batch differ.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    state = _State(schedule)
+
+    def make(original, index):
+        return RainFusionAttnProcessor(original, state, index, sparsity=sparsity, block_size=block_size,
+                                       backend=backend, first_frame_sink=first_frame_sink)
+
+    return _install(model, state, layers, make)
+
+
+@dataclass(frozen=True)
+class _CountSteps(Schedule):
+    """A schedule that counts steps (reads the timestep) and never forces dense attention."""
+
+    @property
+    def reads_timestep(self) -> bool:
+        return True
+
+
+def capture_qkv(model, directory, *, layers=(0,), steps=(0,)) -> RainFusionHandle:
+    """Save self-attention q, k, v of the given blocks at the given denoising steps, for ``rainfusion evaluate``.
+
+    Files are ``qkv_layer{L}_step{S}_call{C}.pt`` in ``directory`` (BNSD, model
+    order, with the layout); the model's outputs are unchanged.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = _State(_CountSteps())
+
+    def make(original, index):
+        return CaptureProcessor(original, state, index, directory=directory, steps=steps)
+
+    return _install(model, state, layers, make)
+
+
