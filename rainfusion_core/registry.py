@@ -202,8 +202,7 @@ def select_backend(spec, q, k, v, block_mask) -> Backend:
         if spec_type != device_type:
             raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
         return _choose(device_type, (q, k, v, block_mask), spec)
-    backend = spec if isinstance(spec, Backend) else get_backend(spec)
-    _require_available(backend)
+    backend = get_backend(spec)  # a name or a Backend; raises when it is unavailable
     if not backend.runs_on(device_type):
         raise UnsupportedInputError(
             f"backend {backend.name!r} runs on {'/'.join(backend.device_types)} devices, "

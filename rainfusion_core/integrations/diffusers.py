@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import check_sparsity
 from ..api import sparse_attention
 from ..layout import VideoLayout
 from ..quality import save_qkv
@@ -189,12 +190,15 @@ def _transformers(model) -> list:
 
 
 def _install(model, state: _State, layers, make) -> RainFusionHandle:
-    handle = RainFusionHandle(state)
-    for transformer in _transformers(model):
-        chosen = range(len(transformer.blocks)) if layers is None else layers
-        for index in chosen:
+    """Swap ``attn1`` processors of the chosen blocks and hook the transformers; all or nothing."""
+    transformers = _transformers(model)
+    for transformer in transformers:
+        for index in layers or ():
             if not 0 <= index < len(transformer.blocks):
                 raise ValueError(f"layers: block {index} does not exist (the model has {len(transformer.blocks)})")
+    handle = RainFusionHandle(state)
+    for transformer in transformers:
+        for index in range(len(transformer.blocks)) if layers is None else layers:
             attn = transformer.blocks[index].attn1
             handle._restore.append((attn, attn.processor))
             attn.processor = make(attn.processor, index)
@@ -222,8 +226,7 @@ def apply_rainfusion(
         layers: block indices to make sparse; ``None`` means all, the rest stay dense.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    sparsity = check_sparsity(sparsity)
     state = _State(schedule)
 
     def make(original, index):
