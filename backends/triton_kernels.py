@@ -21,9 +21,10 @@ class KernelConfig:
     num_stages: int
 
 
-# Chosen per (head dim bucket, dtype class) on the lent H100 with benchmarks/triton_bench.py
-# (BENCHMARKS.md lists what was tried). They depend on neither sequence length nor
-# density, so a new shape never triggers re-tuning.
+# Per (head dim bucket, dtype class). (128, "half") was chosen by the sweep of
+# benchmarks/triton_bench.py on the lent H100 (BENCHMARKS.md lists what was tried); the
+# other entries are untuned starting points sized to fit Hopper's shared memory.
+# None depends on sequence length or density, so a new shape never triggers re-tuning.
 _CONFIGS = {
     (64, "half"): KernelConfig(128, 128, 8, 3),
     (128, "half"): KernelConfig(128, 128, 8, 2),

@@ -186,6 +186,7 @@ def evaluate(
         block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
     )
     dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
+    dense_model_order = perm.undo(dense, 2) if "no_permutation" in variants else None
     gen = torch.Generator().manual_seed(seed)
     report = QualityReport()
     for sparsity in sparsities:
@@ -203,7 +204,7 @@ def evaluate(
                 mask = random_block_mask(predicted, generator=gen)
             else:  # no_permutation: the same method on the raw token order
                 order_q, order_k, order_v = q, k, v
-                ref = perm.undo(dense, 2)
+                ref = dense_model_order
                 mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
             out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale, backend=backend).double()
             recall = float(attention_recall(order_q, order_k, mask, scale=scale).mean())
