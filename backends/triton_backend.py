@@ -22,22 +22,35 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None, use_tma=None):
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
+                                  config=None, use_tma=None):
     """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
-    ``use_tma=None`` picks tensor-memory-accelerator descriptors where they work
-    (see :func:`_tma_usable`). No host synchronisation: the loop bound of every
-    program is read on the device.
+    Without ``order`` the tensors are in the mask's (permuted) order. With
+    ``order`` (``[S]`` integer, ``permuted[i] = original[order[i]]``) q, k, v
+    and ``out`` stay in the model's order: the kernel reads query rows through
+    ``order`` and writes each output row back to where its query came from;
+    ``gather_kv=False`` instead gathers k and v into permuted copies first.
+    ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
+    ``use_tma=None`` picks tensor-memory-accelerator descriptors where they
+    work (see :func:`_tma_usable`). No host synchronisation: the loop bound of
+    every program is read on the device.
     """
     kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
     batch, q_heads, q_len, head_dim = q.shape
     mask_block = block_mask.block_size
     config = config or kernels.pick_config(head_dim, q.dtype, mask_block)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    gather_q = order is not None
+    gather_kv = gather_q and gather_kv
+    if gather_q and not gather_kv:
+        k, v = k.index_select(2, order), v.index_select(2, order)
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
     if use_tma is None:
         use_tma = _tma_usable(q, k, v, out)
+    tma_q, tma_kv = use_tma and not gather_q, use_tma and not gather_kv
     descs = [None] * 4
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -48,7 +61,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None, us
         ]
     grid = (math.ceil(q_len / config.block_m), batch * q_heads)
     kernels.block_sparse_attention_fwd[grid](
-        q, k, v, out, counts, indices, *descs,
+        q, k, v, out, counts, indices, counts if order is None else order, *descs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_heads, q_len, k.shape[2], indices.shape[2], indices.shape[3], scale * math.log2(math.e),
         HEAD_DIM=head_dim,
@@ -58,7 +71,10 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, config=None, us
         BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_2(head_dim)),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_TMA=use_tma,
+        TMA_Q=tma_q,
+        TMA_KV=tma_kv,
+        GATHER_Q=gather_q,
+        GATHER_KV=gather_kv,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -119,3 +135,21 @@ class TritonBackend(Backend):
 
     def forward(self, q, k, v, block_mask, scale):
         return block_sparse_attention_triton(q, k, v, block_mask, scale)
+
+    def forward_reordered(self, q, k, v, block_mask, scale, order, out):
+        # The kernel reads q, k, v rows through the permutation and writes out rows back through it.
+        block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out)
+
+    # -- fused mask prediction (rainfusion_core.selection defines what these compute)
+    fused_prediction_dtypes = _DTYPES
+
+    def block_means(self, x, block_size, order):
+        return _prediction().block_means(x, block_size, order)
+
+    def select_blocks(self, scores, *, scale, keep, sink_blocks, text_blocks):
+        return _prediction().select_blocks(scores, scale=scale, keep=keep, sink_blocks=sink_blocks,
+                                           text_blocks=text_blocks)
+
+
+def _prediction():
+    return importlib.import_module("rainfusion_core.backends.triton_prediction")

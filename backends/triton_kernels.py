@@ -63,11 +63,24 @@ def _load_tile(base, desc, coords, offs_rows, rows_ok, stride_rows, offs_d, stri
 
 
 @triton.jit
+def _token_rows(order, offs, ok, GATHER: tl.constexpr, CHECK: tl.constexpr):
+    """Rows of the tensor in memory for permuted positions ``offs``: ``order[offs]`` when GATHER."""
+    if GATHER:
+        if CHECK:
+            rows = tl.load(order + offs, mask=ok, other=0).to(tl.int32)
+        else:
+            rows = tl.load(order + offs).to(tl.int32)
+    else:
+        rows = offs
+    return rows
+
+
+@triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, kept, first, last, k_base, v_base, desc_k, desc_v, b, kv_h,
+    acc, l_i, m_i, q, kept, first, last, k_base, v_base, desc_k, desc_v, order, b, kv_h,
     stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RAGGED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GATHER_KV: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``."""
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
@@ -79,7 +92,8 @@ def _attend_tiles(
         start = tl.multiple_of(start, BLOCK_N)
         offs_k = start + offs_n
         k_ok = offs_k < kv_len
-        k = _load_tile(k_base, desc_k, [b, kv_h, start, 0], offs_k, k_ok, stride_ks, offs_d, stride_kd,
+        rows = _token_rows(order, offs_k, k_ok, GATHER_KV, RAGGED)
+        k = _load_tile(k_base, desc_k, [b, kv_h, start, 0], rows, k_ok, stride_ks, offs_d, stride_kd,
                        HEAD_DIM, BLOCK_N, USE_TMA, RAGGED)
         # -- scores in base 2 (scale folded into one FMA); keys past the sequence end never win
         qk = tl.dot(q, k.T, input_precision=INPUT_PRECISION)
@@ -92,7 +106,7 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # -- accumulate P V
-        v = _load_tile(v_base, desc_v, [b, kv_h, start, 0], offs_k, k_ok, stride_vs, offs_d, stride_vd,
+        v = _load_tile(v_base, desc_v, [b, kv_h, start, 0], rows, k_ok, stride_vs, offs_d, stride_vd,
                        HEAD_DIM, BLOCK_N, USE_TMA, RAGGED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -101,7 +115,7 @@ def _attend_tiles(
 
 @triton.jit
 def block_sparse_attention_fwd(
-    Q, K, V, Out, KV_COUNTS, KV_INDICES,
+    Q, K, V, Out, KV_COUNTS, KV_INDICES, ORDER,
     desc_q, desc_k, desc_v, desc_o,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -115,13 +129,20 @@ def block_sparse_attention_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA_Q: tl.constexpr,
+    TMA_KV: tl.constexpr,
+    GATHER_Q: tl.constexpr,
+    GATHER_KV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
 
-    ``qk_scale`` is ``scale * log2(e)``: the softmax runs in base 2 with ``exp2``. With USE_TMA the
-    tiles move through the ``desc_*`` tensor descriptors of the 4-D ``[B, H, S, D]`` views
-    (Hopper and newer); otherwise through pointers and strides.
+    ``qk_scale`` is ``scale * log2(e)``: the softmax runs in base 2 with ``exp2``. With TMA_Q
+    (q and out) and TMA_KV (k and v) the tiles move through the ``desc_*`` tensor descriptors of
+    the 4-D ``[B, H, S, D]`` views (Hopper and newer); otherwise through pointers and strides.
+
+    The mask and the loop run in permuted order. With GATHER_Q, permuted query row ``i`` is
+    row ``ORDER[i]`` of Q and is written to row ``ORDER[i]`` of Out (the tensors stay in the
+    model's order, no permuted copies); GATHER_KV does the same for the rows of K and V.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -135,8 +156,9 @@ def block_sparse_attention_fwd(
 
     # -- the query tile stays in registers for the whole loop
     q_base = Q + b * stride_qb + h * stride_qh
-    q = _load_tile(q_base, desc_q, [b, h, pid_m * BLOCK_M, 0], offs_m, m_ok, stride_qs, offs_d, stride_qd,
-                   HEAD_DIM, BLOCK_M, USE_TMA, True)
+    rows_m = _token_rows(ORDER, offs_m, m_ok, GATHER_Q, True)
+    q = _load_tile(q_base, desc_q, [b, h, pid_m * BLOCK_M, 0], rows_m, m_ok, stride_qs, offs_d, stride_qd,
+                   HEAD_DIM, BLOCK_M, TMA_Q, True)
 
     # -- this tile's mask row: how many key blocks, and which
     mask_row = (b * q_heads + h) * mask_rows + (pid_m * BLOCK_M) // MASK_BLOCK
@@ -154,20 +176,20 @@ def block_sparse_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, b, kv_h,
+        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
-        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA, RAGGED=False,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=False,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base, desc_k, desc_v, b, kv_h,
+        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
-        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA, RAGGED=True,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=True,
     )
 
     # -- epilogue: normalise; a row with no kept block stays zero
     acc = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
-    if USE_TMA:
+    if TMA_Q:
         desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+        o_ptrs = Out + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :] * stride_od
         tl.store(o_ptrs, acc, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

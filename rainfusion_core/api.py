@@ -11,7 +11,7 @@ from .block_mask import BlockMask
 from .layout import VideoLayout
 from .ops import block_sparse_attention_op
 from .permutation import Permutation, build_permutation
-from .prediction import predict_block_mask
+from .prediction import predict_mask
 from .registry import select_backend
 
 
@@ -75,7 +75,7 @@ class SparseAttentionPlan:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q."""
         q, k, v = _as_bnsd(q, k, v, self.layout, self.tensor_layout)
-        return _attend_permuted(self, q, k, v)
+        return _attend(self, q, k, v)
 
 
 def _as_bnsd(q, k, v, layout: VideoLayout, tensor_layout: str):
@@ -98,23 +98,33 @@ def _as_bnsd(q, k, v, layout: VideoLayout, tensor_layout: str):
     return q, k, v
 
 
-def _attend_permuted(plan: SparseAttentionPlan, q, k, v, permuted=None) -> torch.Tensor:
-    perm = plan.permutation
-    q_p, k_p, v_p = permuted or (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))
-    out_p = block_sparse_attention(q_p, k_p, v_p, plan.block_mask, scale=plan.scale, backend=plan.backend)
-    if plan.tensor_layout == "BSND":
-        return perm.undo(out_p.transpose(1, 2), 1)
-    return perm.undo(out_p, 2)
+def _attend(plan: SparseAttentionPlan, q, k, v) -> torch.Tensor:
+    """Attention of model-order ``[B, H, S, D]`` views on the plan's mask; output in ``plan.tensor_layout``.
+
+    The permutation travels with the tensors (``Backend.forward_reordered``):
+    backends that read through it never materialise permuted copies.
+    """
+    mask = plan.block_mask
+    check_mask_matches(q, k, mask)
+    scale = default_scale(plan.scale, q.shape[-1])
+    order, bsnd = plan.permutation.indices, plan.tensor_layout == "BSND"
+    if isinstance(plan.backend, Backend):
+        chosen = select_backend(plan.backend, q, k, v, mask)
+        out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if bsnd else q.shape)
+        chosen.forward_reordered(q, k, v, mask, scale, order, out.transpose(1, 2) if bsnd else out)
+        return out
+    return block_sparse_attention_op(
+        q, k, v, mask.dense, mask.kv_counts, mask.kv_indices, mask.block_size, scale, plan.backend, order, bsnd
+    )
 
 
 def _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink, share_batch_mask):
     perm = build_permutation(layout, q.device)
-    q_p, k_p = perm.apply(q, 2), perm.apply(k, 2)
-    mask = predict_block_mask(
-        q_p, k_p, layout, sparsity=sparsity, block_size=block_size,
-        first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask,
+    mask = predict_mask(
+        q, k, layout, perm.indices, sparsity=sparsity, block_size=block_size, first_frame_sink=first_frame_sink,
+        scale=scale, share_batch_mask=share_batch_mask, backend=backend,
     )
-    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend), q_p, k_p
+    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend)
 
 
 def plan_sparse_attention(
@@ -132,9 +142,8 @@ def plan_sparse_attention(
 ) -> SparseAttentionPlan:
     """Predict the RainFusion2.0 mask of q, k (model order) once, for :meth:`SparseAttentionPlan.run`."""
     q, k, _ = _as_bnsd(q, k, k, layout, tensor_layout)
-    plan, _, _ = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                       share_batch_mask)
-    return plan
+    return _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
+                 share_batch_mask)
 
 
 def sparse_attention(
@@ -157,10 +166,11 @@ def sparse_attention(
     mask from block means, runs the block-sparse kernel and restores the
     original token order. ``tensor_layout`` is ``"BNSD"`` (``[B, H, S, D]``)
     or ``"BSND"`` (``[B, S, H, D]``); the output has q's shape and layout.
-    Equivalent to ``plan_sparse_attention(q, k, layout, ...).run(q, k, v)``
-    without permuting q and k twice.
+    Equivalent to ``plan_sparse_attention(q, k, layout, ...).run(q, k, v)``.
+    Backends that read through the permutation (``triton``) never copy q, k,
+    v into permuted order; the others get gathered copies.
     """
     q, k, v = _as_bnsd(q, k, v, layout, tensor_layout)
-    plan, q_p, k_p = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                           share_batch_mask)
-    return _attend_permuted(plan, q, k, v, permuted=(q_p, k_p, plan.permutation.apply(v, 2)))
+    plan = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
+                 share_batch_mask)
+    return _attend(plan, q, k, v)

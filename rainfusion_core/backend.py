@@ -28,6 +28,12 @@ class Backend:
       the backend cannot handle (dtype, head dim, block size, GQA ratio);
       empty when it can.
     * :meth:`forward` -- the computation, on tensors already in permuted order.
+    * :meth:`forward_reordered` (optional) -- the same on tensors left in the
+      model's order plus the permutation; the default gathers copies and
+      calls :meth:`forward`, a backend may read through the permutation instead.
+    * :meth:`block_means` and :meth:`select_blocks` (optional) -- the two heavy
+      steps of mask prediction, for backends that set ``fused_prediction_dtypes``;
+      they must give what ``rainfusion_core.prediction``'s reference gives.
 
     ``forward`` contract: ``q`` is ``[B, Hq, Sq, D]``, ``k`` and ``v`` are
     ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads key head
@@ -43,6 +49,8 @@ class Backend:
     priority: int = 0
     #: head dims the conformance kit tests (``rainfusion_core.testing``); ``None``: 32, 64 and 128
     head_dims: tuple[int, ...] | None = None
+    #: input dtypes for which :meth:`block_means` / :meth:`select_blocks` are implemented
+    fused_prediction_dtypes: tuple[torch.dtype, ...] = ()
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -56,6 +64,38 @@ class Backend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float
     ) -> torch.Tensor:
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+
+    def forward_reordered(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
+        order: torch.Tensor, out: torch.Tensor,
+    ) -> None:
+        """:meth:`forward` on tensors in the model's order, written into ``out``.
+
+        ``order`` is the int64 ``[S]`` permutation of the mask (``permuted[i] =
+        original[order[i]]``); q, k, v and ``out`` (``[B, Hq, Sq, D]``, maybe a
+        strided view) are in the original order. Default: gather permuted
+        copies, run :meth:`forward`, scatter its rows back.
+        """
+        permuted = [x.index_select(2, order) for x in (q, k, v)]
+        out.index_copy_(2, order, self.forward(*permuted, block_mask, scale))
+
+    def block_means(self, x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
+        """float32 means of each ``block_size`` run of the permuted rows of ``x [B, H, S, D]``.
+
+        Rows are read in the order ``order`` (model-order ``x``) or as they are
+        (``order=None``); the last block may be partial. Returns ``[B, H, NB, D]``.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no fused mask prediction")
+
+    def select_blocks(
+        self, scores: torch.Tensor, *, scale: float, keep: int, sink_blocks: int, text_blocks: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask rows of pooled float32 ``scores [B, H, NQ, NK]``: softmax, top-``keep``, forced blocks.
+
+        Returns ``(dense, kv_counts, kv_indices)`` as :class:`BlockMask` holds
+        them (see ``rainfusion_core.prediction.select_blocks`` for the definition).
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no fused mask prediction")
 
     def runs_on(self, device_type: str) -> bool:
         """Whether the backend accepts tensors of ``device_type`` when named explicitly.

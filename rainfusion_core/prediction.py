@@ -6,24 +6,14 @@ import math
 import torch
 
 from ._checks import check_block_size, check_qkv, check_sparsity, default_scale, describe
+from .backend import Backend
 from .block_mask import BlockMask, num_blocks
 from .layout import VideoLayout
+from .ops import predict_block_mask_op
+from .registry import select_predictor
+from .selection import block_means, compute_block_mask
 
-
-def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Mean of each run of ``block_size`` tokens of ``x [B, H, S, D]`` -> ``[B, H, ceil(S / bs), D]``.
-
-    The last block may be partial and is averaged over the tokens it has.
-    Works on strided views without copying ``x``; accumulates in ``dtype``.
-    """
-    batch, heads, length, dim = x.shape
-    full = length // block_size
-    parts = []
-    if full:
-        parts.append(x[:, :, : full * block_size].unflatten(2, (full, block_size)).mean(dim=3, dtype=dtype))
-    if length % block_size:
-        parts.append(x[:, :, full * block_size :].mean(dim=2, keepdim=True, dtype=dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+__all__ = ["block_means", "predict_block_mask"]
 
 
 def predict_block_mask(
@@ -36,6 +26,7 @@ def predict_block_mask(
     first_frame_sink: bool | None = None,
     scale: float | None = None,
     share_batch_mask: bool = False,
+    backend=None,
 ) -> BlockMask:
     """Predict which attention tiles to keep, RainFusion2.0 style.
 
@@ -50,14 +41,27 @@ def predict_block_mask(
         scale: softmax scale of the pooled scores; ``None`` means ``D ** -0.5``.
         share_batch_mask: use batch item 0's mask for every item (the authors'
             Ascend behaviour); by default each item gets its own.
+        backend: whose fused kernels compute the means and the per-row
+            selection (a name, a device string, a ``Backend``); ``None``: the
+            first available backend of q's device. Backends without fused
+            prediction, and ``"torch"``, use the eager definitions of
+            ``rainfusion_core.selection``; the mask is the same either way.
 
     Returns:
         A :class:`BlockMask` of shape ``[B, Hq, NQ, NK]``. For each row,
         ``keep = max(1, ceil(NK * (1 - sparsity)))`` blocks with the largest
         pooled softmax scores are kept (ties with the ``keep``-th score kept
-        too), then text and sink rows/columns are forced on. Pure tensor ops:
-        no host synchronisation.
+        too), then text and sink rows/columns are forced on. No host
+        synchronisation; one opaque op under ``torch.compile``.
     """
+    return predict_mask(q, k, layout, None, sparsity=sparsity, block_size=block_size,
+                        first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask,
+                        backend=backend)
+
+
+def predict_mask(q, k, layout, order, *, sparsity, block_size, first_frame_sink, scale, share_batch_mask,
+                 backend) -> BlockMask:
+    """:func:`predict_block_mask` of model-order q, k read through ``order`` (``None``: already permuted)."""
     check_qkv(q, k, k)
     sparsity = check_sparsity(sparsity)
     block_size = check_block_size(block_size)
@@ -73,34 +77,22 @@ def predict_block_mask(
     if first_frame_sink is None:
         first_frame_sink = layout.frames > 1
 
-    batch, q_heads, length, _ = q.shape
-    kv_heads = k.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_mean = block_means(q, block_size, acc)  # [B, Hq, NQ, D]
-    k_mean = block_means(k, block_size, acc)  # [B, Hkv, NK, D]
-    nk = k_mean.shape[2]
-
-    # --- pooled scores, grouped so each query head meets its own key head
-    grouped = q_mean.unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, Hkv, G, NQ, D]
-    scores = grouped @ k_mean.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, G, NQ, NK]
-    probs = torch.softmax(scores.flatten(1, 2) * scale, dim=-1)  # [B, Hq, NQ, NK]
-
-    # --- top-k per row, ties with the keep-th score kept
-    keep = min(nk, max(1, math.ceil(nk * (1.0 - sparsity))))
-    threshold = probs.topk(keep, dim=-1, sorted=True).values[..., keep - 1 :]
-    mask = probs >= threshold
-
-    # --- forced rows and columns (q and k share the layout, so NQ == NK):
-    #     the text blocks at the end, the first-frame sink at the start
-    forced = []
-    if layout.text_len:
-        forced.append(slice(nk - num_blocks(layout.text_len, block_size), nk))
-    if first_frame_sink:
-        forced.append(slice(0, num_blocks(layout.frame_len, block_size)))
-    for blocks in forced:
-        mask[:, :, blocks, :] = True
-        mask[:, :, :, blocks] = True
-
+    batch, length = q.shape[0], q.shape[2]
     if share_batch_mask:
-        mask = mask[:1].expand_as(mask)
-    return BlockMask.from_dense(mask, block_size=block_size, q_len=length, kv_len=k.shape[2])
+        q, k = q[:1], k[:1]
+    nk = num_blocks(k.shape[2], block_size)
+    params = dict(
+        block_size=block_size, scale=scale, keep=min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
+        sink_blocks=num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
+        text_blocks=num_blocks(layout.text_len, block_size),
+    )
+    if isinstance(backend, Backend):  # an object cannot cross the op boundary: run eagerly
+        fused = select_predictor(backend, q)
+        dense, counts, indices = compute_block_mask(q, k, order, fused=fused, **params)
+    else:
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
+        dense, counts, indices = predict_block_mask_op(q, k, order, backend=backend, **params)
+    if share_batch_mask:
+        dense, counts, indices = (x.expand(batch, *x.shape[1:]) for x in (dense, counts, indices))
+    return BlockMask(dense, counts, indices, block_size, length, length)

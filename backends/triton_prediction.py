@@ -1,0 +1,111 @@
+"""Triton kernels for the two heavy steps of RainFusion2.0 mask prediction.
+
+``block_means``: one pass over q or k (read through the permutation, so no
+permuted copy exists) giving float32 block means. ``select_blocks``: one
+program per mask row doing the softmax, the exact ``keep``-th largest
+probability, the forced sink/text blocks, and both mask views. Imported only
+when the ``triton`` backend predicts a mask.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ROWS = 32  # tokens summed per step of the block-means loop
+
+
+@triton.jit
+def block_means_kernel(
+    X, ORDER, Out,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    heads, length, n_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, GATHER: tl.constexpr,
+):
+    """One program: the mean of permuted tokens ``[BLOCK * pid, BLOCK * (pid + 1))`` of one (batch, head)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    base = X + (pid_bh // heads) * stride_xb + (pid_bh % heads) * stride_xh
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # -- sum the block ROWS tokens at a time, rows read through the permutation
+    for start in range(0, BLOCK, ROWS):
+        offs = pid_n * BLOCK + start + tl.arange(0, ROWS)
+        ok = (offs < length) & (start + tl.arange(0, ROWS) < BLOCK)
+        if GATHER:
+            rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int32)
+        else:
+            rows = offs
+        x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd,
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        total += tl.sum(x.to(tl.float32), 0)
+    # -- the last block may be partial: divide by the tokens it has
+    count = tl.minimum(length - pid_n * BLOCK, BLOCK)
+    tl.store(Out + (pid_bh * n_blocks + pid_n) * HEAD_DIM + offs_d, total / count, mask=d_ok)
+
+
+@triton.jit
+def select_blocks_kernel(
+    SCORES, DENSE, COUNTS, INDICES,
+    n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
+    COLS: tl.constexpr,
+):
+    """One program: mask row ``pid`` (of ``B * H * NQ``) from its ``n_cols`` pooled scores."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, COLS)
+    ok = offs < n_cols
+    # -- softmax of the scaled scores, as torch.softmax computes it
+    x = tl.load(SCORES + row.to(tl.int64) * n_cols + offs, mask=ok, other=float("-inf")) * scale
+    e = tl.where(ok, tl.exp(x - tl.max(x, 0)), 0.0)
+    p = e / tl.sum(e, 0)
+    # -- the keep-th largest probability, exactly: probabilities are >= 0, so their bit patterns
+    #    order like the values; bisect for the largest pattern t with count(bits >= t) >= keep
+    bits = tl.where(ok, p.to(tl.int32, bitcast=True), -1)
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800000, dtype=tl.int32)
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= keep
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    kept = bits >= lo
+    # -- forced blocks: the first-frame sink and the text, as whole rows and whole columns
+    i = row % n_rows
+    forced_row = (i < sink_blocks) | (i >= n_rows - text_blocks)
+    kept = (kept | (offs < sink_blocks) | (offs >= n_cols - text_blocks) | forced_row) & ok
+    # -- both views: kept blocks left-packed in ascending order, then the skipped ones
+    kept_i = kept.to(tl.int32)
+    count = tl.sum(kept_i, 0)
+    slot = tl.where(kept, tl.cumsum(kept_i, 0) - 1, count + tl.cumsum(1 - kept_i, 0) - 1)
+    tl.store(DENSE + row.to(tl.int64) * n_cols + offs, kept.to(tl.int8), mask=ok)
+    tl.store(INDICES + row.to(tl.int64) * n_cols + slot, offs, mask=ok)
+    tl.store(COUNTS + row, count)
+
+
+def block_means(x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[B, H, NB, D]`` means of ``x [B, H, S, D]`` read in ``order`` (see Backend.block_means)."""
+    batch, heads, length, head_dim = x.shape
+    n_blocks = triton.cdiv(length, block_size)
+    out = torch.empty((batch, heads, n_blocks, head_dim), dtype=torch.float32, device=x.device)
+    block_means_kernel[(n_blocks, batch * heads)](
+        x, x if order is None else order, out, *x.stride(), heads, length, n_blocks,
+        HEAD_DIM=head_dim, BLOCK=block_size, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS,
+        GATHER=order is not None, num_warps=4,
+    )
+    return out
+
+
+def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks: int, text_blocks: int):
+    """``(dense, kv_counts, kv_indices)`` of ``scores [B, H, NQ, NK]`` (see ``selection.select_blocks``)."""
+    scores = scores.contiguous()
+    batch, heads, n_rows, n_cols = scores.shape
+    dense = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
+    counts = torch.empty((batch, heads, n_rows), dtype=torch.int32, device=scores.device)
+    indices = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
+    cols = triton.next_power_of_2(n_cols)
+    select_blocks_kernel[(batch * heads * n_rows,)](
+        scores, dense, counts, indices, n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
+        COLS=cols, num_warps=4 if cols <= 1024 else 8,
+    )
+    return dense.view(torch.bool), counts, indices

@@ -1,0 +1,82 @@
+"""The steps of RainFusion2.0 mask prediction, as eager reference definitions.
+
+``compute_block_mask`` runs block means -> pooled scores -> per-row selection.
+A backend with fused prediction (``Backend.fused_prediction_dtypes``) replaces
+the two heavy steps, :func:`block_means` and :func:`select_blocks`, with
+kernels that must give the same result; the pooled scores are always the one
+batched matmul below, so both paths rank the same numbers.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import Backend
+
+
+def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype, order: torch.Tensor | None = None):
+    """Mean of each run of ``block_size`` permuted tokens of ``x [B, H, S, D]`` -> ``[B, H, ceil(S / bs), D]``.
+
+    ``order`` (``[S]``, ``permuted[i] = x[..., order[i], :]``) reads a model-order
+    ``x`` in permuted order; ``None`` takes ``x`` as it is. The last block may
+    be partial and is averaged over the tokens it has. Accumulates in ``dtype``.
+    """
+    if order is not None:
+        x = x.index_select(2, order)
+    length = x.shape[2]
+    full = length // block_size
+    parts = []
+    if full:
+        parts.append(x[:, :, : full * block_size].unflatten(2, (full, block_size)).mean(dim=3, dtype=dtype))
+    if length % block_size:
+        parts.append(x[:, :, full * block_size :].mean(dim=2, keepdim=True, dtype=dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def pooled_scores(q_mean: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
+    """``q̄ k̄ᵀ`` per query head: ``[B, Hq, NQ, D] x [B, Hkv, NK, D] -> [B, Hq, NQ, NK]`` (unscaled)."""
+    kv_heads = k_mean.shape[1]
+    grouped = q_mean.unflatten(1, (kv_heads, q_mean.shape[1] // kv_heads))  # [B, Hkv, G, NQ, D]
+    return (grouped @ k_mean.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+
+
+def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks: int, text_blocks: int):
+    """The RainFusion2.0 block choice of each row of ``scores [B, H, NQ, NK]``.
+
+    ``P = softmax(scale * scores)`` per row; a block is kept when its ``P`` is
+    ``>=`` the row's ``keep``-th largest (ties keep more). Then the first
+    ``sink_blocks`` and the last ``text_blocks`` blocks are kept as whole rows
+    and whole columns (``NQ == NK``). Returns ``(dense, kv_counts, kv_indices)``
+    as :class:`~rainfusion_core.BlockMask` holds them.
+    """
+    from .block_mask import BlockMask
+
+    probs = torch.softmax(scores * scale, dim=-1)
+    threshold = probs.topk(keep, dim=-1, sorted=True).values[..., keep - 1 :]
+    mask = probs >= threshold
+    nk = mask.shape[-1]
+    for blocks in (slice(0, sink_blocks), slice(nk - text_blocks, nk)):
+        if blocks.start < blocks.stop:
+            mask[:, :, blocks, :] = True
+            mask[:, :, :, blocks] = True
+    made = BlockMask.from_dense(mask, block_size=1, q_len=mask.shape[2], kv_len=nk)
+    return made.dense, made.kv_counts, made.kv_indices
+
+
+def compute_block_mask(
+    q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None, *, block_size: int, scale: float, keep: int,
+    sink_blocks: int, text_blocks: int, fused: Backend | None,
+):
+    """``(dense, kv_counts, kv_indices)`` of the RainFusion2.0 mask of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]``.
+
+    ``fused``: the backend whose kernels compute the means and the selection,
+    or ``None`` for the eager definitions of this module.
+    """
+    if fused is None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_mean, k_mean = block_means(q, block_size, acc, order), block_means(k, block_size, acc, order)
+        select = select_blocks
+    else:
+        q_mean, k_mean = fused.block_means(q, block_size, order), fused.block_means(k, block_size, order)
+        select = fused.select_blocks
+    scores = pooled_scores(q_mean, k_mean)
+    return select(scores, scale=scale, keep=keep, sink_blocks=sink_blocks, text_blocks=text_blocks)

@@ -1,0 +1,128 @@
+"""The Triton backend's fused path: mask prediction kernels and attention read through the permutation.
+
+Both must give what the eager definitions give: the same mask (bit for bit
+on inputs without near-ties) and the same attention as permuted copies. On a
+machine without a GPU they run in Triton's CPU interpreter.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import rainfusion_core as rf
+from rainfusion_core.ops import predict_block_mask_op
+from rainfusion_core.prediction import predict_mask
+from rainfusion_core.selection import select_blocks
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+LAYOUTS = [
+    pytest.param(rf.VideoLayout(3, 8, 16), 32, 0.5, id="aligned-sink"),
+    pytest.param(rf.VideoLayout(3, 10, 12), 32, 0.7, id="unaligned-partial-last-block"),
+    pytest.param(rf.VideoLayout(4, 8, 8, text_len=20), 16, 0.8, id="text-head"),
+    pytest.param(rf.VideoLayout(2, 9, 9, text_len=5, text_position="tail"), 16, 0.6, id="text-tail"),
+    pytest.param(rf.VideoLayout(1, 16, 24), 64, 0.9, id="image-block64"),
+]
+
+
+def _assert_same_mask(got: rf.BlockMask, want: rf.BlockMask):
+    assert torch.equal(got.dense, want.dense)
+    assert torch.equal(got.kv_counts, want.kv_counts)
+    assert torch.equal(got.kv_indices, want.kv_indices)  # kept blocks, then the skipped ones, ascending
+
+
+@pytest.mark.parametrize("layout, block_size, sparsity", LAYOUTS)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_prediction_equals_reference(layout, block_size, sparsity, heads, dtype):
+    q = torch.randn(2, heads[0], layout.seq_len, 32, device=DEVICE, dtype=dtype)
+    k = torch.randn(2, heads[1], layout.seq_len, 32, device=DEVICE, dtype=dtype)
+    kwargs = dict(sparsity=sparsity, block_size=block_size)
+    _assert_same_mask(rf.predict_block_mask(q, k, layout, backend="triton", **kwargs),
+                      rf.predict_block_mask(q, k, layout, backend="torch", **kwargs))
+
+
+def test_fused_prediction_reads_model_order_through_the_permutation():
+    layout = rf.VideoLayout(3, 10, 12, text_len=9)
+    q, k = (torch.randn(1, 2, layout.seq_len, 48, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+            for _ in range(2))  # BSND memory viewed as BNSD
+    perm = rf.build_permutation(layout, DEVICE)
+    kwargs = dict(sparsity=0.7, block_size=32, first_frame_sink=None, scale=None, share_batch_mask=False)
+    fused = predict_mask(q, k, layout, perm.indices, backend="triton", **kwargs)
+    reference = predict_mask(perm.apply(q, 2), perm.apply(k, 2), layout, None, backend="torch", **kwargs)
+    _assert_same_mask(fused, reference)
+
+
+def test_fused_prediction_shared_batch_mask():
+    layout = rf.VideoLayout(2, 8, 16)
+    q, k = (torch.randn(3, 2, layout.seq_len, 16, device=DEVICE) for _ in range(2))
+    mask = rf.predict_block_mask(q, k, layout, sparsity=0.8, block_size=32, share_batch_mask=True, backend="triton")
+    assert mask.shape[0] == 3 and torch.equal(mask.dense[1], mask.dense[0])
+    _assert_same_mask(mask, rf.predict_block_mask(q, k, layout, sparsity=0.8, block_size=32,
+                                                  share_batch_mask=True, backend="torch"))
+
+
+@pytest.mark.parametrize(
+    "scores, keep",
+    [
+        pytest.param(torch.tensor([[3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 1.0]]), 2, id="ties-with-kth-kept"),
+        pytest.param(torch.tensor([[0.0, -500.0, -600.0, -700.0, 5.0, -800.0]]), 3, id="underflow-kth-is-zero"),
+        pytest.param(torch.randn(5, 300), 60, id="random-300-cols"),
+        pytest.param(torch.randn(2, 1500), 1, id="keep-one-of-1500"),
+    ],
+)
+def test_fused_selection_equals_reference(scores, keep):
+    rows, cols = scores.shape
+    scores = scores.reshape(1, 1, rows, cols).expand(1, 1, cols, cols) if rows == 1 else \
+        scores.reshape(1, rows, 1, cols).expand(1, rows, cols, cols)
+    scores = scores.contiguous().to(DEVICE)
+    triton_backend = rf.get_backend("triton")
+    for sink, text in [(0, 0), (1, 0), (2, 1)]:
+        kwargs = dict(scale=1.0, keep=keep, sink_blocks=sink, text_blocks=text)
+        got = triton_backend.select_blocks(scores, **kwargs)
+        want = select_blocks(scores, **kwargs)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), (sink, text)
+
+
+def test_prediction_op_passes_opcheck():
+    layout = rf.VideoLayout(2, 8, 16)
+    q, k = torch.randn(1, 4, layout.seq_len, 16, device=DEVICE), torch.randn(1, 2, layout.seq_len, 16, device=DEVICE)
+    order = rf.build_permutation(layout, DEVICE).indices
+    for backend in ("torch", "triton"):
+        args = (q, k, order, 32, 0.25, 3, 2, 0, backend)
+        torch.library.opcheck(predict_block_mask_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("tensor_layout", ["BNSD", "BSND"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa2"])
+def test_attention_through_the_permutation_equals_permuted_copies(tensor_layout, heads):
+    layout = rf.VideoLayout(3, 10, 12, text_len=7)  # unaligned grid, ragged last block
+    shape = lambda h: (1, h, layout.seq_len, 32) if tensor_layout == "BNSD" else (1, layout.seq_len, h, 32)  # noqa
+    q = torch.randn(shape(heads[0]), device=DEVICE)
+    k, v = (torch.randn(shape(heads[1]), device=DEVICE) for _ in range(2))
+    kwargs = dict(sparsity=0.6, block_size=32, tensor_layout=tensor_layout)
+    out = rf.sparse_attention(q, k, v, layout, backend="triton", **kwargs)
+    golden = rf.sparse_attention(q.double(), k.double(), v.double(), layout, backend="torch", **kwargs)
+    assert out.shape == q.shape and out.is_contiguous()
+    torch.testing.assert_close(out.double(), golden, rtol=0, atol=2e-5)
+
+
+def test_gathered_kv_and_permuted_kv_copies_agree():
+    from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+
+    layout = rf.VideoLayout(2, 9, 20)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 32, device=DEVICE) for _ in range(3))
+    perm = rf.build_permutation(layout, DEVICE)
+    mask = rf.predict_block_mask(perm.apply(q, 2), perm.apply(k, 2), layout, sparsity=0.5, block_size=32)
+    gathered = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices)
+    copied = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices, gather_kv=False)
+    assert torch.equal(gathered, copied)
+    permuted = block_sparse_attention_triton(*(perm.apply(x, 2) for x in (q, k, v)), mask, 0.2)
+    assert torch.equal(gathered, perm.undo(permuted, 2))
