@@ -75,6 +75,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
         TMA_KV=tma_kv,
         GATHER_Q=gather_q,
         GATHER_KV=gather_kv,
+        QK_AHEAD=config.qk_ahead,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -2,9 +2,10 @@
 
 ``block_means``: one pass over q or k (read through the permutation, so no
 permuted copy exists) giving float32 block means. ``select_blocks``: one
-program per mask row doing the softmax, the exact ``keep``-th largest
-probability, the forced sink/text blocks, and both mask views. Imported only
-when the ``triton`` backend predicts a mask.
+program per tile of mask rows doing the softmax, the exact ``keep``-th
+largest probability (bisection on its bits), the forced sink and text
+blocks, and both mask views. Imported only when the ``triton`` backend
+predicts a mask.
 """
 from __future__ import annotations
 
@@ -48,39 +49,42 @@ def block_means_kernel(
 @triton.jit
 def select_blocks_kernel(
     SCORES, DENSE, COUNTS, INDICES,
-    n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
-    COLS: tl.constexpr,
+    total_rows, n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """One program: mask row ``pid`` (of ``B * H * NQ``) from its ``n_cols`` pooled scores."""
-    row = tl.program_id(0)
+    """One program: ROWS mask rows (of the ``B * H * NQ``), each from its ``n_cols`` pooled scores."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, COLS)
-    ok = offs < n_cols
+    ok = (rows < total_rows)[:, None] & (offs < n_cols)[None, :]
+    at = rows.to(tl.int64)[:, None] * n_cols + offs[None, :]
     # -- softmax of the scaled scores, as torch.softmax computes it
-    x = tl.load(SCORES + row.to(tl.int64) * n_cols + offs, mask=ok, other=float("-inf")) * scale
-    e = tl.where(ok, tl.exp(x - tl.max(x, 0)), 0.0)
-    p = e / tl.sum(e, 0)
+    x = tl.where(ok, tl.load(SCORES + at, mask=ok, other=0.0) * scale, float("-inf"))
+    row_max = tl.max(x, 1)
+    e = tl.where(ok, tl.exp(x - tl.where(rows < total_rows, row_max, 0.0)[:, None]), 0.0)
+    p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]  # padding rows (past total_rows) stay 0
     # -- the keep-th largest probability, exactly: probabilities are >= 0, so their bit patterns
-    #    order like the values; bisect for the largest pattern t with count(bits >= t) >= keep
+    #    order like their values; bisect for the largest pattern t with count(bits >= t) >= keep
     bits = tl.where(ok, p.to(tl.int32, bitcast=True), -1)
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x7F800000, dtype=tl.int32)
+    lo = tl.zeros([ROWS], dtype=tl.int32)
+    hi = tl.full([ROWS], 0x7F800000, dtype=tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= keep
+        enough = tl.sum((bits >= mid[:, None]).to(tl.int32), 1) >= keep
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    kept = bits >= lo
+    kept = bits >= lo[:, None]  # ties with the keep-th kept too
     # -- forced blocks: the first-frame sink and the text, as whole rows and whole columns
-    i = row % n_rows
+    i = rows % n_rows
     forced_row = (i < sink_blocks) | (i >= n_rows - text_blocks)
-    kept = (kept | (offs < sink_blocks) | (offs >= n_cols - text_blocks) | forced_row) & ok
+    forced_col = (offs < sink_blocks) | (offs >= n_cols - text_blocks)
+    kept = (kept | forced_col[None, :] | forced_row[:, None]) & ok
     # -- both views: kept blocks left-packed in ascending order, then the skipped ones
     kept_i = kept.to(tl.int32)
-    count = tl.sum(kept_i, 0)
-    slot = tl.where(kept, tl.cumsum(kept_i, 0) - 1, count + tl.cumsum(1 - kept_i, 0) - 1)
-    tl.store(DENSE + row.to(tl.int64) * n_cols + offs, kept.to(tl.int8), mask=ok)
-    tl.store(INDICES + row.to(tl.int64) * n_cols + slot, offs, mask=ok)
-    tl.store(COUNTS + row, count)
+    count = tl.sum(kept_i, 1)
+    slot = tl.where(kept, tl.cumsum(kept_i, 1) - 1, count[:, None] + tl.cumsum(1 - kept_i, 1) - 1)
+    tl.store(DENSE + at, kept.to(tl.int8), mask=ok)
+    tl.store(INDICES + rows.to(tl.int64)[:, None] * n_cols + slot, tl.broadcast_to(offs[None, :], [ROWS, COLS]), mask=ok)
+    tl.store(COUNTS + rows, count, mask=rows < total_rows)
 
 
 def block_means(x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
@@ -104,8 +108,10 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     counts = torch.empty((batch, heads, n_rows), dtype=torch.int32, device=scores.device)
     indices = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
     cols = triton.next_power_of_2(n_cols)
-    select_blocks_kernel[(batch * heads * n_rows,)](
-        scores, dense, counts, indices, n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
-        COLS=cols, num_warps=4 if cols <= 1024 else 8,
+    rows = max(1, min(16, 4096 // cols))  # a [rows, cols] tile of at most 4096 scores per program
+    total = batch * heads * n_rows
+    select_blocks_kernel[(triton.cdiv(total, rows),)](
+        scores, dense, counts, indices, total, n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
+        ROWS=rows, COLS=cols, num_warps=4,
     )
     return dense.view(torch.bool), counts, indices

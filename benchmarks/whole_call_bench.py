@@ -3,9 +3,12 @@
     python benchmarks/whole_call_bench.py [--shapes wan1.3b,wan14b]
 
 bf16, head dim 128, sparsity 0.8, first-frame sink on, inputs and output in the
-model's order (BNSD). Stages are timed separately with do_bench medians; the
-extra memory is the peak allocated during one call minus what was allocated
-before it (inputs excluded).
+model's order (BNSD). Stages are timed separately with do_bench medians. The
+triton path never permutes: prediction and attention read q, k, v through the
+permutation and the kernel writes output rows back through it; the "copies"
+rows time the path other backends take, for comparison. Extra memory is the
+peak allocated during one call minus what was allocated before it (inputs
+excluded, the output included).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import rainfusion_core as rf
+from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+from rainfusion_core.prediction import predict_mask
 
 SHAPES = {"wan1.3b": (1, 12, 21, 30, 52), "wan14b": (1, 40, 21, 45, 80)}
 
@@ -30,17 +35,30 @@ def run(name: str) -> list[str]:
     layout = rf.VideoLayout(frames, height, width)
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     perm = rf.build_permutation(layout, "cuda")
+    order = perm.indices
     qp, kp, vp = (perm.apply(x, 2) for x in (q, k, v))
-    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
-    out_p = rf.block_sparse_attention(qp, kp, vp, mask, backend="triton")
+    predict = dict(sparsity=0.8, block_size=128, first_frame_sink=None, scale=None, share_batch_mask=False)
+    mask = predict_mask(q, k, layout, order, backend="triton", **predict)
+    reference = predict_mask(qp, kp, layout, None, backend="torch", **predict)
+    same_mask = bool(torch.equal(mask.dense, reference.dense))
+    scale = 128 ** -0.5
+    out_p = block_sparse_attention_triton(qp, kp, vp, mask, scale)
     plan = rf.plan_sparse_attention(q, k, layout, sparsity=0.8, backend="triton")
     call = lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton")  # noqa: E731
+    same_out = bool(torch.equal(call(), perm.undo(out_p, 2)))
 
     times = {
-        "permute q, k, v": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
-        "predict mask": bench(lambda: rf.predict_block_mask(qp, kp, layout, sparsity=0.8)),
-        "kernel": bench(lambda: rf.block_sparse_attention(qp, kp, vp, mask, backend="triton")),
-        "inverse permutation": bench(lambda: perm.undo(out_p, 2)),
+        "prediction, fused (reads model order)": bench(
+            lambda: predict_mask(q, k, layout, order, backend="triton", **predict)),
+        "prediction, eager reference (on permuted copies)": bench(
+            lambda: predict_mask(qp, kp, layout, None, backend="torch", **predict)),
+        "kernel, through the permutation": bench(
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order)),
+        "kernel, q/out through it, k/v gathered copies": bench(
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, gather_kv=False)),
+        "kernel, on permuted copies": bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale)),
+        "copies: permute q, k, v": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
+        "copies: inverse permutation of out": bench(lambda: perm.undo(out_p, 2)),
         "whole call (eager)": bench(call),
         "plan.run (mask reused)": bench(lambda: plan.run(q, k, v)),
     }
@@ -63,7 +81,8 @@ def run(name: str) -> list[str]:
     qkv = 3 * q.numel() * q.element_size()
 
     rows = [f"{name}: S={layout.seq_len} H={heads}, mask density {mask.density:.3f}; "
-            f"cuDNN dense {cudnn:.3f} ms, flash dense {flash:.3f} ms"]
+            f"cuDNN dense {cudnn:.3f} ms, flash dense {flash:.3f} ms; fused mask == reference mask: {same_mask}; "
+            f"whole call == kernel on copies: {same_out}"]
     for what, ms in times.items():
         rows.append(f"| {name} | {what} | {ms:.3f} ms | {100 * ms / cudnn:.1f} % of cuDNN | "
                     f"cuDNN/this {cudnn / ms:.2f} | flash/this {flash / ms:.2f} |")
@@ -80,7 +99,7 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         rows += run(name)
-        print("\n".join(rows[-10:]), flush=True)
+        print("\n".join(rows[-13:]), flush=True)
     print("\n==== summary ====\n" + "\n".join(rows))
 
 

@@ -69,26 +69,24 @@ def test_fused_prediction_shared_batch_mask():
 
 
 @pytest.mark.parametrize(
-    "scores, keep",
+    "row, keep, sink, text",
     [
-        pytest.param(torch.tensor([[3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 1.0]]), 2, id="ties-with-kth-kept"),
-        pytest.param(torch.tensor([[0.0, -500.0, -600.0, -700.0, 5.0, -800.0]]), 3, id="underflow-kth-is-zero"),
-        pytest.param(torch.randn(5, 300), 60, id="random-300-cols"),
-        pytest.param(torch.randn(2, 1500), 1, id="keep-one-of-1500"),
+        pytest.param([3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 1.0], 2, 0, 0, id="ties-with-kth-kept"),
+        pytest.param([0.0, -500.0, -600.0, -700.0, 5.0, -800.0], 3, 0, 0, id="underflow-kth-is-zero"),
+        pytest.param([0.5, 2.0, -1.0, 4.0, 0.0, 1.5, 3.0, -2.0], 2, 2, 1, id="sink-and-text"),
+        pytest.param(None, 9, 1, 0, id="random-90-cols"),
+        pytest.param(None, 1, 0, 2, id="keep-one-of-600-cols"),
     ],
 )
-def test_fused_selection_equals_reference(scores, keep):
-    rows, cols = scores.shape
-    scores = scores.reshape(1, 1, rows, cols).expand(1, 1, cols, cols) if rows == 1 else \
-        scores.reshape(1, rows, 1, cols).expand(1, rows, cols, cols)
-    scores = scores.contiguous().to(DEVICE)
-    triton_backend = rf.get_backend("triton")
-    for sink, text in [(0, 0), (1, 0), (2, 1)]:
-        kwargs = dict(scale=1.0, keep=keep, sink_blocks=sink, text_blocks=text)
-        got = triton_backend.select_blocks(scores, **kwargs)
-        want = select_blocks(scores, **kwargs)
-        for g, w in zip(got, want):
-            assert torch.equal(g, w), (sink, text)
+def test_fused_selection_equals_reference(row, keep, sink, text):
+    # Square [1, 1, N, N] score matrices (NQ == NK as in a self-attention mask); each row a shuffle of ``row``.
+    row = torch.tensor(row) if row is not None else torch.randn(90 if keep == 9 else 600)
+    n = row.numel()
+    scores = torch.stack([row[torch.randperm(n)] for _ in range(n)]).reshape(1, 1, n, n).to(DEVICE)
+    kwargs = dict(scale=1.0, keep=keep, sink_blocks=sink, text_blocks=text)
+    got = rf.get_backend("triton").select_blocks(scores, **kwargs)
+    for g, w in zip(got, select_blocks(scores, **kwargs)):
+        assert torch.equal(g, w)
 
 
 def test_prediction_op_passes_opcheck():
