@@ -22,15 +22,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=False,
                                   config=None, use_tma=None):
     """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
     ``order`` (``[S]`` integer, ``permuted[i] = original[order[i]]``) q, k, v
     and ``out`` stay in the model's order: the kernel reads query rows through
-    ``order`` and writes each output row back to where its query came from;
-    ``gather_kv=False`` instead gathers k and v into permuted copies first.
+    ``order`` and writes each output row back to where its query came from.
+    k and v are first gathered into permuted copies (one pass each), which
+    the key loop then streams through TMA; ``gather_kv=True`` reads them
+    through ``order`` inside the loop instead (no copies, but on the H100
+    the indirect loads pipeline worse: BENCHMARKS.md has both).
     ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
     ``use_tma=None`` picks tensor-memory-accelerator descriptors where they
     work (see :func:`_tma_usable`). No host synchronisation: the loop bound of
@@ -45,7 +48,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     gather_q = order is not None
     gather_kv = gather_q and gather_kv
     if gather_q and not gather_kv:
-        k, v = k.index_select(2, order), v.index_select(2, order)
+        k, v = importlib.import_module("rainfusion_core.backends.triton_permute").gather_rows(order, k, v)
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
     if use_tma is None:

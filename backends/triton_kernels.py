@@ -29,7 +29,7 @@ class KernelConfig:
 # None depends on sequence length or density, so a new shape never triggers re-tuning.
 _CONFIGS = {
     (64, "half"): KernelConfig(128, 128, 8, 3),
-    (128, "half"): KernelConfig(128, 128, 8, 2),
+    (128, "half"): KernelConfig(128, 128, 8, 2, qk_ahead=True),
     (256, "half"): KernelConfig(64, 64, 4, 2),
     (64, "fp32"): KernelConfig(64, 64, 4, 2),
     (128, "fp32"): KernelConfig(64, 32, 4, 2),

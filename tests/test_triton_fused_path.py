@@ -119,8 +119,18 @@ def test_gathered_kv_and_permuted_kv_copies_agree():
     q, k, v = (torch.randn(1, 2, layout.seq_len, 32, device=DEVICE) for _ in range(3))
     perm = rf.build_permutation(layout, DEVICE)
     mask = rf.predict_block_mask(perm.apply(q, 2), perm.apply(k, 2), layout, sparsity=0.5, block_size=32)
-    gathered = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices)
-    copied = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices, gather_kv=False)
+    gathered = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices, gather_kv=True)
+    copied = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices)
     assert torch.equal(gathered, copied)
     permuted = block_sparse_attention_triton(*(perm.apply(x, 2) for x in (q, k, v)), mask, 0.2)
     assert torch.equal(gathered, perm.undo(permuted, 2))
+
+
+def test_gather_rows_equals_index_select_on_strided_views():
+    from rainfusion_core.backends.triton_permute import gather_rows
+
+    layout = rf.VideoLayout(2, 9, 20, text_len=3)
+    x = torch.randn(2, layout.seq_len, 3, 40, device=DEVICE).transpose(1, 2)  # BSND memory, D not a power of 2
+    order = rf.build_permutation(layout, DEVICE).indices
+    (got,) = gather_rows(order, x)
+    assert got.is_contiguous() and torch.equal(got, x.index_select(2, order))

@@ -1,0 +1,47 @@
+"""Triton gather of token rows into permuted order.
+
+``torch.index_select`` along the sequence of a ``[B, H, S, D]`` view moves
+about 1.1 TB/s on an H100; this kernel copies whole rows with wide loads
+and writes contiguous ``[B, H, S, D]`` outputs that TMA descriptors can read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ROWS = 64  # tokens per program
+
+
+@triton.jit
+def gather_rows_kernel(
+    X, ORDER, Out,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    heads, length,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+):
+    """``Out[b, h, i] = X[b, h, ORDER[i]]`` for ROWS tokens ``i`` of one (batch, head)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs = pid_s * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs < length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = tl.load(ORDER + offs, mask=offs < length, other=0).to(tl.int32)
+    base = X + (pid_bh // heads) * stride_xb + (pid_bh % heads) * stride_xh
+    tile = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd, mask=ok)
+    out = Out + pid_bh.to(tl.int64) * length * HEAD_DIM
+    tl.store(out + offs[:, None] * HEAD_DIM + offs_d[None, :], tile, mask=ok)
+
+
+def gather_rows(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous ``x.index_select(2, order)`` of each ``[B, H, S, D]`` tensor (any strides)."""
+    outs = []
+    for x in tensors:
+        batch, heads, length, head_dim = x.shape
+        out = torch.empty((batch, heads, length, head_dim), dtype=x.dtype, device=x.device)
+        gather_rows_kernel[(triton.cdiv(length, _ROWS), batch * heads)](
+            x, order, out, *x.stride(), heads, length,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS, num_warps=4,
+        )
+        outs.append(out)
+    return outs
