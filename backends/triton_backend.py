@@ -22,18 +22,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=False,
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
                                   config=None, use_tma=None):
     """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
     ``order`` (``[S]`` integer, ``permuted[i] = original[order[i]]``) q, k, v
     and ``out`` stay in the model's order: the kernel reads query rows through
-    ``order`` and writes each output row back to where its query came from.
-    k and v are first gathered into permuted copies (one pass each), which
-    the key loop then streams through TMA; ``gather_kv=True`` reads them
-    through ``order`` inside the loop instead (no copies, but on the H100
-    the indirect loads pipeline worse: BENCHMARKS.md has both).
+    ``order`` and writes each output row back to where its query came from;
+    the key loop reads k and v rows through ``order`` too, so no permuted
+    copy exists. ``gather_kv=False`` instead gathers k and v into permuted
+    copies first (one Triton pass each) that the loop streams through TMA:
+    as fast on the H100, but it costs two thirds of q + k + v in memory.
     ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
     ``use_tma=None`` picks tensor-memory-accelerator descriptors where they
     work (see :func:`_tma_usable`). No host synchronisation: the loop bound of
@@ -42,11 +42,11 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
     batch, q_heads, q_len, head_dim = q.shape
     mask_block = block_mask.block_size
-    config = config or kernels.pick_config(head_dim, q.dtype, mask_block)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     gather_q = order is not None
     gather_kv = gather_q and gather_kv
+    config = config or kernels.pick_config(head_dim, q.dtype, mask_block, gather_kv=gather_kv)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if gather_q and not gather_kv:
         k, v = importlib.import_module("rainfusion_core.backends.triton_permute").gather_rows(order, k, v)
     counts = block_mask.kv_counts.contiguous()
@@ -78,7 +78,6 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
         TMA_KV=tma_kv,
         GATHER_Q=gather_q,
         GATHER_KV=gather_kv,
-        QK_AHEAD=config.qk_ahead,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -19,8 +19,6 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    #: issue the scores GEMM of the next key tile before the softmax of the current one
-    qk_ahead: bool = False
 
 
 # Per (head dim bucket, dtype class). (128, "half") was chosen by the sweep of
@@ -29,7 +27,7 @@ class KernelConfig:
 # None depends on sequence length or density, so a new shape never triggers re-tuning.
 _CONFIGS = {
     (64, "half"): KernelConfig(128, 128, 8, 3),
-    (128, "half"): KernelConfig(128, 128, 8, 2, qk_ahead=True),
+    (128, "half"): KernelConfig(128, 128, 8, 2),
     (256, "half"): KernelConfig(64, 64, 4, 2),
     (64, "fp32"): KernelConfig(64, 64, 4, 2),
     (128, "fp32"): KernelConfig(64, 32, 4, 2),
@@ -37,16 +35,25 @@ _CONFIGS = {
 }
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int) -> KernelConfig:
+# When k and v are read through the permutation (GATHER_KV), the chain of loads (kept block ->
+# token rows -> tile) needs one more pipeline stage to stay ahead: 3 stages measured 4.19 ms
+# against 6.78 ms with 2 at the Wan2.1-1.3B shape (BENCHMARKS.md).
+_GATHER_CONFIGS = {
+    (128, "half"): KernelConfig(128, 128, 8, 3),
+}
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int, *, gather_kv: bool = False) -> KernelConfig:
     """The tuned configuration for this head dim and dtype, shrunk to divide ``mask_block``."""
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    config = _CONFIGS[(bucket, "fp32" if dtype == torch.float32 else "half")]
+    key = (bucket, "fp32" if dtype == torch.float32 else "half")
+    config = _GATHER_CONFIGS.get(key, _CONFIGS[key]) if gather_kv else _CONFIGS[key]
     block_m, block_n = config.block_m, config.block_n
     while mask_block % block_m:
         block_m //= 2
     while mask_block % block_n:
         block_n //= 2
-    return KernelConfig(block_m, block_n, config.num_warps, config.num_stages, config.qk_ahead)
+    return KernelConfig(block_m, block_n, config.num_warps, config.num_stages)
 
 
 @triton.jit
@@ -116,54 +123,6 @@ def _attend_tiles(
 
 
 @triton.jit
-def _tile_rows(kept, t, order, offs_n, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER_KV: tl.constexpr):
-    """First permuted position of full key tile ``t`` of the kept list, and its rows in memory."""
-    TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
-    start = tl.load(kept + t // TILES) * MASK_BLOCK + (t % TILES) * BLOCK_N
-    start = tl.multiple_of(start, BLOCK_N)
-    return start, _token_rows(order, start + offs_n, None, GATHER_KV, False)
-
-
-@triton.jit
-def _attend_tiles_ahead(
-    acc, l_i, m_i, q, kept, first, last, k_base, v_base, desc_k, desc_v, order, b, kv_h,
-    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GATHER_KV: tl.constexpr,
-):
-    """:func:`_attend_tiles` over full tiles, software-pipelined by hand: the scores GEMM of
-    tile ``t + 1`` is issued before the softmax of tile ``t`` so the tensor cores have work
-    while the softmax runs (the last iteration recomputes the last tile's scores, unused)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if first < last:
-        start, rows = _tile_rows(kept, first, order, offs_n, MASK_BLOCK, BLOCK_N, GATHER_KV)
-        k = _load_tile(k_base, desc_k, [b, kv_h, start, 0], rows, None, stride_ks, offs_d, stride_kd,
-                       HEAD_DIM, BLOCK_N, USE_TMA, False)
-        qk = tl.dot(q, k.T, input_precision=INPUT_PRECISION)
-        for t in range(first, last):
-            # -- scores of the next tile, in flight during this tile's softmax
-            start_next, rows_next = _tile_rows(kept, tl.minimum(t + 1, last - 1), order, offs_n,
-                                               MASK_BLOCK, BLOCK_N, GATHER_KV)
-            k = _load_tile(k_base, desc_k, [b, kv_h, start_next, 0], rows_next, None, stride_ks, offs_d,
-                           stride_kd, HEAD_DIM, BLOCK_N, USE_TMA, False)
-            qk_next = tl.dot(q, k.T, input_precision=INPUT_PRECISION)
-            # -- online softmax of this tile
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            # -- accumulate P V
-            v = _load_tile(v_base, desc_v, [b, kv_h, start, 0], rows, None, stride_vs, offs_d, stride_vd,
-                           HEAD_DIM, BLOCK_N, USE_TMA, False)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            m_i = m_new
-            qk, start, rows = qk_next, start_next, rows_next
-    return acc, l_i, m_i
-
-
-@triton.jit
 def block_sparse_attention_fwd(
     Q, K, V, Out, KV_COUNTS, KV_INDICES, ORDER,
     desc_q, desc_k, desc_v, desc_o,
@@ -183,7 +142,6 @@ def block_sparse_attention_fwd(
     TMA_KV: tl.constexpr,
     GATHER_Q: tl.constexpr,
     GATHER_KV: tl.constexpr,
-    QK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
 
@@ -226,18 +184,11 @@ def block_sparse_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
-    if QK_AHEAD:
-        acc, l_i, m_i = _attend_tiles_ahead(
-            acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
-            stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-            HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV,
-        )
-    else:
-        acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
-            stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
-            HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=False,
-        )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
+        stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
+        HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=False,
+    )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,

@@ -30,8 +30,6 @@ SHAPES = {  # name: (B, heads, frames, height, width, text)
 SWEEP = [KernelConfig(*c) for c in [
     (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
     (64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4),
-    # the scores GEMM of the next tile issued before the softmax of this one (KernelConfig.qk_ahead)
-    (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True), (64, 128, 4, 2, True),
 ]]
 
 

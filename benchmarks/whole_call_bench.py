@@ -54,14 +54,14 @@ def run(name: str) -> list[str]:
             lambda: predict_mask(q, k, layout, order, backend="triton", **predict)),
         "prediction, eager reference (on permuted copies)": bench(
             lambda: predict_mask(qp, kp, layout, None, backend="torch", **predict)),
-        "kernel, q/out through the permutation + k/v gathered copies (default)": bench(
+        "kernel, q/k/v/out all through the permutation (default)": bench(
             lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order)),
-        "kernel, q/k/v/out all through the permutation (3 stages)": bench(
-            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, gather_kv=True,
-                                                  config=KernelConfig(128, 128, 8, 3))),
+        "kernel, same with 2 pipeline stages": bench(
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order,
+                                                  config=KernelConfig(128, 128, 8, 2))),
+        "kernel, q/out through the permutation + k/v gathered copies": bench(
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, gather_kv=False)),
         "kernel alone, on permuted copies": bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale)),
-        "kernel alone, on permuted copies, without qk_ahead": bench(
-            lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, config=KernelConfig(128, 128, 8, 2))),
         "copies: gather k, v (Triton)": bench(lambda: gather_rows(order, k, v)),
         "copies: permute q, k, v (index_select)": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
         "copies: inverse permutation of out (index_select)": bench(lambda: perm.undo(out_p, 2)),
