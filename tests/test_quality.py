@@ -66,6 +66,8 @@ def test_evaluate_reports_every_variant_and_says_what_each_idea_buys(tmp_path):
         assert 0 < row.density <= 1 and 0 < row.recall <= 1 + 1e-6 and row.rel_l2 >= 0 and -1 <= row.cosine <= 1
     assert report.get("oracle", 0.8).recall >= report.get("rainfusion", 0.8).recall
     assert report.get("random", 0.8).recall < report.get("rainfusion", 0.8).recall
+    for sparsity in (0.5, 0.8):  # the sink ablation spends the same budget elsewhere
+        assert report.get("no_sink", sparsity).density == report.get("rainfusion", sparsity).density
     text = report.table()
     assert "x the oracle's" in text and "the permutation" in text and "the first-frame sink" in text
     report.plot(tmp_path / "recall.png")
@@ -111,3 +113,15 @@ def test_synthetic_generator_is_deterministic_and_local():
     probs = torch.softmax(q[0, 0] @ k[0, 0].T / 8, dim=-1)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
     assert entropy < 0.85 * math.log(layout.seq_len)  # attention concentrates, unlike iid noise
+
+
+def test_no_sink_ablation_keeps_rainfusion_counts_and_text_blocks():
+    from rainfusion_core.quality import _predicted_top
+
+    layout = rf.VideoLayout(3, 8, 16, text_len=40)
+    q, k = (torch.randn(2, 2, layout.seq_len, 16) for _ in range(2))
+    predicted = rf.predict_block_mask(q, k, layout, sparsity=0.7, block_size=32)
+    ablated = _predicted_top(q, k, layout, predicted, 0.25)
+    assert torch.equal(ablated.kv_counts, predicted.kv_counts)
+    assert ablated.dense[..., -2:].all()  # the text's two blocks are still kept in every row
+    assert not torch.equal(ablated.dense, predicted.dense)
