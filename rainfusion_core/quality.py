@@ -246,13 +246,17 @@ def _add_findings(report: QualityReport, sparsities, variants) -> None:
         for variant, idea in (("no_permutation", "the permutation"), ("no_sink", "the first-frame sink")):
             if variant in variants:
                 other = report.get(variant, sparsity)
-                gain = rf_row.recall - other.recall
-                verdict = "helps" if gain > 1e-3 else "shows no effect" if gain > -1e-3 else "hurts"
+                by_recall = _verdict(rf_row.recall - other.recall)
+                by_error = _verdict(other.rel_l2 - rf_row.rel_l2)
                 report.notes.append(
-                    f"sparsity {sparsity:.2f}: by recall, {idea} {verdict} on this data (recall {other.recall:.4f} "
-                    f"without, {rf_row.recall:.4f} with; output rel L2 {other.rel_l2:.4f} without, "
-                    f"{rf_row.rel_l2:.4f} with; density {other.density:.3f} vs {rf_row.density:.3f})"
+                    f"sparsity {sparsity:.2f}: {idea} {by_recall} recall and {by_error} output error on this data "
+                    f"(recall {other.recall:.4f} without, {rf_row.recall:.4f} with; rel L2 {other.rel_l2:.4f} "
+                    f"without, {rf_row.rel_l2:.4f} with; density {other.density:.3f} vs {rf_row.density:.3f})"
                 )
+
+
+def _verdict(gain: float) -> str:
+    return "helps" if gain > 1e-3 else "does not change" if gain > -1e-3 else "hurts"
 
 
 def save_qkv(path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, **meta) -> None:
