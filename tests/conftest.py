@@ -1,6 +1,7 @@
 """Shared helpers: naive float64 definitions written independently of the library."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -10,6 +11,21 @@ import torch
 # set before Triton is first imported, so it is set here, before any test module loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_device() -> str:
+    """Where Triton tests run: ``"cuda"`` on a GPU, ``"cpu"`` under the interpreter.
+
+    Call at module level: skips the whole module when Triton is missing, or when
+    there is no GPU and ``TRITON_INTERPRET`` is not 1.
+    """
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+    return "cpu"
 
 
 @pytest.fixture(autouse=True)

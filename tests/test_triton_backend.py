@@ -4,23 +4,16 @@ On a machine without a GPU (CI) the kernel runs in Triton's CPU interpreter
 (``TRITON_INTERPRET=1``, set by conftest.py); on a GPU it runs for real, and
 the GPU-only properties at the end run too.
 """
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import random_dense
+from conftest import random_dense, triton_device
 from rainfusion_core.testing import Case, run_case
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+DEVICE = triton_device()
+ON_GPU = DEVICE == "cuda"
 
 BF16 = pytest.param(
     torch.bfloat16, id="bf16",

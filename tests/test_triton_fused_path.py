@@ -4,23 +4,16 @@ Both must give what the eager definitions give: the same mask (bit for bit
 on inputs without near-ties) and the same attention as permuted copies. On a
 machine without a GPU they run in Triton's CPU interpreter.
 """
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import rainfusion_core as rf
+from conftest import triton_device
 from rainfusion_core.ops import predict_block_mask_op
 from rainfusion_core.prediction import predict_mask
 from rainfusion_core.selection import select_blocks
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+DEVICE = triton_device()
 
 LAYOUTS = [
     pytest.param(rf.VideoLayout(3, 8, 16), 32, 0.5, id="aligned-sink"),
@@ -39,7 +32,7 @@ def _assert_same_mask(got: rf.BlockMask, want: rf.BlockMask):
 
 @pytest.mark.parametrize("layout, block_size, sparsity", LAYOUTS)
 @pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_fused_prediction_equals_reference(layout, block_size, sparsity, heads, dtype):
     q = torch.randn(2, heads[0], layout.seq_len, 32, device=DEVICE, dtype=dtype)
     k = torch.randn(2, heads[1], layout.seq_len, 32, device=DEVICE, dtype=dtype)
