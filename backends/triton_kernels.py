@@ -164,7 +164,8 @@ def block_sparse_attention_fwd(
     m_ok = offs_m < q_len
 
     # -- the query tile stays in registers for the whole loop
-    q_base = Q + b * stride_qb + h * stride_qh
+    b64 = b.to(tl.int64)  # batch offsets of large tensors overflow int32
+    q_base = Q + b64 * stride_qb + h * stride_qh
     rows_m = _token_rows(ORDER, offs_m, m_ok, GATHER_Q, True)
     q = _load_tile(q_base, desc_q, [b, h, pid_m * BLOCK_M, 0], rows_m, m_ok, stride_qs, offs_d, stride_qd,
                    HEAD_DIM, BLOCK_M, TMA_Q, True)
@@ -178,8 +179,8 @@ def block_sparse_attention_fwd(
     ragged = (count > 0) & (last_block == mask_cols - 1) & (kv_len % MASK_BLOCK != 0)
     even = count - ragged.to(tl.int32)
 
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
+    k_base = K + b64 * stride_kb + kv_h * stride_kh
+    v_base = V + b64 * stride_vb + kv_h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -200,5 +201,5 @@ def block_sparse_attention_fwd(
     if TMA_Q:
         desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
-        o_ptrs = Out + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :] * stride_od
+        o_ptrs = Out + b64 * stride_ob + h * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :] * stride_od
         tl.store(o_ptrs, acc, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

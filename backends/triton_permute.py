@@ -27,7 +27,7 @@ def gather_rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs < length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = tl.load(ORDER + offs, mask=offs < length, other=0).to(tl.int32)
-    base = X + (pid_bh // heads) * stride_xb + (pid_bh % heads) * stride_xh
+    base = X + (pid_bh // heads).to(tl.int64) * stride_xb + (pid_bh % heads) * stride_xh
     tile = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd, mask=ok)
     out = Out + pid_bh.to(tl.int64) * length * HEAD_DIM
     tl.store(out + offs[:, None] * HEAD_DIM + offs_d[None, :], tile, mask=ok)

@@ -26,7 +26,7 @@ def block_means_kernel(
     """One program: the mean of permuted tokens ``[BLOCK * pid, BLOCK * (pid + 1))`` of one (batch, head)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    base = X + (pid_bh // heads) * stride_xb + (pid_bh % heads) * stride_xh
+    base = X + (pid_bh // heads).to(tl.int64) * stride_xb + (pid_bh % heads) * stride_xh
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     total = tl.zeros([BLOCK_D], dtype=tl.float32)

@@ -58,7 +58,7 @@ class SparseAttentionPlan:
         block_mask: the mask, in permuted order, ``[B, Hq, NQ, NK]``.
         tensor_layout: ``"BNSD"`` or ``"BSND"`` of the tensors :meth:`run` takes.
         scale: softmax scale (``None``: ``D ** -0.5``).
-        backend: backend name or device string (``None``: best for the inputs).
+        backend: backend name, device string or ``Backend`` (``None``: best for the inputs).
     """
 
     layout: VideoLayout
