@@ -66,7 +66,7 @@ class SparseAttentionPlan:
     block_mask: BlockMask
     tensor_layout: str = "BNSD"
     scale: float | None = None
-    backend: str | None = None
+    backend: str | Backend | None = None
 
     @property
     def density(self) -> float:
