@@ -52,10 +52,10 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
     if use_tma is None:
-        use_tma = _tma_usable(q, k, v, out)
+        use_tma = not (gather_q and gather_kv) and _tma_usable(q, k, v, out)
     tma_q, tma_kv = use_tma and not gather_q, use_tma and not gather_kv
     descs = [None] * 4
-    if use_tma:
+    if tma_q or tma_kv:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         descs = [

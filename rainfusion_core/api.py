@@ -9,7 +9,7 @@ from ._checks import check_mask_matches, check_qkv, check_tensor_layout, default
 from .backend import Backend
 from .block_mask import BlockMask
 from .layout import VideoLayout
-from .ops import block_sparse_attention_op
+from .ops import attend, block_sparse_attention_op
 from .permutation import Permutation, build_permutation
 from .prediction import predict_mask
 from .registry import select_backend
@@ -108,11 +108,8 @@ def _attend(plan: SparseAttentionPlan, q, k, v) -> torch.Tensor:
     check_mask_matches(q, k, mask)
     scale = default_scale(plan.scale, q.shape[-1])
     order, bsnd = plan.permutation.indices, plan.tensor_layout == "BSND"
-    if isinstance(plan.backend, Backend):
-        chosen = select_backend(plan.backend, q, k, v, mask)
-        out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if bsnd else q.shape)
-        chosen.forward_reordered(q, k, v, mask, scale, order, out.transpose(1, 2) if bsnd else out)
-        return out
+    if isinstance(plan.backend, Backend):  # an object cannot cross the op boundary: call it directly (eager)
+        return attend(select_backend(plan.backend, q, k, v, mask), q, k, v, mask, scale, order, bsnd)
     return block_sparse_attention_op(
         q, k, v, mask.dense, mask.kv_counts, mask.kv_indices, mask.block_size, scale, plan.backend, order, bsnd
     )

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .backend import Backend
 from .block_mask import BlockMask, num_blocks
 from .registry import select_backend, select_predictor
 from .selection import compute_block_mask
@@ -65,6 +66,15 @@ def block_sparse_attention_op(
     chosen = select_backend(backend, q, k, v, mask)
     if order is None and not bsnd_out:
         return chosen.forward(q, k, v, mask, scale).contiguous()
+    return attend(chosen, q, k, v, mask, scale, order, bsnd_out)
+
+
+def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order, bsnd_out: bool) -> torch.Tensor:
+    """Run ``chosen`` into a fresh contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
+
+    With ``order`` the inputs are in model order (``Backend.forward_reordered``).
+    The op's body, and the eager path for a ``Backend`` object that cannot cross it.
+    """
     out = _empty_out(q, bsnd_out)
     view = out.transpose(1, 2) if bsnd_out else out
     if order is None:

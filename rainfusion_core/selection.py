@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend
+from .block_mask import BlockMask
 
 
 def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype, order: torch.Tensor | None = None):
@@ -48,8 +49,6 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     and whole columns (``NQ == NK``). Returns ``(dense, kv_counts, kv_indices)``
     as :class:`~rainfusion_core.BlockMask` holds them.
     """
-    from .block_mask import BlockMask
-
     probs = torch.softmax(scores * scale, dim=-1)
     threshold = probs.topk(keep, dim=-1, sorted=True).values[..., keep - 1 :]
     mask = probs >= threshold
