@@ -5,7 +5,10 @@
 Latent 16 x 21 x 60 x 104 (480p, 81 frames) and 16 x 21 x 90 x 160 (720p); text
 context 512 x 4096. Dense runs diffusers' default attention and cuDNN SDPA
 forced; RainFusion runs at sparsity 0.8 with the first-frame sink on the Triton
-backend. Times are medians of CUDA-event timings after a warm-up forward.
+backend, with its fused q/k prologue (RMS norm + rotary in one Triton pass) and,
+for attribution, with diffusers' eager prologue. The prologue alone is timed
+too (eager vs fused, both tensors of all 30 layers). Times are medians of
+CUDA-event timings after a warm-up forward.
 """
 from __future__ import annotations
 
@@ -38,6 +41,22 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def prologue_times(model, layout, repeats: int) -> tuple[float, float]:
+    """One tensor's q/k prologue (RMS norm across heads, then rotary) of block 0: eager and fused, ms."""
+    from rainfusion_core.backends.triton_rope import rms_norm_rope
+    from rainfusion_core.integrations.diffusers import _rotate_pairs
+
+    attn = model.blocks[0].attn1
+    frames, height, width = layout.frames, layout.height, layout.width
+    x = torch.randn(1, layout.seq_len, attn.heads * 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = model.rope(torch.empty(1, 16, frames, height * 2, width * 2, device="cuda"))
+    tables = tuple(t.reshape(layout.seq_len, -1).float().contiguous() for t in (cos, sin))
+    with torch.no_grad():
+        eager = timed(lambda: _rotate_pairs(attn.norm_q(x).unflatten(2, (attn.heads, -1)), cos, sin), repeats)
+        fused = timed(lambda: rms_norm_rope(x, attn.norm_q.weight, attn.norm_q.eps, *tables, attn.heads), repeats)
+    return eager, fused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grids", default="480p,720p")
@@ -61,9 +80,13 @@ def main() -> None:
         default_ms = timed(forward, args.repeats)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cudnn_ms = timed(forward, args.repeats)
-        handle = apply_rainfusion(model, sparsity=0.8, backend="triton")
+        handle = apply_rainfusion(model, sparsity=0.8, backend="triton", fuse_prologue=True)
         sparse_ms = timed(forward, args.repeats)
         handle.remove()
+        handle = apply_rainfusion(model, sparsity=0.8, backend="triton", fuse_prologue=False)
+        eager_prologue_ms = timed(forward, args.repeats)
+        handle.remove()
+        prologue_eager, prologue_fused = (30 * 2 * ms for ms in prologue_times(model, layout, args.repeats))
 
         q, k, v = (torch.randn(1, layout.seq_len, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -78,8 +101,12 @@ def main() -> None:
             f"attention {100 * 30 * attn_dense / cudnn_ms:.0f} % of the forward |",
             f"| {grid} (S={layout.seq_len}) | RainFusion 0.8 (triton) | {sparse_ms:.0f} ms | {cudnn_ms / sparse_ms:.2f} | "
             f"attention {100 * 30 * attn_sparse / sparse_ms:.0f} % of the forward |",
+            f"| {grid} (S={layout.seq_len}) | RainFusion 0.8, diffusers' eager q/k prologue | {eager_prologue_ms:.0f} ms | "
+            f"{cudnn_ms / eager_prologue_ms:.2f} | |",
+            f"| {grid} (S={layout.seq_len}) | q/k prologue alone, 30 layers: eager / fused | "
+            f"{prologue_eager:.0f} / {prologue_fused:.0f} ms | | |",
         ]
-        print("\n".join(rows[-3:]), flush=True)
+        print("\n".join(rows[-5:]), flush=True)
     print("\n==== summary (speed-up over cuDNN dense) ====\n" + "\n".join(rows))
 
 

@@ -12,6 +12,7 @@ pre-hook, so any resolution and frame count works.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class _State:
     last_timestep: float | None = None
     sparse: bool = True
     calls: int = 0
+    angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call, by source
 
     def update(self, module, args, kwargs) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -68,6 +70,7 @@ class _State:
         self.layout = VideoLayout(frames // p_t, height // p_h, width // p_w)
         self.calls += 1
         self.sparse = True
+        self.angle_tables.clear()
         if not self.schedule.reads_timestep:
             return
         t = float(timestep.flatten()[0])  # one host sync per transformer call
@@ -89,17 +92,66 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
 
 
-def _self_attention_qkv(attn, hidden_states, rotary_emb):
-    """q, k, v ``[B, S, H, D]`` of a Wan self-attention, computed as WanAttnProcessor does."""
+def _self_attention_qkv(attn, hidden_states, rotary_emb, tables=None):
+    """q, k, v ``[B, S, H, D]`` of a Wan self-attention, computed as WanAttnProcessor does.
+
+    With ``tables`` (float32 ``[S, D]`` cos and sin, from :func:`_fused_prologue_tables`) the
+    RMS norm and the rotation of q and k run as one Triton pass each.
+    """
     if getattr(attn, "fused_projections", False):
         query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    value = value.unflatten(2, (attn.heads, -1))
+    if tables is not None:
+        from ..backends.triton_rope import rms_norm_rope
+
+        query, key = (rms_norm_rope(x, norm.weight, _rms_eps(norm, x), *tables, attn.heads)
+                      for x, norm in ((query, attn.norm_q), (key, attn.norm_k)))
+        return query, key, value
     query, key = attn.norm_q(query), attn.norm_k(key)
-    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+    query, key = (x.unflatten(2, (attn.heads, -1)) for x in (query, key))
     if rotary_emb is not None:
         query, key = _rotate_pairs(query, *rotary_emb), _rotate_pairs(key, *rotary_emb)
     return query, key, value
+
+
+def _rms_eps(norm, x: torch.Tensor) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+
+
+def _fused_prologue_problem(attn, hidden_states, rotary_emb, *, explicit: bool) -> str | None:
+    """Why the fused q/k prologue cannot run here, or ``None`` when it can.
+
+    Like a named Triton backend, an explicit request also runs on CPU tensors under
+    ``TRITON_INTERPRET=1`` (how CI tests the kernel).
+    """
+    interpreting = explicit and os.environ.get("TRITON_INTERPRET") == "1"
+    if not hidden_states.is_cuda and not interpreting:
+        return f"hidden_states are on {hidden_states.device}, the fused prologue is a CUDA Triton kernel"
+    if rotary_emb is None:
+        return "the layer got no rotary embedding"
+    width = attn.heads * rotary_emb[0].shape[-1]
+    for name in ("norm_q", "norm_k"):
+        norm = getattr(attn, name, None)
+        if not isinstance(norm, torch.nn.RMSNorm) or tuple(norm.normalized_shape) != (width,):
+            return f"attn.{name} is {type(norm).__name__}, not an RMSNorm across heads of width {width}"
+    if rotary_emb[0].numel() != hidden_states.shape[1] * rotary_emb[0].shape[-1]:
+        return f"rotary tables of shape {tuple(rotary_emb[0].shape)} are not one angle row per token"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    return None
+
+
+def _fused_prologue_tables(state: "_State", rotary_emb):
+    """Float32 ``[S, D]`` cos and sin for the fused prologue, converted once per transformer call."""
+    cos, sin = rotary_emb
+    key = (cos.data_ptr(), sin.data_ptr(), cos.shape)
+    if key not in state.angle_tables:
+        state.angle_tables[key] = tuple(t.reshape(-1, t.shape[-1]).float().contiguous() for t in (cos, sin))
+    return state.angle_tables[key]
 
 
 class _SelfAttentionProcessor:
@@ -117,9 +169,21 @@ class _SelfAttentionProcessor:
 class RainFusionAttnProcessor(_SelfAttentionProcessor):
     """Wan self-attention through ``rf.sparse_attention`` (dense when the schedule says so)."""
 
-    def __init__(self, original, state, layer, *, sparsity, block_size, backend, first_frame_sink):
+    def __init__(self, original, state, layer, *, sparsity, block_size, backend, first_frame_sink, fuse_prologue):
         super().__init__(original, state, layer)
         self.sparsity, self.block_size, self.backend, self.first_frame_sink = sparsity, block_size, backend, first_frame_sink
+        self.fuse_prologue = fuse_prologue
+
+    def _tables(self, attn, hidden_states, rotary_emb):
+        """Angle tables when the fused q/k prologue runs, ``None`` for the eager one."""
+        if self.fuse_prologue is False:
+            return None
+        problem = _fused_prologue_problem(attn, hidden_states, rotary_emb, explicit=bool(self.fuse_prologue))
+        if problem is None:
+            return _fused_prologue_tables(self.state, rotary_emb)
+        if self.fuse_prologue:
+            raise ValueError(f"fuse_prologue=True but the fused q/k prologue cannot run: {problem}")
+        return None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         if not self.state.sparse:
@@ -131,7 +195,8 @@ class RainFusionAttnProcessor(_SelfAttentionProcessor):
         if layout is None or hidden_states.shape[1] != layout.seq_len:
             raise ValueError(f"self-attention has {hidden_states.shape[1]} tokens but the transformer input gives "
                              f"{layout}; RainFusion needs the whole latent sequence on this device")
-        query, key, value = _self_attention_qkv(attn, hidden_states, rotary_emb)
+        tables = self._tables(attn, hidden_states, rotary_emb)
+        query, key, value = _self_attention_qkv(attn, hidden_states, rotary_emb, tables)
         out = sparse_attention(query, key, value, layout, sparsity=self.sparsity, block_size=self.block_size,
                                tensor_layout="BSND", backend=self.backend, first_frame_sink=self.first_frame_sink)
         out = out.flatten(2, 3).type_as(query)
@@ -215,6 +280,7 @@ def apply_rainfusion(
     first_frame_sink: bool | None = None,
     schedule: Schedule = Schedule(),
     layers=None,
+    fuse_prologue: bool | None = None,
 ) -> RainFusionHandle:
     """Make the self-attention of a Wan transformer (or of a pipeline's transformers) RainFusion2.0-sparse.
 
@@ -224,14 +290,22 @@ def apply_rainfusion(
         sparsity, block_size, backend, first_frame_sink: as in ``rf.sparse_attention``.
         schedule: when to stay dense (:class:`Schedule`).
         layers: block indices to make sparse; ``None`` means all, the rest stay dense.
+        fuse_prologue: run the q/k RMS norm and rotary embedding of the sparse
+            layers as one Triton pass per tensor (float32 rotation instead of
+            diffusers' float64; outputs agree to the last bit in all but rare
+            roundings). ``None``: when the input is on CUDA and Triton is
+            installed; ``True``: always, an error where it cannot run; ``False``: never.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     """
     sparsity = check_sparsity(sparsity)
+    if fuse_prologue not in (None, True, False):
+        raise ValueError(f"fuse_prologue must be None, True or False, got {fuse_prologue!r}")
     state = _State(schedule)
 
     def make(original, index):
         return RainFusionAttnProcessor(original, state, index, sparsity=sparsity, block_size=block_size,
-                                       backend=backend, first_frame_sink=first_frame_sink)
+                                       backend=backend, first_frame_sink=first_frame_sink,
+                                       fuse_prologue=fuse_prologue)
 
     return _install(model, state, layers, make)
 
