@@ -27,37 +27,34 @@ def rms_norm_rope_kernel(
 ):
     """``Out[b, s, c] = rope(rms_norm(X[b, s, :])[c])`` for ROWS tokens ``s`` of batch item ``b``.
 
-    Channel ``c = h * HEAD_DIM + d`` pairs with ``c ^ 1``: even ``d`` gets
-    ``y[c] cos[d] - y[c+1] sin[d+1]``, odd ``d`` gets ``y[c-1] sin[d] + y[c] cos[d-1]``.
+    Channel ``c = h * HEAD_DIM + d``; the pair ``(2p, 2p + 1)`` of channels becomes
+    ``(y[2p] cos[2p] - y[2p+1] sin[2p+1], y[2p] sin[2p+1] + y[2p+1] cos[2p])`` with the
+    token's angles at head-dim index ``d``.
     """
+    PAIRS: tl.constexpr = BLOCK_C // 2
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_s = pid_s * ROWS + tl.arange(0, ROWS)
     offs_c = tl.arange(0, BLOCK_C)
-    partner = offs_c ^ 1
-    ok = (offs_s < length)[:, None] & (offs_c < CHANNELS)[None, :]
+    s_ok = offs_s < length
+    ok = s_ok[:, None] & (offs_c < CHANNELS)[None, :]
     rows = X + b * stride_xb + offs_s.to(tl.int64)[:, None] * stride_xs
 
     # -- RMS norm over all heads of the token, rounded to the input dtype like torch.nn.RMSNorm
     x = tl.load(rows + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
-    x_partner = tl.load(rows + partner[None, :], mask=ok, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / CHANNELS + eps)[:, None]
-    y = x * rstd
-    y_partner = x_partner * rstd
+    y = x * tl.rsqrt(tl.sum(x * x, 1) / CHANNELS + eps)[:, None]
     if HAS_WEIGHT:
-        c_ok = offs_c < CHANNELS
-        y = y * tl.load(W + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        y_partner = y_partner * tl.load(W + partner, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * tl.load(W + offs_c, mask=offs_c < CHANNELS, other=0.0).to(tl.float32)[None, :]
     y = y.to(Out.dtype.element_ty).to(tl.float32)
-    y_partner = y_partner.to(Out.dtype.element_ty).to(tl.float32)
 
-    # -- rotate each (even, odd) pair by the token's angle for that pair
-    d = offs_c % HEAD_DIM
-    angles = offs_s[:, None] * HEAD_DIM
-    cos = tl.load(COS + angles + (d & ~1)[None, :], mask=ok, other=0.0)
-    sin = tl.load(SIN + angles + (d | 1)[None, :], mask=ok, other=0.0)
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
-    out = y * cos + sign * (y_partner * sin)
+    # -- rotate each (even, odd) channel pair by the token's angle for that pair
+    y_even, y_odd = tl.split(tl.reshape(y, (ROWS, PAIRS, 2)))
+    offs_p = tl.arange(0, PAIRS)
+    p_ok = s_ok[:, None] & (offs_p < CHANNELS // 2)[None, :]
+    angles = offs_s[:, None] * HEAD_DIM + (2 * offs_p % HEAD_DIM)[None, :]
+    cos = tl.load(COS + angles, mask=p_ok, other=0.0)
+    sin = tl.load(SIN + angles + 1, mask=p_ok, other=0.0)
+    out = tl.reshape(tl.join(y_even * cos - y_odd * sin, y_even * sin + y_odd * cos), (ROWS, BLOCK_C))
 
     dst = Out + (b * length + offs_s.to(tl.int64))[:, None] * CHANNELS + offs_c[None, :]
     tl.store(dst, out.to(Out.dtype.element_ty), mask=ok)

@@ -42,14 +42,17 @@ def test_fused_prologue_matches_eager(shape, dtype, affine):
         expected = eager(x, norm, cos.to(DEVICE), sin.to(DEVICE), heads)
         got = rms_norm_rope(x, norm.weight, 1e-6, cos.float().to(DEVICE), sin.float().to(DEVICE), heads)
     assert got.shape == (batch, length, heads, head_dim) and got.dtype == dtype and got.is_contiguous()
+    scale = norm(x).abs().max().item()
     if dtype == torch.float32:
         tol = dict(rtol=1e-5, atol=1e-6)  # float32 rotation instead of float64
     elif DEVICE == "cuda":
-        tol = dict(rtol=2**-8, atol=1e-5)  # one rounding of the output apart
+        # one bfloat16 step (2**-7 relative) of the output apart, and where the rotation
+        # cancels, one rounding of the normalised row (torch's CUDA RMS norm may round differently)
+        tol = dict(rtol=2**-7, atol=2**-8 * scale)
     else:
         # Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest), once for
         # the normalised row and once for the output: two steps of 2**-7 relative to the inputs.
-        tol = dict(rtol=2**-6, atol=2**-6 * norm(x).abs().max().item())
+        tol = dict(rtol=2**-6, atol=2**-6 * scale)
     torch.testing.assert_close(got, expected, **tol)
 
 
