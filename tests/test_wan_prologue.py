@@ -10,11 +10,17 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed:
 from rainfusion_core.backends.triton_rope import rms_norm_rope  # noqa: E402
 from rainfusion_core.integrations.diffusers import _rotate_pairs, apply_rainfusion  # noqa: E402
 
-from test_diffusers_integration import inputs, run, tiny_wan  # noqa: E402
+from test_diffusers_integration import inputs, tiny_wan  # noqa: E402
 
 # (batch, tokens, heads, head dim): tokens not a multiple of the rows per program, channels
 # not a power of two, one head.
 SHAPES = [(2, 37, 3, 32), (1, 16, 1, 64), (1, 9, 12, 128)]
+
+
+def run(model, latent, text, t):
+    with torch.no_grad():
+        timestep = torch.full((latent.shape[0],), float(t), device=latent.device)
+        return model(latent, timestep, text, return_dict=False)[0]
 
 
 def angle_tables(length, head_dim):
