@@ -23,7 +23,7 @@ def _interpreting() -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
-                                  config=None, use_tma=None, kernel="triton"):
+                                  config=None, use_tma=None):
     """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
@@ -51,12 +51,6 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
         k, v = importlib.import_module("rainfusion_core.backends.triton_permute").gather_rows(order, k, v)
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
-    if kernel == "gluon":
-        gluon = importlib.import_module("rainfusion_core.backends.gluon_kernels")
-        if not (gather_q and not gather_kv and gluon.supported(q, mask_block)):
-            raise ValueError("kernel='gluon' needs order, gather_kv=False, sm_90, 16-bit, head dim 128, 128-token blocks")
-        gluon.launch(q, k, v, out, counts, indices, order, scale)
-        return out
     if use_tma is None:
         use_tma = not (gather_q and gather_kv) and _tma_usable(q, k, v, out)
     tma_q, tma_kv = use_tma and not gather_q, use_tma and not gather_kv
