@@ -91,5 +91,10 @@ def test_fuse_prologue_true_names_what_is_missing():
     with pytest.raises(ValueError, match="attn.norm_q is Identity"):
         run(model, latent, text, 500)
     handle.remove()
+    model = tiny_wan().to(DEVICE)
+    handle = apply_rainfusion(model, sparsity=0.5, block_size=16, backend="torch", fuse_prologue=True)
+    with pytest.raises(ValueError, match="has no backward"):  # autograd on: no silent loss of gradients
+        model(latent, torch.full((1,), 500.0, device=DEVICE), text, return_dict=False)
+    handle.remove()
     with pytest.raises(ValueError, match="fuse_prologue must be"):
         apply_rainfusion(model, fuse_prologue="yes")

@@ -131,6 +131,8 @@ def _fused_prologue_problem(attn, hidden_states, rotary_emb, *, explicit: bool) 
         return f"hidden_states are on {hidden_states.device}, the fused prologue is a CUDA Triton kernel"
     if rotary_emb is None:
         return "the layer got no rotary embedding"
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in attn.parameters())):
+        return "autograd is recording and the fused prologue has no backward (run under torch.no_grad())"
     width = attn.heads * rotary_emb[0].shape[-1]
     for name in ("norm_q", "norm_k"):
         norm = getattr(attn, name, None)
@@ -293,8 +295,9 @@ def apply_rainfusion(
         fuse_prologue: run the q/k RMS norm and rotary embedding of the sparse
             layers as one Triton pass per tensor (float32 rotation instead of
             diffusers' float64; outputs agree to the last bit in all but rare
-            roundings). ``None``: when the input is on CUDA and Triton is
-            installed; ``True``: always, an error where it cannot run; ``False``: never.
+            roundings). ``None``: when the input is on CUDA, Triton is installed
+            and autograd is not recording (the pass has no backward); ``True``:
+            always, an error where it cannot run; ``False``: never.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     """
     sparsity = check_sparsity(sparsity)
