@@ -23,30 +23,106 @@ def _interpreting() -> bool:
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
-                                  config=None, use_tma=None):
-    """Launch the kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
+                                  kernel="auto", config=None, use_tma=None):
+    """Launch a kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
     ``order`` (``[S]`` integer, ``permuted[i] = original[order[i]]``) q, k, v
-    and ``out`` stay in the model's order: the kernel reads query rows through
-    ``order`` and writes each output row back to where its query came from;
-    the key loop reads k and v rows through ``order`` too, so no permuted
-    copy exists. ``gather_kv=False`` instead gathers k and v into permuted
-    copies first (one Triton pass each) that the loop streams through TMA:
-    2-5 % faster on the H100, but it costs two thirds of q + k + v in memory.
+    and ``out`` stay in the model's order: query rows are read through
+    ``order`` and each output row is written back to where its query came from.
     ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
-    ``use_tma=None`` picks tensor-memory-accelerator descriptors where they
-    work (see :func:`_tma_usable`). No host synchronisation: the loop bound of
-    every program is read on the device.
+    No host synchronisation: the loop bound of every program is read on the device.
+
+    ``kernel`` picks the implementation; both compute the same thing, bit for bit:
+
+    * ``"ws"``: the warp-specialised Hopper kernel of :mod:`gluon_attention`
+      (sm_90, 16-bit, head dim 128, 128-token blocks). k and v are gathered into
+      permuted copies a few kv heads at a time (:func:`_ws_head_chunks`), so the
+      copies never exceed a third of q + k + v.
+    * ``"triton"``: the portable Triton kernel. It reads k and v rows through
+      ``order`` too (no copy), or with ``gather_kv=False`` streams permuted copies
+      of all of k and v by TMA; ``config`` and ``use_tma`` tune it.
+    * ``"auto"`` (default): ``"ws"`` where it applies, else ``"triton"``.
     """
+    if kernel not in ("auto", "ws", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'ws' or 'triton', got {kernel!r}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if kernel != "triton":
+        reason = _ws_unavailable_reason(q, block_mask.block_size)
+        if reason is None:
+            _run_ws(q, k, v, block_mask, scale, order, out)
+            return out
+        if kernel == "ws":
+            raise ValueError(f"kernel='ws' cannot run this call: {reason}")
+    _run_triton(q, k, v, block_mask, scale, order, out, gather_kv=gather_kv, config=config, use_tma=use_tma)
+    return out
+
+
+def _ws_unavailable_reason(q, mask_block: int) -> str | None:
+    if _interpreting():
+        return "the Triton interpreter does not run Gluon kernels"
+    if q.stride(-1) != 1:
+        return "q needs a unit stride along the head dim"
+    try:
+        ws = importlib.import_module("rainfusion_core.backends.gluon_attention")
+    except (ImportError, AttributeError) as exc:  # Gluon is experimental: absent or renamed in some Triton releases
+        return f"this Triton has no usable Gluon ({exc})"
+    return ws.unsupported_reason(q, mask_block)
+
+
+def _ws_head_chunks(q_heads: int, kv_heads: int) -> int:
+    """kv heads per chunk, so that the k and v copies of one chunk stay within a third of q + k + v.
+
+    One kv head's copies are 2 [S, D] rows of q + k + v's ``q_heads + 2 kv_heads``;
+    a single head (step 1) is the floor.
+    """
+    return max(1, min(kv_heads, (q_heads + 2 * kv_heads) // 6))
+
+
+_IDENTITY: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _run_ws(q, k, v, block_mask, scale, order, out) -> None:
+    ws = importlib.import_module("rainfusion_core.backends.gluon_attention")
+    counts, indices = block_mask.kv_counts, block_mask.kv_indices
+    if counts.stride(-1) != 1 or indices.stride(-1) != 1:
+        counts, indices = counts.contiguous(), indices.contiguous()
+    if order is None:
+        if k.is_contiguous() and v.is_contiguous():  # already permuted and TMA-ready: no copy at all
+            ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale)
+            return
+        order = _identity(k.shape[2], k.device)
+    gather = importlib.import_module("rainfusion_core.backends.triton_permute").gather_rows_into
+    batch, kv_heads, kv_len, head_dim = k.shape
+    group = q.shape[1] // kv_heads
+    step = _ws_head_chunks(q.shape[1], kv_heads)
+    # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
+    # views of their first batch * heads * S * D elements, contiguous as TMA needs them.
+    k_buf, v_buf = (torch.empty(batch * step * kv_len * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
+    for h0 in range(0, kv_heads, step):
+        heads = min(step, kv_heads - h0)
+        shape = (batch, heads, kv_len, head_dim)
+        k_perm = gather(order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
+        v_perm = gather(order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
+        qh = slice(h0 * group, (h0 + heads) * group)
+        ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], order, scale)
+
+
+def _identity(length: int, device: torch.device) -> torch.Tensor:
+    key = (length, device)
+    if key not in _IDENTITY:
+        _IDENTITY[key] = torch.arange(length, device=device)
+    return _IDENTITY[key]
+
+
+def _run_triton(q, k, v, block_mask, scale, order, out, *, gather_kv, config, use_tma) -> None:
     kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
     batch, q_heads, q_len, head_dim = q.shape
     mask_block = block_mask.block_size
     gather_q = order is not None
     gather_kv = gather_q and gather_kv
     config = config or kernels.pick_config(head_dim, q.dtype, mask_block, gather_kv=gather_kv)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if gather_q and not gather_kv:
         k, v = importlib.import_module("rainfusion_core.backends.triton_permute").gather_rows(order, k, v)
     counts = block_mask.kv_counts.contiguous()
@@ -81,7 +157,6 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out
 
 
 def _tma_usable(*tensors) -> bool:

@@ -35,13 +35,14 @@ def gather_rows_kernel(
 
 def gather_rows(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Contiguous ``x.index_select(2, order)`` of each ``[B, H, S, D]`` tensor (any strides)."""
-    outs = []
-    for x in tensors:
-        batch, heads, length, head_dim = x.shape
-        out = torch.empty((batch, heads, length, head_dim), dtype=x.dtype, device=x.device)
-        gather_rows_kernel[(triton.cdiv(length, _ROWS), batch * heads)](
-            x, order, out, *x.stride(), heads, length,
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS, num_warps=4,
-        )
-        outs.append(out)
-    return outs
+    return [gather_rows_into(order, x, torch.empty(x.shape, dtype=x.dtype, device=x.device)) for x in tensors]
+
+
+def gather_rows_into(order: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write ``x.index_select(2, order)`` into ``out``, a contiguous tensor of ``x``'s shape; return ``out``."""
+    batch, heads, length, head_dim = x.shape
+    gather_rows_kernel[(triton.cdiv(length, _ROWS), batch * heads)](
+        x, order, out, *x.stride(), heads, length,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS, num_warps=4,
+    )
+    return out

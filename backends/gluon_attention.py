@@ -1,0 +1,221 @@
+"""Hopper (sm_90) block-sparse attention forward in Gluon, warp-specialised as FlashAttention-3 is.
+
+One program owns one 128-row query block (one mask row) of one (batch, head)
+and runs three partitions:
+
+* a 1-warp **loader** streams the kept k and v tiles by TMA into two-slot
+  rings, each slot guarded by a *ready* and an *empty* mbarrier;
+* two 4-warp **consumer** warpgroups own 64 query rows each. Per kept tile a
+  consumer issues ``S_{t+1} = Q K_{t+1}^T`` and ``O += P_t V_t`` on the
+  tensor cores, then runs the softmax of ``S_{t+1}`` while both run; the
+  warp schedulers interleave the two consumers, so one warpgroup's softmax
+  also runs under the other's GEMMs. (Forcing strict turns with a pair of
+  mbarriers, FlashAttention-3's ping-pong, measured no faster: BENCHMARKS.md.)
+
+Inputs: q and out in the model's order, rows read and written through
+``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
+rows on Hopper). Covers 16-bit inputs, head dim 128 and 128-token mask blocks;
+:func:`unsupported_reason` says why a call is not covered.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK = 128  # query rows per program = key rows per tile = mask block
+SUPPORTED_HEAD_DIM = 128
+ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
+STAGES = 2  # slots per k and v ring
+# Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
+# scalars. (2 * 240 + 24) / 3 = 168 per thread on average fills the 64K-register file with 12 warps.
+CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+LOADER_REGS: gl.constexpr = gl.constexpr(24)
+
+
+@gluon.jit
+def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, row0,
+            STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed."""
+    for t in range(n):
+        slot = t % STAGES
+        phase = (t // STAGES) & 1
+        start = gl.load(kept + t) * BLOCK_N
+        # -- slots start out free: the first wait on an empty barrier passes at once
+        mbarrier.wait(k_empty.index(slot), phase ^ 1)
+        mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [row0 + start, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase ^ 1)
+        mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Online softmax step on one score tile: new max, probabilities, rescale factor, new sum."""
+    if start + BLOCK_N > kv_len:  # the ragged last block: keys past the end never win
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((cols < kv_len)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+              q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    dtype: gl.constexpr = q_smem.dtype
+
+    # -- this warpgroup's query rows, gathered through the permutation into shared memory
+    offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    m_ok = offs_m < q_len
+    rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
+    q = gl.load(Q + q_off + rows[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    q_tile = q_smem.index(WG)
+    q_tile.store(q)
+    fence_async_shared()
+
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+
+    if n > 0:
+        # -- tile 0: scores and probabilities; nothing to accumulate yet
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kept) * BLOCK_N, kv_len, qk_scale, s_layout, BLOCK_N)
+
+        for t in range(0, n - 1):
+            # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
+            nxt = (t + 1) % STAGES
+            cur = t % STAGES
+            mbarrier.wait(k_ready.index(nxt), ((t + 1) // STAGES) & 1)
+            s_tok = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
+            o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                  is_async=True)
+            # -- softmax of S_{t+1} while P_t V_t runs
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(nxt), count=1)
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kept + t + 1) * BLOCK_N, kv_len, qk_scale,
+                                          s_layout, BLOCK_N)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(cur), count=1)
+
+        # -- the last tile's P V
+        last = n - 1
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                              is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+
+    # -- epilogue: normalise; a row with no kept block stays zero; scatter back through ORDER
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(dtype)
+    out = gl.convert_layout(out, ld_layout)
+    gl.store(Out + o_off + rows[:, None] * stride_os + offs_d[None, :], out, mask=m_ok[:, None])
+
+
+@gluon.jit
+def block_sparse_attention_fwd_ws(
+    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER,
+    stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+    q_heads, kv_heads, q_len, kv_len, qk_scale,
+    HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):
+    """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row."""
+    dtype: gl.constexpr = desc_k.dtype
+    pid_m = gl.program_id(0)  # query blocks vary fastest: CTAs running together share one head's k and v in L2
+    pid_bh = gl.program_id(1)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    b64 = b.to(gl.int64)
+    q_off = b64 * stride_qb + h * stride_qh
+    o_off = b64 * stride_ob + h * stride_oh
+
+    # -- this block's mask row: n kept tiles, their block indices at `kept`
+    n = gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m)
+    kept = KV_INDICES + b64 * stride_ib + h * stride_ih + pid_m * stride_ir
+    row0 = (b * kv_heads + h // GROUP) * kv_len
+
+    # -- shared memory: two 64-row query tiles, two-slot k and v rings with their barriers
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
+                                       gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a slot
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    m0 = pid_m * (2 * ROWS)
+    gl.warp_specialize([
+        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+                     q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     0, HEAD_DIM, BLOCK_N, STAGES)),
+        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+                     q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     1, HEAD_DIM, BLOCK_N, STAGES)),
+        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, row0,
+                   STAGES, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
+    """Why this kernel cannot run the call (None when it can): sm_90, 16-bit, head dim 128, 128-token blocks."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "it needs an sm_90 (Hopper) GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it needs float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] != SUPPORTED_HEAD_DIM or mask_block != BLOCK:
+        return f"it needs head dim {SUPPORTED_HEAD_DIM} and {BLOCK}-token mask blocks, got {q.shape[-1]} and {mask_block}"
+    return None
+
+
+def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float) -> None:
+    """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
+    through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
+    [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
+    desc_k, desc_v = (TensorDescriptor.from_tensor(x.view(-1, head_dim), [BLOCK, head_dim], layout)
+                      for x in (k, v))
+    grid = (-(-q_len // BLOCK), batch * heads)
+    block_sparse_attention_fwd_ws[grid](
+        q, out, desc_k, desc_v, kv_counts, kv_indices, order,
+        *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
+        heads, kv_heads, q_len, kv_len, scale * 1.4426950408889634,
+        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=STAGES,
+        num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
+    )

@@ -1,0 +1,113 @@
+"""The warp-specialised Hopper kernel (``backends/gluon_attention.py``).
+
+It is Gluon code for sm_90 only: the GPU tests run on the lent H100 through the
+device tool and are skipped elsewhere. It must equal the portable Triton kernel
+bit for bit (same tile order, same online-softmax arithmetic) and meet the
+parity rule against the float64 golden. The refusals and the head-chunk rule
+are checked everywhere.
+"""
+import pytest
+import torch
+
+import rainfusion_core as rf
+from conftest import random_dense, triton_device
+from rainfusion_core.backends import triton_backend
+from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+from rainfusion_core.parity import parity
+
+DEVICE = triton_device()
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel is Gluon for sm_90 (Hopper) GPUs; "
+                               "run these on the H100 through the device tool")
+
+# name: (batch, q heads, kv heads, frames, height, width, text tokens)
+LAYOUTS = {
+    "ragged-7x11": (2, 4, 2, 3, 7, 11, 0),  # 231 tokens: a partial last block, GQA 2
+    "gqa4-text": (1, 4, 1, 2, 9, 15, 37),  # text tokens, every q head on one kv head
+    "tiled-16x24": (1, 6, 6, 3, 16, 24, 0),  # whole blocks; 6 kv heads run in two chunks
+}
+
+
+def _problem(name, dtype, *, bsnd=False):
+    batch, heads, kv_heads, frames, height, width, text = LAYOUTS[name]
+    layout = rf.VideoLayout(frames, height, width, text_len=text)
+    seq = layout.seq_len
+    shape = lambda h: (batch, seq, h, 128) if bsnd else (batch, h, seq, 128)  # noqa: E731
+    q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+    if bsnd:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views with BSND strides
+    nb = -(-seq // 128)
+    dense = random_dense(batch, heads, nb, nb, density=0.4, empty_rows=[(0, 0, 1), (batch - 1, heads - 1, 0)])
+    mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=seq, kv_len=seq)
+    return layout, q, k, v, mask
+
+
+@ON_HOPPER
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bsnd", [False, True], ids=["bnsd", "bsnd"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype):
+    layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd)
+    order = rf.build_permutation(layout, DEVICE).indices
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="triton")
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[0, 0, order[128:256]] == 0).all()  # mask row 1 of (0, 0) keeps nothing: its rows are zero
+
+
+@ON_HOPPER
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous-kv", "strided-kv"])
+def test_ws_on_permuted_tensors(contiguous):
+    _, q, k, v, mask = _problem("gqa4-text", torch.bfloat16, bsnd=not contiguous)
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, kernel="triton")
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, kernel="ws")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@ON_HOPPER
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_ws_meets_the_parity_rule(name):
+    layout, q, k, v, mask = _problem(name, torch.bfloat16)
+    scale = 128 ** -0.5
+    golden = rf.get_backend("torch").forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), mask.to("cpu"),
+                                             scale)
+    low = rf.get_backend("torch").forward(q, k, v, mask, scale)
+    got = block_sparse_attention_triton(q, k, v, mask, scale, kernel="ws")
+    result = parity(got, golden.to(DEVICE), low)
+    assert result.passed, result
+
+
+@ON_HOPPER
+def test_ws_is_the_default_on_hopper_and_its_copies_stay_small():
+    layout, q, k, v, mask = _problem("tiled-16x24", torch.bfloat16)
+    order = rf.build_permutation(layout, DEVICE).indices
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    qkv = sum(x.numel() * x.element_size() for x in (q, k, v))
+    assert extra <= qkv / 3, (extra, qkv)  # one head chunk of k and v copies at a time
+    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws"),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(12, 12), (40, 40), (6, 6), (8, 2), (8, 1), (1, 1), (3, 3)])
+def test_head_chunks_keep_copies_within_a_third_of_qkv(q_heads, kv_heads):
+    step = triton_backend._ws_head_chunks(q_heads, kv_heads)
+    assert 1 <= step <= kv_heads
+    copies = 2 * step  # k and v rows of one chunk, in units of one head's [S, D]
+    assert copies * 3 <= q_heads + 2 * kv_heads or step == 1, (step, copies)
+
+
+def test_explicit_ws_refuses_what_it_cannot_run():
+    q = torch.randn(1, 2, 256, 64, device=DEVICE, dtype=torch.float16)
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
+                                   q_len=256, kv_len=256)
+    want = ("head dim 128" if HOPPER else
+            "Triton interpreter" if DEVICE == "cpu" else "sm_90")
+    with pytest.raises(ValueError, match=f"kernel='ws' cannot run this call: .*{want}"):
+        block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="ws")
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'ws' or 'triton', got 'gluon'"):
+        block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="gluon")
