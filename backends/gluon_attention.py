@@ -27,6 +27,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 BLOCK = 128  # query rows per program = key rows per tile = mask block
 SUPPORTED_HEAD_DIM = 128
 ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
@@ -48,10 +51,10 @@ def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
         # -- slots start out free: the first wait on an empty barrier passes at once
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [row0 + start, 0], k_ready.index(slot), k_smem.index(slot))
+        _tma_load(desc_k, [row0 + start, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
+        _tma_load(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
