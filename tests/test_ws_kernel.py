@@ -56,6 +56,21 @@ def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype):
 
 
 @ON_HOPPER
+def test_ws_with_a_batch_shared_mask():
+    # share_batch_mask=True gives kv_counts / kv_indices expanded over the batch (stride 0)
+    layout, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
+    shared = rf.BlockMask.from_dense(mask.dense[:1].expand_as(mask.dense), block_size=128, q_len=q.shape[2],
+                                     kv_len=k.shape[2])
+    shared = rf.BlockMask(shared.dense, shared.kv_counts[:1].expand_as(shared.kv_counts),
+                          shared.kv_indices[:1].expand_as(shared.kv_indices), 128, q.shape[2], k.shape[2])
+    assert shared.kv_counts.stride(0) == 0
+    order = rf.build_permutation(layout, DEVICE).indices
+    want = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, kernel="triton")
+    got = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, kernel="ws")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@ON_HOPPER
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous-kv", "strided-kv"])
 def test_ws_on_permuted_tensors(contiguous):
     _, q, k, v, mask = _problem("gqa4-text", torch.bfloat16, bsnd=not contiguous)
