@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Installed with RAINFUSION_SKIP_CPP=1 the C++ extension, and so the ``cpu`` backend, is absent on purpose.
+needs_cpp = pytest.mark.skipif(os.environ.get("RAINFUSION_SKIP_CPP") == "1",
+                               reason="RAINFUSION_SKIP_CPP=1: installed without the C++ extension (the cpu backend)")
+
+
 def triton_device() -> str:
     """Where Triton tests run: ``"cuda"`` on a GPU, ``"cpu"`` under the interpreter.
 

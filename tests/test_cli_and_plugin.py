@@ -10,6 +10,7 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core.cli import main
 from rainfusion_core.testing import check_backend, default_cases
+from conftest import needs_cpp
 
 PLUGIN = pytest.mark.skipif(
     importlib.util.find_spec("rainfusion_example_plugin") is None,
@@ -58,6 +59,7 @@ def test_cli_parity_fails_a_broken_backend():
     assert "FAIL" in run.stdout
 
 
+@needs_cpp
 def test_cli_parity_all_on_cpu(capsys):
     assert main(["parity", "--all", "--quick", "--dtypes", "float64"]) == 0
     out = capsys.readouterr().out

@@ -5,6 +5,7 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core.backends.torch_backend import masked_attention
 from rainfusion_core.testing import Case, assert_backend_conforms, check_backend, default_cases
+from conftest import needs_cpp
 
 QUICK = default_cases((64,), long=False)
 
@@ -93,6 +94,7 @@ def test_nothing_ran_is_not_a_pass():
     assert not check_backend(RefusesAll("none", masked_attention), dtypes=[torch.float32], cases=QUICK[:2]).passed
 
 
+@needs_cpp
 def test_cpu_backend_conforms_on_the_full_case_list():
     assert_backend_conforms("cpu")
 
@@ -107,6 +109,7 @@ def test_triton_backend_conforms_through_the_interpreter():
     assert_backend_conforms("triton", device=device, dtypes=[torch.float16, torch.float32], cases=QUICK)
 
 
+@needs_cpp
 def test_vendor_pytest_entry(tmp_path):
     import os
     import subprocess

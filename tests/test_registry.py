@@ -8,6 +8,7 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core import registry
 from rainfusion_core.backends.torch_backend import TorchBackend
+from conftest import needs_cpp
 
 
 class FakeBackend(rf.Backend):
@@ -121,6 +122,7 @@ def test_nothing_fits_lists_every_candidate(fakes, monkeypatch):
         rf.block_sparse_attention(q, k, v, mask)
 
 
+@needs_cpp
 def test_name_keyword_reaches_a_backend_named_like_a_device():
     cpu = rf.get_backend(name="cpu")
     assert cpu.name == "cpu" and cpu.device_types == ("cpu",)
