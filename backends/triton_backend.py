@@ -110,10 +110,14 @@ def _run_ws(q, k, v, block_mask, scale, order, out) -> None:
 
 
 def _identity(length: int, device: torch.device) -> torch.Tensor:
+    """``arange(length)``, cached; never cached from inside a CUDA-graph capture, where it is not yet written."""
     key = (length, device)
-    if key not in _IDENTITY:
-        _IDENTITY[key] = torch.arange(length, device=device)
-    return _IDENTITY[key]
+    cached = _IDENTITY.get(key)
+    if cached is None:
+        cached = torch.arange(length, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _IDENTITY[key] = cached
+    return cached
 
 
 def _run_triton(q, k, v, block_mask, scale, order, out, *, gather_kv, config, use_tma) -> None:

@@ -101,7 +101,11 @@ def build_permutation(layout: VideoLayout, device: torch.device | str | None = N
     key = (layout, _canonical_device(device))
     perm = _CACHE.get(key)
     if perm is None:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.clear()
-        perm = _CACHE[key] = _build(*key)
+        perm = _build(*key)
+        # Inside a CUDA-graph capture the build's kernels are recorded, not run: caching that
+        # result would hand unwritten indices to later eager calls.
+        if not (key[1].type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_CACHE) >= _CACHE_SIZE:
+                _CACHE.clear()
+            _CACHE[key] = perm
     return perm

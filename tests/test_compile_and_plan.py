@@ -93,6 +93,24 @@ def test_whole_call_has_no_host_sync_and_replays_in_a_cuda_graph():
 
 
 @GPU
+def test_a_graph_captured_on_a_layouts_first_call_leaves_no_unwritten_cache():
+    warm = rf.VideoLayout(2, 8, 16)  # compiles the kernels outside the capture
+    rf.sparse_attention(*_qkv("cuda", torch.bfloat16, heads=(4, 2), dim=128, layout=warm), warm)
+    layout = rf.VideoLayout(3, 9, 13)  # no other test uses it: its permutation is first built under capture
+    q, k, v = _qkv("cuda", torch.bfloat16, heads=(4, 2), dim=128, layout=layout)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rf.sparse_attention(q, k, v, layout)
+    eager = rf.sparse_attention(q, k, v, layout)  # before any replay has written what the capture allocated
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    perm = rf.build_permutation(layout, "cuda")
+    assert torch.equal(perm.indices.cpu(), rf.build_permutation(layout, "cpu").indices)
+
+
+@GPU
 def test_compiled_fullgraph_on_gpu_with_triton():
     q, k, v = _qkv("cuda", torch.bfloat16, heads=(4, 2), dim=128, layout=WAN_SMALL)
     compiled = torch.compile(lambda q, k, v: rf.sparse_attention(q, k, v, WAN_SMALL, backend="triton"), fullgraph=True)
