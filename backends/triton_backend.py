@@ -49,7 +49,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if kernel != "triton":
-        reason = _ws_unavailable_reason(q, block_mask.block_size)
+        reason = _ws_unavailable_reason(q, out, block_mask.block_size)
         if reason is None:
             _run_ws(q, k, v, block_mask, scale, order, out)
             return out
@@ -59,11 +59,11 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     return out
 
 
-def _ws_unavailable_reason(q, mask_block: int) -> str | None:
+def _ws_unavailable_reason(q, out, mask_block: int) -> str | None:
     if _interpreting():
         return "the Triton interpreter does not run Gluon kernels"
-    if q.stride(-1) != 1:
-        return "q needs a unit stride along the head dim"
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        return "q and out need a unit stride along the head dim"
     try:
         ws = importlib.import_module("rainfusion_core.backends.gluon_attention")
     except (ImportError, AttributeError) as exc:  # Gluon is experimental: absent or renamed in some Triton releases

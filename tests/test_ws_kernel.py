@@ -108,6 +108,18 @@ def test_ws_is_the_default_on_hopper_and_its_copies_stay_small():
                                rtol=0, atol=0)
 
 
+@ON_HOPPER
+def test_ws_refuses_an_output_with_a_strided_head_dim_and_auto_uses_the_triton_kernel():
+    layout, q, k, v, mask = _problem("gqa4-text", torch.bfloat16)
+    order = rf.build_permutation(layout, DEVICE).indices
+    out = torch.empty(*q.shape[:-1], 2 * q.shape[-1], device=DEVICE, dtype=q.dtype)[..., ::2]
+    with pytest.raises(ValueError, match="q and out need a unit stride along the head dim"):
+        block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, out=out, kernel="ws")
+    block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, out=out)
+    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws"),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("q_heads, kv_heads", [(12, 12), (40, 40), (6, 6), (8, 2), (8, 1), (1, 1), (3, 3)])
 def test_head_chunks_keep_copies_within_a_third_of_qkv(q_heads, kv_heads):
     step = triton_backend._ws_head_chunks(q_heads, kv_heads)
