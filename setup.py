@@ -58,7 +58,7 @@ setup(
     package_dir={"rainfusion_core": "rainfusion_core", "rainfusion_core.backends": "backends"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "triton>=3.0", "diffusers>=0.33"],
         "diffusers": ["diffusers>=0.33"],

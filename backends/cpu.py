@@ -26,6 +26,16 @@ def _load_kernel():
         )
 
 
+def kernel_description() -> str:
+    """What the built kernel runs with, e.g. ``"AVX2 FMA, OpenMP, 2 threads"``; why not, when it is not built."""
+    kernel, reason = _load_kernel()
+    if kernel is None:
+        return f"not built: {reason}"
+    isa = kernel.instruction_set() if hasattr(kernel, "instruction_set") else "unknown instruction set"
+    threads = f"OpenMP, {torch.get_num_threads()} threads" if kernel.has_openmp() else "no OpenMP, 1 thread"
+    return f"{isa}, {threads}"
+
+
 class CpuBackend(Backend):
     """Block-sparse flash attention in C++ with OpenMP; the fast path on machines without an accelerator."""
 

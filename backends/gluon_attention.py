@@ -41,13 +41,20 @@ LOADER_REGS: gl.constexpr = gl.constexpr(24)
 
 
 @gluon.jit
-def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, row0,
+def _kept_start(kept, t, n_blocks, BLOCK_N: gl.constexpr):
+    """First key row of the ``t``-th kept block, its index clamped to ``[0, n_blocks)``: a mask edited
+    after its checks can never move a TMA copy outside k and v."""
+    return gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1) * BLOCK_N
+
+
+@gluon.jit
+def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
             STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
     """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed."""
     for t in range(n):
         slot = t % STAGES
         phase = (t // STAGES) & 1
-        start = gl.load(kept + t) * BLOCK_N
+        start = _kept_start(kept, t, n_blocks, BLOCK_N)
         # -- slots start out free: the first wait on an empty barrier passes at once
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
@@ -71,7 +78,7 @@ def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks, qk_scale,
               q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order."""
@@ -104,7 +111,8 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kept) * BLOCK_N, kv_len, qk_scale, s_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, 0, n_blocks, BLOCK_N), kv_len, qk_scale,
+                                      s_layout, BLOCK_N)
 
         for t in range(0, n - 1):
             # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
@@ -120,8 +128,8 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kept + t + 1) * BLOCK_N, kv_len, qk_scale,
-                                          s_layout, BLOCK_N)
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, t + 1, n_blocks, BLOCK_N), kv_len,
+                                          qk_scale, s_layout, BLOCK_N)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(cur), count=1)
 
@@ -146,7 +154,7 @@ def block_sparse_attention_fwd_ws(
     Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-    q_heads, kv_heads, q_len, kv_len, qk_scale,
+    q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row."""
@@ -159,8 +167,8 @@ def block_sparse_attention_fwd_ws(
     q_off = b64 * stride_qb + h * stride_qh
     o_off = b64 * stride_ob + h * stride_oh
 
-    # -- this block's mask row: n kept tiles, their block indices at `kept`
-    n = gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m)
+    # -- this block's mask row: n kept tiles (clamped to the row's length), their block indices at `kept`
+    n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
     kept = KV_INDICES + b64 * stride_ib + h * stride_ih + pid_m * stride_ir
     row0 = (b * kv_heads + h // GROUP) * kv_len
 
@@ -182,13 +190,15 @@ def block_sparse_attention_fwd_ws(
 
     m0 = pid_m * (2 * ROWS)
     gl.warp_specialize([
-        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks,
+                     qk_scale,
                      q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                      0, HEAD_DIM, BLOCK_N, STAGES)),
-        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, qk_scale,
+        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks,
+                     qk_scale,
                      q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                      1, HEAD_DIM, BLOCK_N, STAGES)),
-        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, row0,
+        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    STAGES, BLOCK_N)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
@@ -218,7 +228,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float) -> None:
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
-        heads, kv_heads, q_len, kv_len, scale * 1.4426950408889634,
+        heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=STAGES,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )

@@ -24,9 +24,10 @@ def masked_attention(
 
     Shapes: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` (strided views are
     fine), ``block_mask [B, Hq, NQ, NK]``; returns ``[B, Hq, Sq, D]`` in
-    ``q.dtype``. Scores and ``P @ V`` run in the input dtype, the softmax in
-    float32 (float64 for float64 inputs), as a flash kernel would. A query row
-    whose block keeps no key block is zero.
+    ``q.dtype``. Scores and the softmax run in float32 (float64 for float64
+    inputs), so ``q . k`` beyond the input dtype's range stays finite, as in a
+    flash kernel's float32 accumulator; ``P @ V`` runs in the input dtype. A
+    query row whose block keeps no key block is zero.
     """
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -36,11 +37,11 @@ def masked_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     q_grouped = q.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Sq, D]
-    k_t = k.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, Sk]
+    k_t = k.to(softmax_dtype).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, Sk]
     v_b = v.unsqueeze(2)  # [B, Hkv, 1, Sk, D]
     for start, stop in query_chunks(q_len, kv_len, batch * q_heads, bs, chunk_elements):
-        # --- scores of this chunk of query rows against every key
-        scores = (q_grouped[:, :, :, start:stop] @ k_t).to(softmax_dtype) * scale  # [B, Hkv, G, rows, Sk]
+        # --- scores of this chunk of query rows against every key, accumulated in float32 or wider
+        scores = (q_grouped[:, :, :, start:stop].to(softmax_dtype) @ k_t) * scale  # [B, Hkv, G, rows, Sk]
         keep = block_mask.token_mask(start, stop).unflatten(1, (kv_heads, group))
         scores = scores.masked_fill(~keep, float("-inf"))
         # --- softmax over kept keys; rows with no kept key are zeros, not NaN

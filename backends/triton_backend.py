@@ -124,6 +124,8 @@ def _run_triton(q, k, v, block_mask, scale, order, out, *, gather_kv, config, us
     kernels = importlib.import_module("rainfusion_core.backends.triton_kernels")
     batch, q_heads, q_len, head_dim = q.shape
     mask_block = block_mask.block_size
+    if block_mask.kv_indices.shape[2:] == (1, 1):  # one block each side: any block size >= the lengths is
+        mask_block = min(mask_block, -(-max(q_len, k.shape[2]) // 128) * 128)  # the same; work follows S
     gather_q = order is not None
     gather_kv = gather_q and gather_kv
     config = config or kernels.pick_config(head_dim, q.dtype, mask_block, gather_kv=gather_kv)

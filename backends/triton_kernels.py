@@ -86,18 +86,23 @@ def _token_rows(order, offs, ok, GATHER: tl.constexpr, CHECK: tl.constexpr):
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, kept, first, last, k_base, v_base, desc_k, desc_v, order, b, kv_h,
+    acc, l_i, m_i, q, kept, first, last, max_block, k_base, v_base, desc_k, desc_v, order, b, kv_h,
     stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GATHER_KV: tl.constexpr, RAGGED: tl.constexpr,
 ):
-    """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``."""
+    """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``.
+
+    Every block index read from the mask is clamped to ``[0, max_block]``, so even a mask edited
+    after its checks never moves a load outside k and v.
+    """
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # -- one flat loop over the kept tiles, so the pipeliner can prefetch across blocks
     for t in range(first, last):
-        start = tl.load(kept + t // TILES) * MASK_BLOCK + (t % TILES) * BLOCK_N
+        block = tl.minimum(tl.maximum(tl.load(kept + t // TILES), 0), max_block)
+        start = block * MASK_BLOCK + (t % TILES) * BLOCK_N
         start = tl.multiple_of(start, BLOCK_N)
         offs_k = start + offs_n
         k_ok = offs_k < kv_len
@@ -170,14 +175,17 @@ def block_sparse_attention_fwd(
     q = _load_tile(q_base, desc_q, [b, h, pid_m * BLOCK_M, 0], rows_m, m_ok, stride_qs, offs_d, stride_qd,
                    HEAD_DIM, BLOCK_M, TMA_Q, True)
 
-    # -- this tile's mask row: how many key blocks, and which
+    # -- this tile's mask row: how many key blocks, and which (count clamped to the row's length)
     mask_row = (b * q_heads + h) * mask_rows + (pid_m * BLOCK_M) // MASK_BLOCK
-    count = tl.load(KV_COUNTS + mask_row)
+    count = tl.minimum(tl.maximum(tl.load(KV_COUNTS + mask_row), 0), mask_cols)
     kept = KV_INDICES + mask_row.to(tl.int64) * mask_cols
     # The ragged last key block, if kept, is the last entry (indices ascend): only it needs bounds checks.
+    # The unchecked loop runs over whole blocks only: at most kv_len // MASK_BLOCK of them, each clamped
+    # below that bound, so no index a mask holds can make it read past kv_len.
     last_block = tl.load(kept + tl.maximum(count - 1, 0))
     ragged = (count > 0) & (last_block == mask_cols - 1) & (kv_len % MASK_BLOCK != 0)
-    even = count - ragged.to(tl.int32)
+    full_blocks = kv_len // MASK_BLOCK
+    even = tl.minimum(count - ragged.to(tl.int32), full_blocks)
 
     k_base = K + b64 * stride_kb + kv_h * stride_kh
     v_base = V + b64 * stride_vb + kv_h * stride_vh
@@ -186,12 +194,13 @@ def block_sparse_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     TILES: tl.constexpr = MASK_BLOCK // BLOCK_N
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, 0, even * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
+        acc, l_i, m_i, q, kept, 0, even * TILES, full_blocks - 1, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
         HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=False,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, kept, even * TILES, count * TILES, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
+        acc, l_i, m_i, q, kept, even * TILES, count * TILES, mask_cols - 1, k_base, v_base, desc_k, desc_v,
+        ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
         HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=True,
     )

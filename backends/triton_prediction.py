@@ -92,9 +92,10 @@ def block_means(x: torch.Tensor, block_size: int, order: torch.Tensor | None) ->
     batch, heads, length, head_dim = x.shape
     n_blocks = triton.cdiv(length, block_size)
     out = torch.empty((batch, heads, n_blocks, head_dim), dtype=torch.float32, device=x.device)
+    block = block_size if n_blocks > 1 else length  # one block: the same mean, and work follows S
     block_means_kernel[(n_blocks, batch * heads)](
         x, x if order is None else order, out, *x.stride(), heads, length, n_blocks,
-        HEAD_DIM=head_dim, BLOCK=block_size, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS,
+        HEAD_DIM=head_dim, BLOCK=block, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS,
         GATHER=order is not None, num_warps=4,
     )
     return out

@@ -25,6 +25,29 @@ Strides4 element_strides(const py::array_t<T, 0>& x, const char* name) {
   return {s[0], s[1], s[2], s[3]};
 }
 
+std::string position(int64_t row, int64_t heads, int64_t nq) {
+  return "[" + std::to_string(row / (heads * nq)) + ", " + std::to_string(row / nq % heads) + ", " +
+         std::to_string(row % nq);
+}
+
+// Every count in [0, nk] and every kept index in [0, nk): the kernel then reads only inside its inputs.
+// O(B * Hq * NQ * NK), run before any thread starts.
+void check_mask(const int32_t* counts, const int32_t* indices, int64_t batch, int64_t heads, int64_t nq,
+                int64_t nk) {
+  for (int64_t row = 0; row < batch * heads * nq; ++row) {
+    const int32_t count = counts[row];
+    if (count < 0 || count > nk)
+      throw std::invalid_argument("kv_counts" + position(row, heads, nq) + "] = " + std::to_string(count) +
+                                  " is outside [0, NK=" + std::to_string(nk) + "]");
+    for (int32_t c = 0; c < count; ++c) {
+      const int32_t index = indices[row * nk + c];
+      if (index < 0 || index >= nk)
+        throw std::invalid_argument("kv_indices" + position(row, heads, nq) + ", " + std::to_string(c) + "] = " +
+                                    std::to_string(index) + " is outside [0, NK=" + std::to_string(nk) + ")");
+    }
+  }
+}
+
 template <typename T>
 void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::array_t<T, 0> out,
              py::array_t<int32_t, py::array::c_style> kv_counts,
@@ -47,6 +70,7 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
   if (kv_counts.size() != a.batch * a.q_heads * nq || kv_indices.size() != a.batch * a.q_heads * nq * nk)
     throw std::invalid_argument("kv_counts/kv_indices do not match [B, Hq, NQ(, NK)] for this block_size");
   if (!out.writeable()) throw std::invalid_argument("out must be writeable");
+  check_mask(kv_counts.data(), kv_indices.data(), a.batch, a.q_heads, nq, nk);
   a.q = q.data(), a.k = k.data(), a.v = v.data(), a.out = out.mutable_data();
   a.kv_counts = kv_counts.data(), a.kv_indices = kv_indices.data();
   a.block_size = block_size, a.scale = static_cast<T>(scale), a.num_threads = num_threads;
@@ -62,4 +86,9 @@ PYBIND11_MODULE(_cpu_kernel, m) {
   m.def("forward", &forward<float>, doc);
   m.def("forward", &forward<double>, doc);
   m.def("has_openmp", &rainfusion::has_openmp);
+  m.def("instruction_set", [] {
+    std::string isa = rainfusion::instruction_set();
+    while (!isa.empty() && isa.back() == ' ') isa.pop_back();
+    return isa.empty() ? std::string("scalar") : isa;
+  });
 }

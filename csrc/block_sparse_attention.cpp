@@ -108,7 +108,8 @@ PackedKV<T> pack_kv(const AttentionArgs<T>& a, int threads) {
   PackedKV<T> p;
   const int64_t bs = a.block_size, nk = (a.kv_len + bs - 1) / bs;
   p.dp = padded_dim<T>(a.head_dim);
-  p.tiles_per_block = (bs + KT - 1) / KT;
+  // A block never holds more keys than the sequence: memory follows kv_len, not block_size.
+  p.tiles_per_block = (std::min(bs, a.kv_len) + KT - 1) / KT;
   p.tiles = nk * p.tiles_per_block;
   const int64_t total = a.batch * a.kv_heads * p.tiles;
   p.kt.assign(total * p.dp * KT, T(0));
@@ -265,7 +266,7 @@ template <typename T>
 void block_sparse_attention_forward(const AttentionArgs<T>& a) {
   const int64_t bs = a.block_size;
   const int64_t nq = (a.q_len + bs - 1) / bs;
-  const int64_t slices = (bs + QR - 1) / QR;
+  const int64_t slices = (std::min(bs, a.q_len) + QR - 1) / QR;  // work follows q_len, not block_size
   const int64_t items = a.batch * a.q_heads * nq * slices;
 #ifdef _OPENMP
   const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
@@ -299,6 +300,29 @@ bool has_openmp() {
 #else
   return false;
 #endif
+}
+
+const char* instruction_set() {
+  return ""
+#if defined(__AVX512F__)
+         "AVX-512F "
+#elif defined(__AVX2__)
+         "AVX2 "
+#elif defined(__AVX__)
+         "AVX "
+#elif defined(__SSE2__)
+         "SSE2 "
+#endif
+#if defined(__FMA__)
+         "FMA "
+#endif
+#if defined(__ARM_FEATURE_SVE)
+         "SVE "
+#endif
+#if defined(__ARM_NEON)
+         "NEON "
+#endif
+         "";
 }
 
 template void block_sparse_attention_forward<float>(const AttentionArgs<float>&);

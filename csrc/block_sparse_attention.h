@@ -14,6 +14,8 @@ struct Strides4 {
 //   q   [B, Hq, Sq, D], k/v [B, Hkv, Sk, D], out [B, Hq, Sq, D]; any element strides.
 //   kv_counts  int32 [B, Hq, NQ]      (contiguous)
 //   kv_indices int32 [B, Hq, NQ, NK]  (contiguous), ascending, left-packed.
+// The kernel trusts every count to be in [0, NK] and every kept index in [0, NK):
+// callers check that first (the Python binding does, in O(B * Hq * NQ * NK)).
 // Query head h reads key/value head h / (Hq / Hkv). Rows whose block keeps no key
 // block are written as zeros.
 template <typename T>
@@ -36,5 +38,8 @@ void block_sparse_attention_forward(const AttentionArgs<T>& args);
 
 // True when the library was compiled with OpenMP.
 bool has_openmp();
+
+// The vector instruction sets the kernel was compiled for, e.g. "AVX2 FMA" or "AVX-512F FMA".
+const char* instruction_set();
 
 }  // namespace rainfusion

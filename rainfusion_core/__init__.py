@@ -1,23 +1,40 @@
 """rainfusion_core: hardware-portable RainFusion2.0 block-sparse attention.
 
-Importing the package does no work beyond defining names: backends, plugins
-and accelerator stacks are loaded on first use.
+Importing the package does no work: every public name is loaded from its
+module on first use (PEP 562), so ``rainfusion --help`` never imports torch,
+and backends, plugins and accelerator stacks load only when a call needs them.
 """
-from .api import SparseAttentionPlan, block_sparse_attention, plan_sparse_attention, sparse_attention
-from .backend import Backend
-from .block_mask import BlockMask
-from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
-from .layout import VideoLayout
-from .permutation import Permutation, build_permutation
-from .prediction import block_means, predict_block_mask
-from .registry import BackendInfo, get_backend, list_backends, register_backend, unregister_backend
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Backend", "BackendError", "BackendInfo", "BackendUnavailableError", "BlockMask", "Permutation",
-    "SparseAttentionPlan", "plan_sparse_attention",
-    "UnknownBackendError", "UnsupportedInputError", "VideoLayout", "block_means", "block_sparse_attention",
-    "build_permutation", "get_backend", "list_backends", "predict_block_mask", "register_backend",
-    "sparse_attention", "unregister_backend",
-]
+_EXPORTS = {
+    "SparseAttentionPlan": "api", "block_sparse_attention": "api", "plan_sparse_attention": "api",
+    "sparse_attention": "api",
+    "Backend": "backend",
+    "BlockMask": "block_mask",
+    "BackendError": "errors", "BackendUnavailableError": "errors", "UnknownBackendError": "errors",
+    "UnsupportedInputError": "errors",
+    "VideoLayout": "layout",
+    "Permutation": "permutation", "build_permutation": "permutation",
+    "block_means": "prediction", "predict_block_mask": "prediction",
+    "BackendInfo": "registry", "get_backend": "registry", "list_backends": "registry",
+    "register_backend": "registry", "unregister_backend": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rainfusion_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,10 +1,23 @@
 """Input checks shared by the public entry points; each error names the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 TENSOR_LAYOUTS = ("BNSD", "BSND")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest accepted softmax scale. Beyond it ``scale * q.k`` leaves float32's range for
+#: ordinary half-precision inputs and every row of the softmax becomes NaN.
+MAX_SCALE = 1e6
+
+
+def check_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; a bool, float or anything else is refused naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
 
 
 def describe(x) -> str:
@@ -20,6 +33,9 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must be a 4-D tensor (B, H, S, D), got {describe(x)}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.dtype must be one of float16/bfloat16/float32/float64, got {x.dtype}")
+        for dim, what in ((0, "batch size"), (1, "number of heads"), (2, "sequence length"), (3, "head dim")):
+            if x.shape[dim] == 0:
+                raise ValueError(f"{name} has {what} 0 (shape {tuple(x.shape)}, (B, H, S, D)); it must be >= 1")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
@@ -70,9 +86,7 @@ def check_sparsity(sparsity) -> float:
 
 
 def check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return block_size
+    return check_int("block_size", block_size)
 
 
 def check_tensor_layout(tensor_layout) -> str:
@@ -82,8 +96,10 @@ def check_tensor_layout(tensor_layout) -> str:
 
 
 def default_scale(scale, head_dim: int) -> float:
+    """``head_dim ** -0.5`` for ``None``; else ``scale`` if it is a finite float in ``(0, MAX_SCALE]``."""
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+            or not 0 < scale <= MAX_SCALE):
+        raise ValueError(f"scale must be None or a finite float in (0, {MAX_SCALE:g}], got {scale!r}")
     return float(scale)

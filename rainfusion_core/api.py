@@ -10,7 +10,7 @@ from .backend import Backend
 from .block_mask import BlockMask
 from .layout import VideoLayout
 from .ops import attend, block_sparse_attention_op
-from .permutation import Permutation, build_permutation
+from .permutation import Permutation, build_permutation, cached_permutation
 from .prediction import predict_mask
 from .registry import select_backend
 
@@ -36,7 +36,7 @@ def block_sparse_attention(
     check_mask_matches(q, k, block_mask)
     scale = default_scale(scale, q.shape[-1])
     if isinstance(backend, Backend):  # an object cannot cross the op boundary: call it directly (eager)
-        return select_backend(backend, q, k, v, block_mask).forward(q, k, v, block_mask, scale)
+        return attend(select_backend(backend, q, k, v, block_mask), q, k, v, block_mask, scale)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
     return block_sparse_attention_op(
@@ -115,8 +115,8 @@ def _attend(plan: SparseAttentionPlan, q, k, v) -> torch.Tensor:
     )
 
 
-def _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink, share_batch_mask):
-    perm = build_permutation(layout, q.device)
+def _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink, share_batch_mask,
+          perm: Permutation):
     mask = predict_mask(
         q, k, layout, perm.indices, sparsity=sparsity, block_size=block_size, first_frame_sink=first_frame_sink,
         scale=scale, share_batch_mask=share_batch_mask, backend=backend,
@@ -140,7 +140,7 @@ def plan_sparse_attention(
     """Predict the RainFusion2.0 mask of q, k (model order) once, for :meth:`SparseAttentionPlan.run`."""
     q, k, _ = _as_bnsd(q, k, k, layout, tensor_layout)
     return _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                 share_batch_mask)
+                 share_batch_mask, build_permutation(layout, q.device))  # the plan's own copy: it is public
 
 
 def sparse_attention(
@@ -169,5 +169,5 @@ def sparse_attention(
     """
     q, k, v = _as_bnsd(q, k, v, layout, tensor_layout)
     plan = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                 share_batch_mask)
+                 share_batch_mask, cached_permutation(layout, q.device))  # never leaves this call
     return _attend(plan, q, k, v)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import describe
 from .block_mask import BlockMask
+from .errors import BackendError
 
 
 class Backend:
@@ -77,7 +79,7 @@ class Backend:
         copies, run :meth:`forward`, scatter its rows back.
         """
         permuted = [x.index_select(2, order) for x in (q, k, v)]
-        out.index_copy_(2, order, self.forward(*permuted, block_mask, scale))
+        out.index_copy_(2, order, checked_output(self, self.forward(*permuted, block_mask, scale), permuted[0]))
 
     def block_means(self, x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
         """float32 means of each ``block_size`` run of the permuted rows of ``x [B, H, S, D]``.
@@ -107,3 +109,15 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device_types={self.device_types} priority={self.priority}>"
+
+
+def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
+    """``out`` if it is what :meth:`Backend.forward` must return for ``q``; else an error naming the backend."""
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype
+            or out.device != q.device):
+        where = f" on {out.device}" if isinstance(out, torch.Tensor) else ""
+        raise BackendError(
+            f"backend {backend.name!r} returned {describe(out)}{where} from forward(); expected a {q.dtype} "
+            f"tensor of shape {tuple(q.shape)} on {q.device}"
+        )
+    return out

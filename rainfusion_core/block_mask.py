@@ -1,11 +1,11 @@
 """``BlockMask``: which (query block, key block) tiles of attention are computed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import describe
+from ._checks import check_int, describe
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -14,14 +14,22 @@ def num_blocks(length: int, block_size: int) -> int:
 
 
 def query_chunks(q_len: int, kv_len: int, batch_heads: int, block_size: int, chunk_elements: int):
-    """``(start, stop)`` query row ranges, whole blocks each, with about ``chunk_elements`` scores per chunk.
+    """``(start, stop)`` query row ranges with at most about ``chunk_elements`` scores per chunk.
 
     Lets a dense-score computation (reference attention, recall) stay at
-    ``O(chunk x kv_len)`` memory instead of ``O(q_len x kv_len)``.
+    ``O(chunk x kv_len)`` memory instead of ``O(q_len x kv_len)``. Chunks are
+    whole blocks when a block's scores fit, single rows at the least.
     """
-    rows = max(block_size, chunk_elements // max(1, batch_heads * kv_len) // block_size * block_size)
+    rows = max(1, chunk_elements // max(1, batch_heads * kv_len))
+    if rows >= block_size:
+        rows = rows // block_size * block_size
     for start in range(0, q_len, rows):
         yield start, min(q_len, start + rows)
+
+
+#: Marks a mask the library built itself (correct by construction): its contents are not re-checked.
+_TRUSTED = object()
+_FIELDS = ("dense", "kv_counts", "kv_indices")
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,20 +42,37 @@ class BlockMask:
     Attributes:
         dense: bool ``[B, H, NQ, NK]``; ``dense[b, h, i, j]`` keeps the tile of
             query block ``i`` and key block ``j``.
-        kv_counts: int32 ``[B, H, NQ]``; kept key blocks of each query block row.
+        kv_counts: int32 ``[B, H, NQ]``; kept key blocks of each query block row,
+            in ``[0, NK]``.
         kv_indices: int32 ``[B, H, NQ, NK]``; the kept key blocks of each row in
-            ascending order, left-packed: entries ``[..., :kv_counts]`` are
-            valid, entries past the count are unspecified.
+            strictly ascending order, left-packed: entries ``[..., :kv_counts]``
+            are valid block indices in ``[0, NK)``, entries past the count are
+            unspecified.
         block_size: tokens per block, on both the query and key side.
         q_len: query tokens ``Sq``; the last query block holds
             ``q_len - (NQ - 1) * block_size`` of them.
         kv_len: key tokens ``Sk``; likewise for the last key block.
 
-    Invariants (checked on construction): the three tensors share a device,
-    their leading shapes agree, ``NQ`` and ``NK`` match the lengths. A row with
-    no kept block is legal; its output rows are zeros. Build one with
-    :meth:`from_dense`, which derives the index view from the dense view
-    without synchronising with the host.
+    Invariants: the three tensors share a device, their leading shapes agree,
+    ``NQ`` and ``NK`` match the lengths, and the two views describe the same
+    pattern (row ``i`` of ``dense`` is true exactly at ``kv_indices[..., i,
+    :kv_counts[..., i]]``). A row with no kept block is legal; its output rows
+    are zeros.
+
+    Which constructors check what:
+
+    * ``BlockMask(dense, kv_counts, kv_indices, ...)`` checks everything,
+      contents included: an index out of range, a row that does not ascend (or
+      repeats a block), a count outside ``[0, NK]`` or a ``dense`` view that
+      disagrees is refused with the field and the first bad position. Checking
+      contents reads them on the host (one synchronisation).
+    * :meth:`from_dense`, :meth:`to`, and the masks the library predicts derive
+      the index view themselves, are correct by construction, and check only
+      shapes, dtypes and devices, without synchronising with the host.
+
+    Kernels still guard every index they load, so a mask whose tensors are
+    changed in place after construction can give a wrong answer but never
+    makes a kernel read or write out of bounds.
     """
 
     dense: torch.Tensor
@@ -56,12 +81,15 @@ class BlockMask:
     block_size: int
     q_len: int
     kv_len: int
+    _origin: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "q_len", "kv_len"):
+            check_int(f"BlockMask.{name}", getattr(self, name))
+        for name in _FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BlockMask.{name} must be a positive int, got {value!r}")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"BlockMask.{name} must be a torch.Tensor, got {describe(value)}")
         nq, nk = num_blocks(self.q_len, self.block_size), num_blocks(self.kv_len, self.block_size)
         if self.dense.dtype != torch.bool or self.dense.dim() != 4:
             raise ValueError(
@@ -86,6 +114,8 @@ class BlockMask:
                 raise ValueError(
                     f"BlockMask.{name} is on {tensor.device} but dense is on {self.dense.device}"
                 )
+        if self._origin is not _TRUSTED:
+            _check_contents(self.dense, self.kv_counts, self.kv_indices)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -106,7 +136,7 @@ class BlockMask:
         slot = torch.where(mask, kept_rank - 1, counts + other_rank - 1).long()
         blocks = torch.arange(mask.shape[-1], dtype=torch.int32, device=mask.device).expand_as(slot)
         indices = torch.empty_like(blocks).scatter_(-1, slot, blocks)
-        return cls(mask, counts.squeeze(-1), indices, block_size, q_len, kv_len)
+        return cls(mask, counts.squeeze(-1), indices, block_size, q_len, kv_len, _TRUSTED)
 
     # ------------------------------------------------------------------ views
     @property
@@ -136,16 +166,15 @@ class BlockMask:
     def to(self, device: torch.device | str) -> "BlockMask":
         return BlockMask(
             self.dense.to(device), self.kv_counts.to(device), self.kv_indices.to(device),
-            self.block_size, self.q_len, self.kv_len,
+            self.block_size, self.q_len, self.kv_len, self._origin,
         )
 
     def token_mask(self, q_start: int = 0, q_end: int | None = None) -> torch.Tensor:
         """Bool ``[B, H, q_end - q_start, kv_len]`` token mask of query rows ``[q_start, q_end)``."""
         q_end = self.q_len if q_end is None else q_end
-        bs = self.block_size
-        rows = self.dense[:, :, q_start // bs : num_blocks(q_end, bs)]
-        rows = rows.repeat_interleave(bs, dim=2)[:, :, q_start % bs : q_start % bs + q_end - q_start]
-        return rows.repeat_interleave(bs, dim=3)[..., : self.kv_len]
+        rows = torch.arange(q_start, q_end, device=self.device) // self.block_size
+        cols = torch.arange(self.kv_len, device=self.device) // self.block_size
+        return self.dense[:, :, rows][..., cols]  # memory follows the token counts, never block_size
 
     def to_flex_block_mask(self):
         """The same pattern as a ``torch.nn.attention.flex_attention.BlockMask``.
@@ -175,10 +204,55 @@ class BlockMask:
         )
 
 
+def trusted_mask(dense, kv_counts, kv_indices, block_size: int, q_len: int, kv_len: int) -> BlockMask:
+    """A :class:`BlockMask` the library built itself: shapes are checked, contents are not."""
+    return BlockMask(dense, kv_counts, kv_indices, block_size, q_len, kv_len, _TRUSTED)
+
+
+def _first(bad: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_contents(dense: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
+    """Refuse an index view that is out of range, not strictly ascending, or not the ``dense`` view."""
+    nk = dense.shape[-1]
+    counts, indices = kv_counts.long(), kv_indices.long()
+    bad = (counts < 0) | (counts > nk)
+    if bad.any():
+        at = _first(bad)
+        raise ValueError(f"BlockMask.kv_counts{list(at)} = {int(counts[at])} is outside [0, NK={nk}]")
+    live = torch.arange(nk, device=dense.device) < counts[..., None]  # the slots [..., :count]
+    bad = live & ((indices < 0) | (indices >= nk))
+    if bad.any():
+        at = _first(bad)
+        raise ValueError(f"BlockMask.kv_indices{list(at)} = {int(indices[at])} is outside [0, NK={nk}) "
+                         f"(kv_counts{list(at[:3])} = {int(counts[at[:3]])})")
+    bad = live[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
+    if bad.any():
+        at = _first(bad)
+        at = (*at[:3], at[3] + 1)
+        raise ValueError(
+            f"BlockMask.kv_indices{list(at)} = {int(indices[at])} does not follow "
+            f"{int(indices[(*at[:3], at[3] - 1)])}: each row's first kv_counts entries must be strictly "
+            "ascending (no repeated block)"
+        )
+    rebuilt = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
+    rebuilt.scatter_add_(-1, torch.where(live, indices, 0), live.to(torch.int32))
+    bad = rebuilt.bool() != dense
+    if bad.any():
+        at = _first(bad)
+        held = "keeps" if bool(dense[at]) else "does not keep"
+        listed = "does not list" if bool(dense[at]) else "lists"
+        raise ValueError(
+            f"BlockMask.dense{list(at)} {held} key block {at[3]} but kv_indices[{', '.join(map(str, at[:3]))}, "
+            f":kv_counts] {listed} it: the two views must describe the same pattern"
+        )
+
+
 def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Tensor:
     sizes = torch.full((num_blocks(length, block_size),), float(block_size), dtype=torch.float64, device=device)
     sizes[-1] = length - (sizes.numel() - 1) * block_size
     return sizes
 
 
-__all__ = ["BlockMask", "num_blocks", "query_chunks"]
+__all__ = ["BlockMask", "num_blocks", "query_chunks", "trusted_mask"]

@@ -6,19 +6,129 @@
     rainfusion bench [--shape B,H,T,Hh,W,D] [--plot out.png]
     rainfusion mask --frames 4 --height 16 --width 24 --out mask.png
     rainfusion evaluate (--qkv FILE | --synthetic F,H,W) [--plot recall.png]
+
+Parsing imports nothing heavy: torch loads only when a command runs, so
+``--help`` is instant. Every error is one line naming the option, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import torch
-
-from . import registry
-from .errors import BackendError
+DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+PRESETS = {"small": (1, 4, 8, 16, 32, 64), "wan1.3b": (1, 12, 21, 30, 52, 128), "wan14b": (1, 40, 21, 45, 80, 128)}
 
 
+class UsageError(Exception):
+    """A bad option value found after parsing; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- option types
+def _ints(count: int, what: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or any(x < 1 for x in values):
+            raise argparse.ArgumentTypeError(f"expected {count} positive integers {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _sparsities(text: str) -> list[float]:
+    return [_sparsity(part) for part in text.split(",")]
+
+
+def _dtypes(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown[0]!r}; expected some of {', '.join(DTYPE_NAMES)}")
+    return names
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+# --------------------------------------------------------------------------- run-time checks
+def _device(option: str, spec: str | None, default: str | None = None) -> str:
+    """``spec`` (or ``default``, else the best device present) after checking that the device exists."""
+    import torch
+
+    from .registry import require_device
+
+    spec = spec or default or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        require_device(spec)
+    except Exception as exc:  # ValueError for a malformed string, BackendUnavailableError for a missing device
+        raise UsageError(f"{option} {spec}: {exc}") from None
+    return spec
+
+
+def _input_file(option: str, path: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"{option} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory, expected a file written by save_qkv")
+    return path
+
+
+def _output_png(option: str, path: str) -> str:
+    """The path a PNG will really be written to: refuse a directory, add ``.png`` when there is no suffix."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory; give a file name such as {os.path.join(path, 'out.png')}")
+    if not os.path.splitext(path)[1]:
+        path += ".png"
+    if os.path.splitext(path)[1].lower() != ".png":
+        raise UsageError(f"{option} {path}: expected a .png file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: the folder {parent} does not exist")
+    return path
+
+
+def _backend_line(spec, q, k, v, mask) -> str:
+    """Which backend runs this call, and for the C++ one what it runs with."""
+    from .registry import select_backend
+
+    chosen = select_backend(spec, q, k, v, mask)
+    if chosen.name == "cpu":
+        from .backends.cpu import kernel_description
+
+        return f"backend cpu ({kernel_description()})"
+    return f"backend {chosen.name}"
+
+
+# --------------------------------------------------------------------------- commands
 def _devices() -> list[str]:
+    import torch
+
     found = ["cpu"]
     if torch.cuda.is_available():
         found += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
@@ -29,6 +139,8 @@ def _devices() -> list[str]:
 
 
 def cmd_info(args) -> int:
+    from . import registry
+
     rows = registry.list_backends()
     width = max(len("backend"), *(len(r.name) for r in rows))
     print(f"{'backend':<{width}} {'devices':<10} {'priority':>8}  {'available':<9}  reason")
@@ -40,19 +152,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    import torch
+
+    from . import registry
     from .testing import DTYPES, check_backend, default_cases
 
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else list(DTYPES)
-    device = args.device
+    if not args.all and not args.backend:
+        raise UsageError("give --backend NAME or --all")
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else list(DTYPES)
+    device = _device("--device", args.device, "cpu") if args.device or args.all else None
     if args.all:
-        device = device or "cpu"
         names = [r.name for r in registry.list_backends()
                  if r.available and registry.get_backend(name=r.name).runs_on(torch.device(device).type)]
-    elif args.backend:
-        names = [args.backend]
     else:
-        print("rainfusion parity: give --backend NAME or --all", file=sys.stderr)
-        return 2
+        names = [args.backend]
     failed = False
     for name in names:
         backend = registry.get_backend(name=name)
@@ -67,44 +180,39 @@ def cmd_parity(args) -> int:
     return 1 if failed else 0
 
 
-PRESETS = {"small": (1, 4, 8, 16, 32, 64), "wan1.3b": (1, 12, 21, 30, 52, 128), "wan14b": (1, 40, 21, 45, 80, 128)}
-
-
 def cmd_bench(args) -> int:
+    import torch
     import torch.nn.functional as F
 
-    from .api import sparse_attention
+    from .api import plan_sparse_attention, sparse_attention
     from .benchmarking import median_ms
     from .layout import VideoLayout
     from .synthetic import video_like_qkv
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.shape:
-        try:
-            batch, heads, frames, height, width, dim = (int(x) for x in args.shape.split(","))
-        except ValueError:
-            print(f"--shape must be six integers B,H,T,Hh,W,D, got {args.shape!r}", file=sys.stderr)
-            return 2
-    else:
-        batch, heads, frames, height, width, dim = PRESETS["wan1.3b" if device.type == "cuda" else "small"]
+    device = torch.device(_device("--device", args.device))
+    preset = "wan1.3b" if device.type == "cuda" else "small"
+    batch, heads, frames, height, width, dim = args.shape or PRESETS[preset]
     layout = VideoLayout(frames, height, width)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = video_like_qkv(layout, heads, dim, batch=batch, device=device, dtype=dtype, seed=0)
-    print(f"bench on {device}: B={batch} H={heads} {frames}x{height}x{width} (S={layout.seq_len}) D={dim} {dtype}",
-          flush=True)
+    print(f"bench on {device}: B={batch} H={heads} {frames}x{height}x{width} (S={layout.seq_len}) D={dim} {dtype}, "
+          "synthetic video-like q/k/v", flush=True)
     dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats=args.repeats)
     print(f"  dense SDPA: {dense_ms:.2f} ms", flush=True)
-    sparsities = [float(s) for s in args.sparsity.split(",")]
     results = []
-    for i, sparsity in enumerate(sparsities, 1):
+    for i, sparsity in enumerate(args.sparsity, 1):
+        plan = plan_sparse_attention(q, k, layout, sparsity=sparsity, backend=args.backend)
+        if i == 1:
+            print(f"  {_backend_line(args.backend, q, k, v, plan.block_mask)}", flush=True)
         ms = median_ms(lambda: sparse_attention(q, k, v, layout, sparsity=sparsity, backend=args.backend),
                        device, repeats=args.repeats)
         results.append(ms)
-        print(f"  [{i}/{len(sparsities)}] sparsity {sparsity:.2f}: {ms:.2f} ms ({dense_ms / ms:.2f}x dense)", flush=True)
+        print(f"  [{i}/{len(args.sparsity)}] sparsity {sparsity:.2f}: density {plan.density:.3f} (kept tiles, "
+              f"first-frame sink included), {ms:.2f} ms ({dense_ms / ms:.2f}x dense)", flush=True)
     if args.plot:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(sparsities, results, "o-", label="rf.sparse_attention")
+        ax.plot(args.sparsity, results, "o-", label="rf.sparse_attention")
         ax.axhline(dense_ms, color="gray", linestyle="--", label="dense SDPA")
         ax.set(xlabel="sparsity", ylabel="ms (median)", title=f"S={layout.seq_len} H={heads} D={dim} on {device}")
         ax.legend()
@@ -115,25 +223,37 @@ def cmd_bench(args) -> int:
 
 
 def cmd_mask(args) -> int:
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     from .layout import VideoLayout
     from .permutation import build_permutation
     from .prediction import predict_block_mask
     from .synthetic import video_like_qkv
 
+    plt = _pyplot()
     layout = VideoLayout(args.frames, args.height, args.width, text_len=args.text_len)
     q, k, _ = video_like_qkv(layout, args.head + 1, 64, seed=0)
     perm = build_permutation(layout)
     mask = predict_block_mask(perm.apply(q, 2), perm.apply(k, 2), layout, sparsity=args.sparsity,
                               block_size=args.block_size)
     image = mask.dense[0, args.head].float().numpy()
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(6, 6.6))
     ax.imshow(image, cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-    ax.set(xlabel="key block", ylabel="query block",
-           title=f"{layout.frames}x{layout.height}x{layout.width}, sparsity {args.sparsity}, density {mask.density:.2f}")
-    fig.tight_layout()
+    ax.set(xlabel=f"key block ({args.block_size} tokens each, permuted order)", ylabel="query block",
+           title=f"{layout.frames}x{layout.height}x{layout.width}, head {args.head}, sparsity {args.sparsity}, "
+                 f"density {mask.density:.2f}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(handles=[Patch(facecolor="black", label="kept (computed)"),
+                       Patch(facecolor="white", edgecolor="gray", label="skipped")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
+    fig.text(0.5, 0.01, "q and k are synthetic video-like activations, not a model's", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(args.out, dpi=120)
-    print(f"{mask.shape[2]}x{mask.shape[3]} blocks, density {mask.density:.3f}; written to {args.out}")
+    plt.close(fig)
+    print(f"{mask.shape[2]}x{mask.shape[3]} blocks of {args.block_size} tokens, density {mask.density:.3f} "
+          f"(black = kept); written to {args.out}")
     return 0
 
 
@@ -143,25 +263,21 @@ def cmd_evaluate(args) -> int:
     from .synthetic import video_dit_qkv
 
     if bool(args.qkv) == bool(args.synthetic):
-        print("rainfusion evaluate: give --qkv FILE or --synthetic F,H,W", file=sys.stderr)
-        return 2
+        raise UsageError("give --qkv FILE or --synthetic F,H,W (one of them)")
     if args.qkv:
-        q, k, v, layout, meta = load_qkv(args.qkv)
+        try:
+            q, k, v, layout, meta = load_qkv(_input_file("--qkv", args.qkv))
+        except ValueError as exc:
+            raise UsageError(f"--qkv {exc}") from None
         source = f"{args.qkv} {meta or ''}".strip()
     else:
-        try:
-            frames, height, width = (int(x) for x in args.synthetic.split(","))
-        except ValueError:
-            print(f"--synthetic must be three integers F,H,W, got {args.synthetic!r}", file=sys.stderr)
-            return 2
-        layout = VideoLayout(frames, height, width)
+        layout = VideoLayout(*args.synthetic)
         q, k, v = video_dit_qkv(layout, args.heads, args.head_dim, seed=args.seed)
         source = f"synthetic video-DiT q/k/v, seed {args.seed}"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device("--device", args.device)
     q, k, v = (x.to(device) for x in (q, k, v))
     print(f"evaluating {source}: {tuple(q.shape)} {q.dtype}, {layout}", flush=True)
-    report = evaluate(q, k, v, layout, sparsities=[float(s) for s in args.sparsity.split(",")],
-                      block_size=args.block_size, backend=args.backend)
+    report = evaluate(q, k, v, layout, sparsities=args.sparsity, block_size=args.block_size, backend=args.backend)
     print(report.table())
     if args.plot:
         _pyplot()
@@ -174,68 +290,112 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("this command draws with matplotlib: pip install matplotlib") from None
+        raise UsageError("this command draws with matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rainfusion", description="RainFusion2.0 sparse attention tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="backends and devices").set_defaults(func=cmd_info)
+# --------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rainfusion mask: error: argument --head: must be >= 0, got -1``."""
 
-    p = sub.add_parser("parity", help="conformance table of a backend against the float64 golden")
-    p.add_argument("--backend", help="backend name")
-    p.add_argument("--all", action="store_true", help="every available backend that runs on --device")
-    p.add_argument("--device", help="device to run on (default: the backend's first device type)")
-    p.add_argument("--dtypes", help="comma-separated, e.g. float16,bfloat16 (default: all four)")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="rainfusion", description="RainFusion2.0 sparse attention tools", formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="list the backends (available or why not) and the devices present",
+                       description="List the backends, their devices and priority, whether each is available "
+                                   "here and why not, and the devices torch sees.", formatter_class=fmt)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("parity", help="conformance table of a backend against the float64 golden",
+                       description="Run the conformance kit on a backend and print one row per case and dtype; "
+                                   "exit status 1 when any case fails.", formatter_class=fmt)
+    p.add_argument("--backend", metavar="NAME", help="backend name to check (see rainfusion info)")
+    p.add_argument("--all", action="store_true", help="check every available backend that runs on --device")
+    p.add_argument("--device", help="device to run on, e.g. cpu or cuda:0 (default: the backend's first device "
+                                    "type; cpu with --all)")
+    p.add_argument("--dtypes", type=_dtypes, metavar="LIST",
+                   help="comma-separated dtypes to check (default: " + ",".join(DTYPE_NAMES) + ")")
     p.add_argument("--quick", action="store_true", help="skip the cases above 4K tokens")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("bench", help="sparse vs dense time on a video shape")
-    p.add_argument("--shape", help="B,H,T,Hh,W,D (default: small on CPU, Wan2.1-1.3B on GPU)")
-    p.add_argument("--device")
-    p.add_argument("--backend")
-    p.add_argument("--sparsity", default="0.5,0.8,0.9", help="comma-separated sparsities")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--plot", help="write a PNG of time vs sparsity here")
+    p = sub.add_parser("bench", help="time sparse against dense attention on a video shape",
+                       description="Median time of dense SDPA and of rf.sparse_attention on synthetic video-like "
+                                   "q/k/v, with the backend that runs and the mask density of each sparsity.",
+                       formatter_class=fmt)
+    p.add_argument("--shape", type=_ints(6, "B,H,T,Hh,W,D"), metavar="B,H,T,Hh,W,D",
+                   help="batch, heads, frames, height, width, head dim (default: "
+                        f"{','.join(map(str, PRESETS['small']))} on CPU, "
+                        f"{','.join(map(str, PRESETS['wan1.3b']))} (Wan2.1-1.3B 480p) on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best device present)")
+    p.add_argument("--backend", help="backend name or device string (default: automatic)")
+    p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",
+                   help="comma-separated sparsities in [0, 1)")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed calls per measurement")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of time against sparsity here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("mask", help="draw the predicted block mask of a layout as a PNG")
-    p.add_argument("--frames", type=int, required=True)
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--text-len", type=int, default=0)
-    p.add_argument("--sparsity", type=float, default=0.8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--head", type=int, default=0)
-    p.add_argument("--out", default="mask.png")
+    p = sub.add_parser("mask", help="draw the predicted block mask of a layout as a PNG",
+                       description="Predict the RainFusion2.0 block mask of synthetic video-like q/k for a latent "
+                                   "grid and draw one head's mask (black = kept tile).", formatter_class=fmt)
+    p.add_argument("--frames", type=POSITIVE, required=True, help="latent frames after patching")
+    p.add_argument("--height", type=POSITIVE, required=True, help="latent rows per frame after patching")
+    p.add_argument("--width", type=POSITIVE, required=True, help="latent columns per frame after patching")
+    p.add_argument("--text-len", type=NON_NEGATIVE, default=0, help="text tokens joined to the video")
+    p.add_argument("--sparsity", type=_sparsity, default=0.8, help="fraction of key blocks to skip per row")
+    p.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per block")
+    p.add_argument("--head", type=NON_NEGATIVE, default=0, help="which head to draw")
+    p.add_argument("--out", default="mask.png", help="PNG file to write (.png is added when there is no suffix)")
     p.set_defaults(func=cmd_mask)
 
-    p = sub.add_parser("evaluate", help="recall and error of the mask variants on captured or synthetic q/k/v")
-    p.add_argument("--qkv", help="a file written by rainfusion_core.quality.save_qkv")
-    p.add_argument("--synthetic", help="F,H,W: evaluate on synthetic video-DiT activations of this grid")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparsity", default="0.5,0.8,0.9")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--device")
-    p.add_argument("--backend", help="backend for the sparse outputs (default: best for the device)")
-    p.add_argument("--plot", help="write a PNG of recall vs sparsity here")
+    p = sub.add_parser("evaluate", help="recall and error of the mask variants on captured or synthetic q/k/v",
+                       description="Compare rainfusion, no_permutation, no_sink, oracle and random masks: "
+                                   "density, attention recall, output error against dense attention.",
+                       formatter_class=fmt)
+    p.add_argument("--qkv", metavar="FILE", help="a file written by rainfusion_core.quality.save_qkv")
+    p.add_argument("--synthetic", type=_ints(3, "F,H,W"), metavar="F,H,W",
+                   help="evaluate on synthetic video-DiT activations of this latent grid")
+    p.add_argument("--heads", type=POSITIVE, default=2, help="heads of the synthetic activations")
+    p.add_argument("--head-dim", type=POSITIVE, default=64, help="head dim of the synthetic activations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic activations")
+    p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",
+                   help="comma-separated sparsities in [0, 1)")
+    p.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per block")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best device present)")
+    p.add_argument("--backend", help="backend for the sparse outputs (default: the best one for the device)")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of recall against sparsity here")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for option in ("plot", "out"):
+        try:
+            if getattr(args, option, None):
+                setattr(args, option, _output_png(f"--{option}", getattr(args, option)))
+        except UsageError as exc:
+            return _fail(args.command, exc)
+    from .errors import BackendError  # after parsing: --help and usage errors never import torch
+
     try:
         return args.func(args)
-    except (BackendError, ValueError, TypeError) as exc:
-        print(f"rainfusion {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, BackendError, ValueError, TypeError, OSError) as exc:
+        return _fail(args.command, exc)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"rainfusion {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

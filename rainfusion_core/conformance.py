@@ -12,21 +12,49 @@ import os
 import pytest
 import torch
 
+from rainfusion_core.errors import BackendError
 from rainfusion_core.registry import get_backend
 from rainfusion_core.testing import DEFAULT_HEAD_DIMS, DTYPES, default_cases, run_case
 
-_NAME = os.environ.get("RAINFUSION_BACKEND")
-if not _NAME:
-    raise pytest.UsageError("set RAINFUSION_BACKEND to the name of the backend to check (and RAINFUSION_DEVICE)")
-_BACKEND = get_backend(name=_NAME)
-_DEVICE = os.environ.get("RAINFUSION_DEVICE") or (
-    "cpu" if _BACKEND.device_types[0] == "*" else _BACKEND.device_types[0]
-)
-_DTYPES = (
-    [getattr(torch, d.strip()) for d in os.environ["RAINFUSION_DTYPES"].split(",")]
-    if os.environ.get("RAINFUSION_DTYPES") else list(DTYPES)
-)
-_CASES = default_cases(tuple(_BACKEND.head_dims or DEFAULT_HEAD_DIMS))
+
+class _ConfigError(Exception):
+    pass
+
+
+def _configure():
+    """``(name, backend, device, dtypes, cases)`` from the environment; ``_ConfigError`` says what is wrong."""
+    name = os.environ.get("RAINFUSION_BACKEND")
+    if not name:
+        raise _ConfigError("set RAINFUSION_BACKEND to the name of the backend to check (and RAINFUSION_DEVICE)")
+    try:
+        backend = get_backend(name=name)
+    except BackendError as exc:
+        raise _ConfigError(f"RAINFUSION_BACKEND={name}: {exc}") from None
+    device = os.environ.get("RAINFUSION_DEVICE") or (
+        "cpu" if backend.device_types[0] == "*" else backend.device_types[0]
+    )
+    dtypes = list(DTYPES)
+    if os.environ.get("RAINFUSION_DTYPES"):
+        names = [d.strip() for d in os.environ["RAINFUSION_DTYPES"].split(",")]
+        known = {str(d).replace("torch.", ""): d for d in DTYPES}
+        unknown = [d for d in names if d not in known]
+        if unknown:
+            raise _ConfigError(f"RAINFUSION_DTYPES: unknown dtype(s) {unknown}; expected some of {sorted(known)}")
+        dtypes = [known[d] for d in names]
+    return name, backend, device, dtypes, default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS))
+
+
+try:
+    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES = _configure()
+    _PROBLEM = None
+except _ConfigError as exc:  # nothing can be checked: one failing test says why, without a traceback
+    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES = None, None, None, [], []
+    _PROBLEM = str(exc)
+
+
+@pytest.mark.skipif(_PROBLEM is None, reason="the backend to check is configured")
+def test_configuration():
+    pytest.fail(f"rainfusion_core.conformance: {_PROBLEM}", pytrace=False)
 
 
 @pytest.mark.parametrize("dtype", _DTYPES, ids=lambda d: str(d).replace("torch.", ""))

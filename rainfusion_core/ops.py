@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .backend import Backend
-from .block_mask import BlockMask, num_blocks
+from .backend import Backend, checked_output
+from .block_mask import BlockMask, num_blocks, trusted_mask
 from .registry import select_backend, select_predictor
 from .selection import compute_block_mask
 
@@ -62,23 +62,22 @@ def block_sparse_attention_op(
 
     The result is contiguous: ``[B, Hq, Sq, D]``, or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
     """
-    mask = BlockMask(dense, kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
-    chosen = select_backend(backend, q, k, v, mask)
-    if order is None and not bsnd_out:
-        return chosen.forward(q, k, v, mask, scale).contiguous()
-    return attend(chosen, q, k, v, mask, scale, order, bsnd_out)
+    mask = trusted_mask(dense, kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    return attend(select_backend(backend, q, k, v, mask), q, k, v, mask, scale, order, bsnd_out)
 
 
-def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order, bsnd_out: bool) -> torch.Tensor:
-    """Run ``chosen`` into a fresh contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
+def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, bsnd_out: bool = False) -> torch.Tensor:
+    """Run ``chosen`` into a contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
 
     With ``order`` the inputs are in model order (``Backend.forward_reordered``).
     The op's body, and the eager path for a ``Backend`` object that cannot cross it.
     """
+    if order is None and not bsnd_out:
+        return checked_output(chosen, chosen.forward(q, k, v, mask, scale), q).contiguous()
     out = _empty_out(q, bsnd_out)
     view = out.transpose(1, 2) if bsnd_out else out
     if order is None:
-        view.copy_(chosen.forward(q, k, v, mask, scale))
+        view.copy_(checked_output(chosen, chosen.forward(q, k, v, mask, scale), q))
     else:
         chosen.forward_reordered(q, k, v, mask, scale, order, view)
     return out

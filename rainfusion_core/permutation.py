@@ -87,14 +87,27 @@ def _canonical_device(device: torch.device | str | None) -> torch.device:
 
 
 def build_permutation(layout: VideoLayout, device: torch.device | str | None = None) -> Permutation:
-    """The rf_v2 permutation of ``layout``, built with tensor ops on ``device`` and cached.
+    """The rf_v2 permutation of ``layout``, built with tensor ops on ``device``.
 
     Video tokens are regrouped frame by frame into 8x8 spatial tiles so that
     each attention block of 128 consecutive permuted tokens covers two compact
     tiles; text tokens move to the end. When height or width is not a multiple
     of 8, the first frame keeps raster order and each later frame lists its
     tiled main region, then the bottom remainder rows, then the right
-    remainder columns (see DESIGN.md).
+    remainder columns (``docs/design.md``).
+
+    The result is built once per layout and device and cached; each call hands
+    out copies of the cached tensors, so writing into them never changes what
+    later calls (or the library's own calls) get.
+    """
+    perm = cached_permutation(layout, device)
+    return Permutation(perm.layout, perm.indices.clone(), perm.inverse.clone())
+
+
+def cached_permutation(layout: VideoLayout, device: torch.device | str | None = None) -> Permutation:
+    """:func:`build_permutation` without the copies: the cached object itself, for the library's own reads.
+
+    Never hand its tensors to a caller who might write into them.
     """
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {type(layout).__name__}")

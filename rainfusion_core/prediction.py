@@ -7,7 +7,7 @@ import torch
 
 from ._checks import check_block_size, check_qkv, check_sparsity, default_scale, describe
 from .backend import Backend
-from .block_mask import BlockMask, num_blocks
+from .block_mask import BlockMask, num_blocks, trusted_mask
 from .layout import VideoLayout
 from .ops import predict_block_mask_op
 from .registry import select_predictor
@@ -95,4 +95,4 @@ def predict_mask(q, k, layout, order, *, sparsity, block_size, first_frame_sink,
         dense, counts, indices = predict_block_mask_op(q, k, order, backend=backend, **params)
     if share_batch_mask:
         dense, counts, indices = (x.expand(batch, *x.shape[1:]) for x in (dense, counts, indices))
-    return BlockMask(dense, counts, indices, block_size, length, length)
+    return trusted_mask(dense, counts, indices, block_size, length, length)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_qkv, default_scale
+from ._checks import check_block_size, check_mask_matches, check_qkv, default_scale, describe
 from .api import block_sparse_attention
 from .block_mask import BlockMask, num_blocks, query_chunks
 from .layout import VideoLayout
 from .permutation import build_permutation
 from .prediction import predict_block_mask
+from .progress import progress
 from .selection import block_means, pooled_scores
 
 VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random")
@@ -43,6 +44,7 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, *,
     for. Exact (float64 for float64 inputs, float32 otherwise), blockwise.
     """
     check_qkv(q, k, k)
+    check_mask_matches(q, k, block_mask)
     scale = default_scale(scale, q.shape[-1])
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     total = torch.zeros(q.shape[:2], dtype=dtype, device=q.device)
@@ -61,6 +63,7 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     Returns ``[B, Hq, NQ, NK]``; each row sums to the number of queries in that block.
     """
     check_qkv(q, k, k)
+    block_size = check_block_size(block_size)
     scale = default_scale(scale, q.shape[-1])
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_len = k.shape[2]
@@ -197,7 +200,16 @@ def evaluate(
     if unknown:
         raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
     check_qkv(q, k, v)
+    block_size = check_block_size(block_size)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[2] != layout.seq_len:
+            raise ValueError(f"{name} has {x.shape[2]} tokens (BNSD dim 2) but layout.seq_len is "
+                             f"{layout.seq_len} for {layout}")
     scale = default_scale(scale, q.shape[-1])
+    bar = progress(total=1 + len(sparsities) * len(variants), desc="evaluate", unit="step")
+    bar.set_postfix_str("dense reference")
     perm = build_permutation(layout, q.device)
     qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
     full = BlockMask.from_dense(
@@ -207,11 +219,13 @@ def evaluate(
     )
     dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
     dense_model_order = perm.undo(dense, 2) if "no_permutation" in variants else None
+    bar.update()
     gen = torch.Generator().manual_seed(seed)
     report = QualityReport()
     for sparsity in sparsities:
         predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
         for variant in variants:
+            bar.set_postfix_str(f"sparsity {sparsity:g} {variant}")
             order_q, order_k, order_v, ref = qp, kp, vp, dense
             if variant == "rainfusion":
                 mask = predicted
@@ -230,6 +244,8 @@ def evaluate(
             rel = float((out - ref).norm() / ref.norm())
             cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
             report.rows.append(QualityRow(variant, sparsity, mask.density, recall, rel, cos))
+            bar.update()
+    bar.close()
     _add_findings(report, sparsities, variants)
     return report
 
@@ -267,7 +283,16 @@ def save_qkv(path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Vi
 
 def load_qkv(path):
     """``(q, k, v, layout, meta)`` from a file written by :func:`save_qkv`."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # not a torch.save file or truncated: torch's unpickler raises many kinds
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a rainfusion q/k/v capture (torch.load failed: {type(exc).__name__} "
+                         f"{first})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a rainfusion q/k/v capture (it holds {describe(data)}, not a dict)")
     missing = {"q", "k", "v", "layout"} - set(data)
     if missing:
         raise ValueError(f"{path}: not a rainfusion q/k/v capture (missing {sorted(missing)})")

@@ -22,6 +22,8 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
+import torch
+
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
 
@@ -41,6 +43,7 @@ _backends: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
 _loaded = False
 _warned: set[tuple[str, str]] = set()
+_present_devices: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -65,34 +68,56 @@ def _instantiate(obj, origin: str) -> Backend:
 
 
 def _ensure_loaded() -> None:
+    """Load the built-ins and the entry-point plugins once; all or nothing.
+
+    Everything is built into local tables first and published in one step, so an
+    interruption (``KeyboardInterrupt``, ``SystemExit``) leaves the registry
+    untouched and the next lookup loads again from scratch.
+    """
     global _loaded
     if _loaded:
         return
     with _lock:
         if _loaded:
             return
+        backends: dict[str, Backend] = {}
+        errors: dict[str, str] = {}
         for target in _BUILTINS:
             module, attr = target.split(":")
-            _add(_instantiate(getattr(importlib.import_module(module), attr), target), replace=False)
+            _add(backends, _instantiate(getattr(importlib.import_module(module), attr), target), replace=False)
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
-                _add(_instantiate(ep.load(), f"entry point {ep.name!r} ({ep.value})"), replace=False)
+                _add(backends, _instantiate(ep.load(), f"entry point {ep.name!r} ({ep.value})"), replace=False)
             except Exception as exc:  # a broken plugin must never break the registry
-                _load_errors[ep.name] = f"failed to load entry point {ep.value!r}: {type(exc).__name__}: {exc}"
+                errors[ep.name] = f"failed to load entry point {ep.value!r}: {type(exc).__name__}: {exc}"
+        _backends.update(backends)
+        for name, error in errors.items():
+            _load_errors.setdefault(name, error)
         _loaded = True
 
 
-def _add(backend: Backend, replace: bool) -> None:
+def _check_declaration(backend: Backend) -> None:
+    """Refuse a backend whose declared data would break selection later."""
     if not isinstance(backend.name, str) or _NAME_RE.match(backend.name) is None:
         raise ValueError(
             f"backend.name must be lowercase letters, digits and '_' (starting with a letter), got {backend.name!r}"
         )
-    if not backend.device_types or not all(isinstance(t, str) for t in backend.device_types):
-        raise ValueError(f"backend {backend.name!r}: device_types must be a non-empty tuple of str")
-    if backend.name in _backends and not replace:
+    types = backend.device_types
+    if (not isinstance(types, (tuple, list)) or not types
+            or not all(isinstance(t, str) and t for t in types)):
+        raise ValueError(
+            f"backend {backend.name!r}: device_types must be a non-empty tuple of device type strings such as "
+            f"('cuda',) or ('*',), got {types!r}"
+        )
+    if isinstance(backend.priority, bool) or not isinstance(backend.priority, int):
+        raise ValueError(f"backend {backend.name!r}: priority must be an int, got {backend.priority!r}")
+
+
+def _add(table: dict[str, Backend], backend: Backend, replace: bool) -> None:
+    _check_declaration(backend)
+    if backend.name in table and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered; pass replace=True")
-    _backends[backend.name] = backend
-    _load_errors.pop(backend.name, None)
+    table[backend.name] = backend
 
 
 def register_backend(backend: Backend | type[Backend], *, replace: bool = False) -> Backend:
@@ -100,7 +125,8 @@ def register_backend(backend: Backend | type[Backend], *, replace: bool = False)
     backend = _instantiate(backend, "register_backend argument")
     _ensure_loaded()
     with _lock:
-        _add(backend, replace)
+        _add(_backends, backend, replace)
+        _load_errors.pop(backend.name, None)
     return backend
 
 
@@ -115,13 +141,26 @@ def unregister_backend(name: str) -> None:
 def list_backends() -> list[BackendInfo]:
     """Every registered backend, and every plugin that failed to load, by priority."""
     _ensure_loaded()
+    with _lock:  # a snapshot: registration may go on in other threads
+        backends, errors = list(_backends.values()), list(_load_errors.items())
     rows = []
-    for backend in _backends.values():
-        reason = backend.unavailable_reason()
+    for backend in backends:
+        reason = unavailable_reason(backend)
         rows.append(BackendInfo(backend.name, tuple(backend.device_types), backend.priority, reason is None, reason or ""))
-    for name, error in _load_errors.items():
+    for name, error in errors:
         rows.append(BackendInfo(name, (), 0, False, error))
     return sorted(rows, key=lambda r: (-r.priority, r.name))
+
+
+def unavailable_reason(backend: Backend) -> str | None:
+    """``backend.unavailable_reason()``, with a check that raises reported as the reason, not raised."""
+    try:
+        reason = backend.unavailable_reason()
+    except Exception as exc:  # a plugin's broken check must not break listing or selection
+        return f"its availability check raised {type(exc).__name__}: {exc}"
+    if reason is not None and not isinstance(reason, str):
+        return f"its availability check returned {type(reason).__name__}, not a str or None"
+    return reason
 
 
 # --------------------------------------------------------------------------- selection
@@ -135,10 +174,51 @@ def _parse_device(spec: str) -> str | None:
     match = _DEVICE_RE.match(spec)
     if match is None:
         return None
-    known = _DEVICE_TYPES.union(*(b.device_types for b in _backends.values())) - {"*"}
+    known = _DEVICE_TYPES.union(*(b.device_types for b in _registered())) - {"*"}
     if match.group(1) in known or match.group(2) is not None:
         return match.group(1)
     return None
+
+
+def _registered() -> list[Backend]:
+    """The registered backends now (a snapshot taken under the lock)."""
+    with _lock:
+        return list(_backends.values())
+
+
+def _require_device(spec: str, device_type: str, index: int | None) -> None:
+    """Raise unless the device ``spec`` names (``"cuda:0"``) exists here; a present device is remembered.
+
+    Asks the device type's torch module (``torch.cuda``, ``torch.npu`` once ``torch_npu`` is
+    imported) when it has one, else tries to place an empty tensor there.
+    """
+    if spec in _present_devices:
+        return
+    module = getattr(torch, device_type, None)
+    if callable(getattr(module, "device_count", None)):
+        is_available = getattr(module, "is_available", None)
+        count = module.device_count() if is_available is None or is_available() else 0
+        if count == 0:
+            raise BackendUnavailableError(f"device {spec!r} is not present on this machine: torch sees no "
+                                          f"{device_type} device")
+        if index is not None and index >= count:
+            raise BackendUnavailableError(f"device {spec!r} is not present on this machine: torch sees {count} "
+                                          f"{device_type} device(s), indices 0..{count - 1}")
+    else:
+        try:
+            torch.empty(0, device=spec)
+        except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError depending on the build
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendUnavailableError(f"device {spec!r} is not present on this machine ({detail})") from None
+    _present_devices.add(spec)
+
+
+def require_device(spec: str) -> None:
+    """Raise ``BackendUnavailableError`` unless the device string ``spec`` (``"cuda:1"``) names a device here."""
+    match = _DEVICE_RE.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise ValueError(f"expected a device string such as 'cpu' or 'cuda:0', got {spec!r}")
+    _require_device(spec, match.group(1), None if match.group(2) is None else int(match.group(2)))
 
 
 def _by_name(name: str) -> Backend:
@@ -156,7 +236,7 @@ def _by_name(name: str) -> Backend:
 def _candidates(device_type: str) -> list[Backend]:
     _ensure_loaded()
     # Automatic choice goes by declared device types; runs_on may be wider for explicit use.
-    found = [b for b in _backends.values() if device_type in b.device_types or "*" in b.device_types]
+    found = [b for b in _registered() if device_type in b.device_types or "*" in b.device_types]
     return sorted(found, key=lambda b: -b.priority)
 
 
@@ -184,11 +264,16 @@ def get_backend(spec: str | Backend | None = None, *, name: str | None = None) -
         backend = _by_name(spec)
         _require_available(backend)
         return backend
+    candidates = _candidates(device_type)
+    for backend in candidates:  # availability checks import accelerator stacks (torch_npu) first
+        unavailable_reason(backend)
+    index = _DEVICE_RE.match(spec).group(2)
+    _require_device(spec, device_type, None if index is None else int(index))
     return _choose(device_type, None, spec)
 
 
 def _require_available(backend: Backend) -> None:
-    reason = backend.unavailable_reason()
+    reason = unavailable_reason(backend)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend.name!r} is unavailable: {reason}")
 
@@ -199,7 +284,8 @@ def select_backend(spec, q, k, v, block_mask) -> Backend:
     if spec is None:
         return _choose(device_type, (q, k, v, block_mask), str(q.device))
     if isinstance(spec, str) and (spec_type := _parse_device(spec)) is not None:
-        if spec_type != device_type:
+        index = _DEVICE_RE.match(spec).group(2)
+        if spec_type != device_type or (index is not None and q.device.index not in (None, int(index))):
             raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
         return _choose(device_type, (q, k, v, block_mask), spec)
     backend = get_backend(spec)  # a name or a Backend; raises when it is unavailable
@@ -225,7 +311,7 @@ def select_predictor(spec, q) -> Backend | None:
     """
     device_type = q.device.type
     if spec is None or (isinstance(spec, str) and _parse_device(spec) is not None):
-        backend = next((b for b in _candidates(device_type) if b.unavailable_reason() is None), None)
+        backend = next((b for b in _candidates(device_type) if unavailable_reason(b) is None), None)
     else:
         backend = get_backend(spec)
         if not backend.runs_on(device_type):
@@ -238,7 +324,7 @@ def select_predictor(spec, q) -> Backend | None:
 def _choose(device_type: str, call, spec: str) -> Backend:
     refused: list[tuple[str, str]] = []
     for backend in _candidates(device_type):
-        reason = backend.unavailable_reason()
+        reason = unavailable_reason(backend)
         if reason is None and call is not None:
             reason = "; ".join(backend.unsupported_reasons(*call)) or None
         if reason is not None:

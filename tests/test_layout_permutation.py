@@ -84,9 +84,31 @@ def test_hand_worked_text_head_and_tail():
 
 
 def test_permutation_is_cached_per_layout_and_device():
+    from rainfusion_core.permutation import cached_permutation
+
     layout = rf.VideoLayout(frames=2, height=16, width=16)
-    assert rf.build_permutation(layout) is rf.build_permutation(layout, "cpu")
-    assert rf.build_permutation(layout) is not rf.build_permutation(rf.VideoLayout(frames=3, height=16, width=16))
+    assert cached_permutation(layout) is cached_permutation(layout, "cpu")
+    assert cached_permutation(layout) is not cached_permutation(rf.VideoLayout(frames=3, height=16, width=16))
+
+
+def test_writing_into_a_handed_out_permutation_never_reaches_the_cache():
+    layout = rf.VideoLayout(frames=3, height=16, width=8)
+    first = rf.build_permutation(layout)
+    expected = first.indices.clone(), first.inverse.clone()
+    first.indices.zero_()
+    first.inverse.fill_(-1)
+    again = rf.build_permutation(layout)
+    assert torch.equal(again.indices, expected[0]) and torch.equal(again.inverse, expected[1])
+    # The library's own calls read the cache too: a sparse call still matches the reference.
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16) for _ in range(3))
+    plan = rf.plan_sparse_attention(q, k, layout, sparsity=0.5, block_size=32, backend="torch")
+    plan.permutation.indices.zero_()  # a plan's permutation is its own copy as well
+    out = rf.sparse_attention(q, k, v, layout, sparsity=0.5, block_size=32, backend="torch")
+    perm = rf.build_permutation(layout)
+    qp, kp, vp = (perm.apply(x, 2) for x in (q, k, v))
+    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.5, block_size=32)
+    ref = perm.undo(rf.block_sparse_attention(qp, kp, vp, mask, backend="torch"), 2)
+    torch.testing.assert_close(out, ref)
 
 
 def test_layout_derived_lengths():
