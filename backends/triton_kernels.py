@@ -22,7 +22,7 @@ class KernelConfig:
 
 
 # Per (head dim bucket, dtype class). (128, "half") was chosen by the sweep of
-# benchmarks/triton_bench.py on the lent H100 (BENCHMARKS.md lists what was tried); the
+# benchmarks/triton_bench.py on an H100 (BENCHMARKS.md lists what was tried); the
 # other entries are untuned starting points sized to fit Hopper's shared memory.
 # None depends on sequence length or density, so a new shape never triggers re-tuning.
 _CONFIGS = {

@@ -15,7 +15,7 @@ MAX_SCALE = 1e6
 def check_int(name: str, value, *, minimum: int = 1) -> int:
     """``value`` as an int ``>= minimum``; a bool, float or anything else is refused naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        expected = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
 

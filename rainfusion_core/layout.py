@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._checks import check_int
+
 TEXT_POSITIONS = ("head", "tail")
 
 
@@ -30,11 +32,8 @@ class VideoLayout:
 
     def __post_init__(self) -> None:
         for field in ("frames", "height", "width"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VideoLayout.{field} must be a positive int, got {value!r}")
-        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 0:
-            raise ValueError(f"VideoLayout.text_len must be a non-negative int, got {self.text_len!r}")
+            check_int(f"VideoLayout.{field}", getattr(self, field))
+        check_int("VideoLayout.text_len", self.text_len, minimum=0)
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(
                 f"VideoLayout.text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}"

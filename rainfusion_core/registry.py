@@ -285,7 +285,7 @@ def select_backend(spec, q, k, v, block_mask) -> Backend:
         return _choose(device_type, (q, k, v, block_mask), str(q.device))
     if isinstance(spec, str) and (spec_type := _parse_device(spec)) is not None:
         index = _DEVICE_RE.match(spec).group(2)
-        if spec_type != device_type or (index is not None and q.device.index not in (None, int(index))):
+        if spec_type != device_type or (index is not None and (q.device.index or 0) != int(index)):
             raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
         return _choose(device_type, (q, k, v, block_mask), spec)
     backend = get_backend(spec)  # a name or a Backend; raises when it is unavailable

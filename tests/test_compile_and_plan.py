@@ -66,7 +66,7 @@ def test_backend_object_and_bad_backend_type():
         rf.block_sparse_attention(q, k, v, mask, backend=3)
 
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 WAN_SMALL = rf.VideoLayout(5, 30, 52)  # 7800 tokens, unaligned width like Wan 480p
 
 

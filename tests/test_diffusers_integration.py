@@ -132,3 +132,37 @@ def test_capture_then_evaluate(tmp_path, capsys):
     assert q.shape == (1, 2, 240, 32) and layout == rf_layout((3, 16, 20)) and meta["layer"] == 1
     assert main(["evaluate", "--qkv", str(path), "--sparsity", "0.5", "--block-size", "16"]) == 0
     assert "oracle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(first_frame_sink="x"), ValueError, "first_frame_sink must be None, True or False, got 'x'"),
+    (dict(block_size=0), ValueError, "block_size must be a positive int, got 0"),
+    (dict(backend="no_such_backend"), Exception, "unknown backend 'no_such_backend'"),
+    (dict(schedule=2), TypeError, "schedule must be a rainfusion_core.integrations.diffusers.Schedule"),
+    (dict(sparsity=1.5), ValueError, r"sparsity must be in \[0, 1\)"),
+])
+def test_arguments_are_checked_at_the_call_not_at_the_first_forward(kwargs, error, message):
+    model = tiny_wan()
+    originals = [b.attn1.processor for b in model.blocks]
+    with pytest.raises(error, match=message):
+        apply_rainfusion(model, **kwargs)
+    assert [b.attn1.processor for b in model.blocks] == originals  # nothing installed
+
+
+@pytest.mark.parametrize("order", ["first-then-second", "second-then-first"])
+def test_stacked_handles_can_be_removed_in_any_order(order):
+    model, (latent, text) = tiny_wan(), inputs((3, 16, 20))
+    dense = run(model, latent, text, 500)
+    originals = [b.attn1.processor for b in model.blocks]
+    first = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    sparse = run(model, latent, text, 500)
+    second = apply_rainfusion(model, sparsity=0.0, block_size=16, backend="torch")
+    handles = [first, second] if order == "first-then-second" else [second, first]
+    handles[0].remove()
+    remaining = handles[1]
+    # The remaining handle still works: its own state is fed by its own hook.
+    expected = dense if remaining is second else sparse
+    torch.testing.assert_close(run(model, latent, text, 500), expected, rtol=1e-4, atol=1e-5)
+    remaining.remove()
+    assert [b.attn1.processor for b in model.blocks] == originals
+    assert torch.equal(run(model, latent, text, 500), dense)

@@ -1,7 +1,7 @@
 """The warp-specialised Hopper kernel (``backends/gluon_attention.py``).
 
-It is Gluon code for sm_90 only: the GPU tests run on the lent H100 through the
-device tool and are skipped elsewhere. It must equal the portable Triton kernel
+It is Gluon code for sm_90 only: the GPU tests need an NVIDIA Hopper GPU and
+are skipped elsewhere. It must equal the portable Triton kernel
 bit for bit (same tile order, same online-softmax arithmetic) and meet the
 parity rule against the float64 golden. The refusals and the head-chunk rule
 are checked everywhere.
@@ -17,8 +17,8 @@ from rainfusion_core.parity import parity
 
 DEVICE = triton_device()
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
-ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel is Gluon for sm_90 (Hopper) GPUs; "
-                               "run these on the H100 through the device tool")
+ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="needs an NVIDIA Hopper (sm_90) GPU: the warp-specialised "
+                               "kernel is Gluon code for sm_90")
 
 # name: (batch, q heads, kv heads, frames, height, width, text tokens)
 LAYOUTS = {

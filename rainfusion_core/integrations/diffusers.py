@@ -12,16 +12,18 @@ pre-hook, so any resolution and frame count works.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .._checks import check_sparsity
+from .._checks import check_block_size, check_int, check_sparsity, describe
 from ..api import sparse_attention
 from ..layout import VideoLayout
 from ..quality import save_qkv
+from ..registry import get_backend
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,11 @@ class Schedule:
     dense_above_timestep: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            raise ValueError(f"Schedule.dense_steps must be a non-negative int, got {self.dense_steps!r}")
+        check_int("Schedule.dense_steps", self.dense_steps, minimum=0)
+        above = self.dense_above_timestep
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float))
+                                  or not math.isfinite(above)):
+            raise ValueError(f"Schedule.dense_above_timestep must be None or a finite number, got {above!r}")
 
     @property
     def reads_timestep(self) -> bool:
@@ -222,10 +227,14 @@ class CaptureProcessor(_SelfAttentionProcessor):
 
 @dataclass
 class RainFusionHandle:
-    """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`."""
+    """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`.
+
+    Handles may be stacked on one model and removed in any order: removing one
+    takes its processors out of each layer's chain and leaves the others working.
+    """
 
     state: _State
-    _restore: list = field(default_factory=list)  # (attention module, original processor)
+    _installed: list = field(default_factory=list)  # (attention module, the processor this handle installed)
     _hooks: list = field(default_factory=list)
 
     @property
@@ -237,11 +246,21 @@ class RainFusionHandle:
         return self.state.layout
 
     def remove(self) -> None:
-        for attn, original in reversed(self._restore):
-            attn.processor = original
+        """Restore what each layer ran before this handle; idempotent."""
+        for attn, mine in reversed(self._installed):
+            if attn.processor is mine:
+                attn.processor = mine.original
+                continue
+            # Something was installed on top of ours: unlink ours from the chain of originals.
+            node = attn.processor
+            while isinstance(node, _SelfAttentionProcessor) and node.original is not mine:
+                node = node.original
+            if isinstance(node, _SelfAttentionProcessor):
+                node.original = mine.original
+            # else: ours was replaced outright by someone else's processor and no longer runs
         for hook in self._hooks:
             hook.remove()
-        self._restore.clear()
+        self._installed.clear()
         self._hooks.clear()
 
 
@@ -267,8 +286,8 @@ def _install(model, state: _State, layers, make) -> RainFusionHandle:
     for transformer in transformers:
         for index in range(len(transformer.blocks)) if layers is None else layers:
             attn = transformer.blocks[index].attn1
-            handle._restore.append((attn, attn.processor))
             attn.processor = make(attn.processor, index)
+            handle._installed.append((attn, attn.processor))
         handle._hooks.append(transformer.register_forward_pre_hook(state.update, with_kwargs=True))
     return handle
 
@@ -301,8 +320,14 @@ def apply_rainfusion(
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     """
     sparsity = check_sparsity(sparsity)
-    if fuse_prologue not in (None, True, False):
-        raise ValueError(f"fuse_prologue must be None, True or False, got {fuse_prologue!r}")
+    block_size = check_block_size(block_size)
+    for name, value in (("first_frame_sink", first_frame_sink), ("fuse_prologue", fuse_prologue)):
+        if value not in (None, True, False) or isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
+    if backend is not None:
+        get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
     state = _State(schedule)
 
     def make(original, index):

@@ -1,0 +1,204 @@
+"""No public input makes a kernel read or write out of bounds.
+
+* A hand-built ``BlockMask`` whose index view is out of range, unsorted,
+  repeated, or disagrees with ``dense`` is refused at construction.
+* A mask edited in place after construction reaches the kernels anyway: the
+  C++ binding refuses it, the Triton kernel clamps every index it loads. Each
+  of these runs in a subprocess, so a crash shows as a signal, not as a dead
+  test runner.
+* The C++ kernel runs clean under AddressSanitizer (``tools/asan_cpu_kernel.py``).
+* Memory follows the sequence length, not ``block_size``.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import rainfusion_core as rf
+from conftest import needs_cpp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parts(nq=2, nk=2, count=2):
+    dense = torch.ones(1, 1, nq, nk, dtype=torch.bool)
+    counts = torch.full((1, 1, nq), count, dtype=torch.int32)
+    indices = torch.arange(nk, dtype=torch.int32).expand(1, 1, nq, nk).contiguous()
+    return dense, counts, indices
+
+
+def _edit(name):
+    dense, counts, indices = _parts(nq=2, nk=3, count=3)
+    if name == "negative-index":
+        indices[0, 0, 1, 2] = -100000
+    elif name == "index-past-nk":
+        indices[0, 0, 1, 2] = 3
+    elif name == "unsorted":
+        indices[0, 0, 1] = torch.tensor([0, 2, 1])
+    elif name == "repeated":
+        indices[0, 0, 1] = torch.tensor([0, 1, 1])
+    elif name == "count-past-nk":
+        counts[0, 0, 1] = 4
+    elif name == "negative-count":
+        counts[0, 0, 1] = -1
+    elif name == "dense-disagrees":
+        dense[0, 0, 1, 2] = False
+    elif name == "indices-miss-a-kept-block":
+        counts[0, 0, 1] = 2
+    return dense, counts, indices
+
+
+REFUSALS = {
+    "negative-index": r"kv_indices\[0, 0, 1, 2\] = -100000 is outside \[0, NK=3\)",
+    "index-past-nk": r"kv_indices\[0, 0, 1, 2\] = 3 is outside \[0, NK=3\)",
+    "unsorted": r"kv_indices\[0, 0, 1, 2\] = 1 does not follow 2",
+    "repeated": r"kv_indices\[0, 0, 1, 2\] = 1 does not follow 1",
+    "count-past-nk": r"kv_counts\[0, 0, 1\] = 4 is outside \[0, NK=3\]",
+    "negative-count": r"kv_counts\[0, 0, 1\] = -1 is outside \[0, NK=3\]",
+    "dense-disagrees": r"BlockMask.dense\[0, 0, 1, 2\] does not keep key block 2 but kv_indices\[0, 0, 1, :kv_counts\] lists",
+    "indices-miss-a-kept-block": r"BlockMask.dense\[0, 0, 1, 2\] keeps key block 2 but kv_indices\[0, 0, 1, :kv_counts\] "
+                                 r"does not list",
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_hand_built_mask_with_a_bad_index_view_is_refused_naming_field_and_position(name):
+    with pytest.raises(ValueError, match=REFUSALS[name]):
+        rf.BlockMask(*_edit(name), 128, 200, 300)
+
+
+def test_a_consistent_hand_built_mask_is_accepted_entries_past_the_count_are_free():
+    dense, counts, indices = _parts(nq=2, nk=3, count=3)
+    dense[0, 0, 0, 1] = False
+    counts[0, 0, 0] = 2
+    indices[0, 0, 0] = torch.tensor([0, 2, -7])  # the slot past the count is unspecified
+    mask = rf.BlockMask(dense, counts, indices, 128, 200, 300)
+    assert mask.kv_counts.tolist() == [[[2, 3]]]
+
+
+def test_fields_of_the_wrong_type_are_named():
+    dense, counts, indices = _parts()
+    with pytest.raises(TypeError, match="BlockMask.kv_counts must be a torch.Tensor, got a list"):
+        rf.BlockMask(dense, counts.tolist(), indices, 128, 256, 256)
+
+
+def test_library_built_masks_skip_the_content_check(monkeypatch):
+    from rainfusion_core import block_mask
+
+    def refuse(*args):
+        raise AssertionError("contents re-checked")
+
+    monkeypatch.setattr(block_mask, "_check_contents", refuse)
+    layout = rf.VideoLayout(frames=3, height=8, width=8)
+    q = torch.randn(1, 2, layout.seq_len, 16)
+    mask = rf.predict_block_mask(q, q, layout, sparsity=0.5, block_size=32)
+    mask.to("cpu")
+    rf.BlockMask.from_dense(mask.dense, block_size=32, q_len=layout.seq_len, kv_len=layout.seq_len)
+    rf.sparse_attention(q, q, q, layout, sparsity=0.5, block_size=32, backend="torch")
+    with pytest.raises(AssertionError, match="re-checked"):
+        rf.BlockMask(mask.dense, mask.kv_counts, mask.kv_indices, 32, layout.seq_len, layout.seq_len)
+
+
+# --------------------------------------------------------------------------- reproducers, in subprocesses
+REPRODUCER = textwrap.dedent("""
+    import sys, torch
+    import rainfusion_core as rf
+    backend = sys.argv[1]
+    q = torch.randn(1, 1, 256, 32)
+    idx = torch.full((1, 1, 2, 2), -100000, dtype=torch.int32)
+    try:
+        rf.BlockMask(torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.full((1, 1, 2), 2, dtype=torch.int32), idx,
+                     128, 256, 256)
+    except ValueError as exc:
+        print("REFUSED-AT-CONSTRUCTION", exc)
+    # The same damage done in place after construction reaches the backend.
+    for name, field, value in (("negative", "kv_indices", -100000), ("huge", "kv_indices", 2**31 - 1),
+                               ("past-nk", "kv_indices", 2), ("count", "kv_counts", 1000),
+                               ("negative-count", "kv_counts", -5)):
+        m = rf.BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=128, q_len=250, kv_len=250)
+        getattr(m, field).fill_(value)
+        try:
+            out = rf.block_sparse_attention(q[:, :, :250], q[:, :, :250], q[:, :, :250], m, backend=backend)
+            print("RAN", name, bool(torch.isfinite(out).all()))
+        except ValueError as exc:
+            print("REFUSED", name, exc)
+    print("SURVIVED")
+""")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpp), "torch", "triton"])
+def test_hostile_masks_never_crash_the_process(backend):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", RAINFUSION_PROGRESS="0")
+    run = subprocess.run([sys.executable, "-c", REPRODUCER, backend], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, f"exit status {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert "REFUSED-AT-CONSTRUCTION BlockMask.kv_indices[0, 0, 0, 0] = -100000" in run.stdout
+    assert "SURVIVED" in run.stdout
+    if backend == "cpu":  # the binding checks what it receives
+        assert run.stdout.count("REFUSED ") == 5, run.stdout
+        assert "kv_indices[0, 0, 0, 0] = -100000 is outside [0, NK=2)" in run.stdout
+        assert "kv_counts[0, 0, 0] = 1000 is outside [0, NK=2]" in run.stdout
+    if backend == "triton":  # the kernel clamps what it loads: it runs, inside its inputs
+        assert run.stdout.count("RAN ") == 5, run.stdout
+
+
+@needs_cpp
+def test_cpu_kernel_is_clean_under_address_sanitizer():
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"needs a C++ compiler ({cxx}) to build the sanitized kernel")
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{cxx} has no AddressSanitizer runtime (libasan)")
+    pytest.importorskip("pybind11", reason="needs pybind11 to build the sanitized kernel (pip install pybind11)")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "asan_cpu_kernel.py"), "--quick"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr[-5000:]
+    assert "-> PASS" in run.stdout and "AddressSanitizer: no error reported" in run.stdout
+    assert run.stdout.count("refused (") == 5
+
+
+# --------------------------------------------------------------------------- memory follows S
+HUGE_BLOCK = textwrap.dedent("""
+    import resource, sys, torch
+    import rainfusion_core as rf
+    backend = sys.argv[1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    def run(block):
+        mask = rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=block, q_len=256,
+                                       kv_len=256)
+        return rf.block_sparse_attention(q, k, v, mask, backend=backend)
+    small = run(256)  # warm up at a block size that covers the sequence
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    huge = run(2 ** 22)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print("GROWN_MB", grown_mb)
+    print("SAME", bool(torch.allclose(small, huge, atol=1e-6)))
+""")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpp), "torch", "triton"])
+def test_a_block_size_far_beyond_the_sequence_costs_no_memory(backend):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", RAINFUSION_PROGRESS="0")
+    run = subprocess.run([sys.executable, "-c", HUGE_BLOCK, backend], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    values = dict(line.split() for line in run.stdout.splitlines() if line.split()[0] in ("GROWN_MB", "SAME"))
+    assert values["SAME"] == "True"
+    assert float(values["GROWN_MB"]) < 64, run.stdout  # 2**22 tokens per block used to take 2.4 GB
+
+
+def test_token_mask_is_built_at_token_scale():
+    mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=2 ** 30, q_len=5, kv_len=7)
+    assert mask.token_mask().shape == (1, 1, 5, 7)
+    assert mask.token_mask(2, 4).shape == (1, 1, 2, 7)
