@@ -1,7 +1,7 @@
 """The ``torch`` backend: masked attention in plain PyTorch, the semantic definition.
 
 Runs on every device and every float dtype; in float64 it is the golden
-every other backend is compared with (DESIGN.md, parity rule). Query blocks
+every other backend is compared with (docs/design.md, parity rule). Query blocks
 are processed in chunks so memory stays ``O(chunk x Sk)`` per head, never
 ``O(Sq x Sk)``.
 """

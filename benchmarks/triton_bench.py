@@ -4,7 +4,7 @@
 
 The sparse rows time the default kernel (the warp-specialised one on sm_90,
 see ``backends/gluon_attention.py``); the portable Triton kernel has its own
-row, and the sweep tunes it. For each reference shape of DESIGN.md (bf16, head dim 128) the mask is the one
+row, and the sweep tunes it. For each reference shape of docs/design.md (bf16, head dim 128) the mask is the one
 RainFusion2.0 predicts at sparsity 0.8 with the first-frame sink on. Times are
 ``triton.testing.do_bench`` medians after warm-up; TFLOP/s counts kept blocks only
 (4 * B * H * S^2 * D * token density). FlexAttention is compiled once, its block

@@ -1,10 +1,15 @@
-"""RainFusion2.0 sparse attention vs dense attention on the best device present.
+"""RainFusion2.0 sparse attention against dense attention on the best device present.
 
-    python examples/demo.py [--device cuda] [--frames 8 --height 16 --width 32] [--sparsity 0.8]
+    python examples/demo.py [--device cuda] [--frames 21 --height 16 --width 24] [--sparsity 0.8]
 
-Prints the time of dense SDPA and of ``rf.sparse_attention`` on one video
-layer, and the error of the sparse output against the dense one and against
-the float64 golden of the same mask.
+One attention layer of a video DiT on synthetic video-like q/k/v: 21 latent
+frames as Wan2.1 has, a grid small enough for a CPU (21x16x24 = 8064 tokens,
+4 heads, head dim 64) or, on a GPU, Wan2.1-1.3B's 480p grid (21x30x52 = 32760
+tokens, 12 heads, head dim 128). Prints the backend that runs (and, for the
+C++ CPU kernel, the instruction set and threads it runs with), the mask
+density, the time of dense SDPA and of the whole ``rf.sparse_attention`` call
+(permutation, mask prediction and attention), and the error of the sparse
+output against dense attention and against the float64 golden of the same mask.
 """
 from __future__ import annotations
 
@@ -15,11 +20,24 @@ import torch.nn.functional as F
 
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.progress import progress
+from rainfusion_core.registry import select_backend
 from rainfusion_core.synthetic import video_like_qkv
+
+CPU_SHAPE = dict(frames=21, height=16, width=24, heads=4, head_dim=64)
+GPU_SHAPE = dict(frames=21, height=30, width=52, heads=12, head_dim=128)
 
 
 def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe_backend(backend: rf.Backend) -> str:
+    if backend.name == "cpu":
+        from rainfusion_core.backends.cpu import kernel_description
+
+        return f"cpu (C++ kernel: {kernel_description()})"
+    return backend.name
 
 
 def main() -> None:
@@ -29,41 +47,50 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=None)
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--backend", default=None, help="backend name or device string (default: automatic)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     device = args.device or best_device()
-    on_gpu = device.startswith("cuda")
-    # CPU default: 8x16x32 = 4096 tokens; GPU default: Wan2.1-1.3B 480p (21x30x52 = 32760 tokens).
-    frames, height, width = (21, 30, 52) if on_gpu else (8, 16, 32)
-    layout = rf.VideoLayout(args.frames or frames, args.height or height, args.width or width)
-    heads = args.heads or (12 if on_gpu else 4)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    q, k, v = video_like_qkv(layout, heads, args.head_dim, device=device, dtype=dtype)
+    shape = GPU_SHAPE if device.startswith("cuda") else CPU_SHAPE
+    layout = rf.VideoLayout(args.frames or shape["frames"], args.height or shape["height"],
+                            args.width or shape["width"])
+    heads, head_dim = args.heads or shape["heads"], args.head_dim or shape["head_dim"]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    q, k, v = video_like_qkv(layout, heads, head_dim, device=device, dtype=dtype, seed=0)
+    plan = rf.plan_sparse_attention(q, k, layout, sparsity=args.sparsity, backend=args.backend)
+    backend = select_backend(args.backend, q, k, v, plan.block_mask)
+    sink_share = 1 - (1 - layout.frame_len / layout.seq_len) ** 2 if layout.frames > 1 else 0.0
 
-    dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats=args.repeats)
-    sparse = lambda: rf.sparse_attention(q, k, v, layout, sparsity=args.sparsity, backend=args.backend)  # noqa: E731
-    sparse_ms = median_ms(sparse, device, repeats=args.repeats)
-
-    out, dense = sparse().double(), F.scaled_dot_product_attention(q, k, v).double()
-    perm = rf.build_permutation(layout, device)
-    qp, kp, vp = (perm.apply(x, 2) for x in (q, k, v))
-    mask = rf.predict_block_mask(qp, kp, layout, sparsity=args.sparsity)
-    golden = perm.undo(rf.block_sparse_attention(qp.double(), kp.double(), vp.double(), mask, backend="torch"), 2)
-    chosen = rf.get_backend(args.backend) if args.backend else rf.get_backend(device)
+    with progress(total=3, desc="demo", unit="step") as bar:
+        bar.set_postfix_str("dense SDPA")
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats=args.repeats)
+        bar.update()
+        bar.set_postfix_str("rf.sparse_attention")
+        sparse = lambda: rf.sparse_attention(q, k, v, layout, sparsity=args.sparsity, backend=args.backend)  # noqa: E731
+        sparse_ms = median_ms(sparse, device, repeats=args.repeats)
+        bar.update()
+        bar.set_postfix_str("float64 golden")
+        out, dense = sparse().double(), F.scaled_dot_product_attention(q, k, v).double()
+        perm = rf.build_permutation(layout, device)
+        qp, kp, vp = (perm.apply(x.double(), 2) for x in (q, k, v))
+        golden = perm.undo(rf.block_sparse_attention(qp, kp, vp, plan.block_mask, backend="torch"), 2)
+        bar.update()
 
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    print(f"device {device}, backend {chosen.name}, {dtype}, B=1 H={heads} S={layout.seq_len} D={args.head_dim}")
-    print(f"layout {layout}")
-    print(f"sparsity {args.sparsity}: mask density {mask.density:.3f} (first-frame sink on)")
+    print(f"device  {device}, {dtype}, B=1 H={heads} S={layout.seq_len} D={head_dim}, synthetic video-like q/k/v")
+    print(f"layout  {layout.frames} frames x {layout.height} x {layout.width} latent grid")
+    print(f"backend {describe_backend(backend)}")
+    print(f"mask    sparsity {args.sparsity}: density {plan.density:.3f} of the tiles kept "
+          f"(the first-frame sink alone keeps {sink_share:.3f})")
     print()
-    print(f"{'what':<36}{'ms':>10}")
-    print(f"{'dense SDPA':<36}{dense_ms:>10.2f}")
-    print(f"{'rf.sparse_attention (whole call)':<36}{sparse_ms:>10.2f}")
-    print(f"{'speed-up over dense':<36}{dense_ms / sparse_ms:>10.2f}x")
+    print(f"{'what':<48}{'ms':>10}")
+    print(f"{'dense SDPA':<48}{dense_ms:>10.2f}")
+    print(f"{'rf.sparse_attention (permute, predict, attend)':<48}{sparse_ms:>10.2f}")
+    verdict = "faster" if dense_ms > sparse_ms else "SLOWER"
+    print(f"{'speed-up over dense':<48}{dense_ms / sparse_ms:>9.2f}x  (sparse is {verdict})")
     print()
     print(f"relative L2 error vs dense attention : {rel(out, dense):.4f}  (the price of sparsity)")
     print(f"relative L2 error vs float64 golden  : {rel(out, golden):.2e}  (kernel numerics, same mask)")

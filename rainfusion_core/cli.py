@@ -377,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 a failed check, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     for option in ("plot", "out"):
         try:
             if getattr(args, option, None):

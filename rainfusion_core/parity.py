@@ -1,4 +1,4 @@
-"""The numerical parity rule of DESIGN.md, shared by tests and the conformance kit."""
+"""The numerical parity rule of docs/design.md, shared by tests and the conformance kit."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """Backend registry: built-ins and plugins, selection by name or by device.
 
-Selection rules (DESIGN.md):
+Selection rules (docs/design.md):
 
 * a name (``"triton"``) or a ``Backend`` instance is *explicit*: it runs or
   raises an error listing its reasons, never falls back;
@@ -43,7 +43,6 @@ _backends: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
 _loaded = False
 _warned: set[tuple[str, str]] = set()
-_present_devices: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -187,13 +186,11 @@ def _registered() -> list[Backend]:
 
 
 def _require_device(spec: str, device_type: str, index: int | None) -> None:
-    """Raise unless the device ``spec`` names (``"cuda:0"``) exists here; a present device is remembered.
+    """Raise unless the device ``spec`` names (``"cuda:0"``) exists here.
 
     Asks the device type's torch module (``torch.cuda``, ``torch.npu`` once ``torch_npu`` is
     imported) when it has one, else tries to place an empty tensor there.
     """
-    if spec in _present_devices:
-        return
     module = getattr(torch, device_type, None)
     if callable(getattr(module, "device_count", None)):
         is_available = getattr(module, "is_available", None)
@@ -210,7 +207,6 @@ def _require_device(spec: str, device_type: str, index: int | None) -> None:
         except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError depending on the build
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendUnavailableError(f"device {spec!r} is not present on this machine ({detail})") from None
-    _present_devices.add(spec)
 
 
 def require_device(spec: str) -> None:

@@ -6,7 +6,7 @@
     assert report.passed
 
 Every case draws fresh random inputs (never zeros), runs the backend, and
-judges the output with the parity rule of DESIGN.md (``rainfusion_core.parity``)
+judges the output with the parity rule of docs/design.md (``rainfusion_core.parity``)
 against the ``torch`` backend in float64 on the CPU, with the ``torch`` backend
 in the test dtype on the backend's device as the low-precision reference.
 The device memory the backend will allocate is poisoned with NaN first
@@ -25,6 +25,7 @@ from .backend import Backend
 from .block_mask import BlockMask
 from .errors import UnsupportedInputError
 from .parity import parity
+from .progress import progress
 from .registry import get_backend, select_backend
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -186,9 +187,13 @@ def check_backend(
     device = torch.device(device)
     cases = cases if cases is not None else default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS))
     report = ConformanceReport(backend.name, str(device))
-    for i, case in enumerate(cases):
-        for dtype in dtypes or DTYPES:
-            report.rows.append(run_case(backend, case, dtype, device, seed=seed + i))
+    dtypes = list(dtypes or DTYPES)
+    with progress(total=len(cases) * len(dtypes), desc=f"parity {backend.name}", unit="case") as bar:
+        for i, case in enumerate(cases):
+            for dtype in dtypes:
+                bar.set_postfix_str(f"{case.name} {str(dtype).replace('torch.', '')}")
+                report.rows.append(run_case(backend, case, dtype, device, seed=seed + i))
+                bar.update()
     return report
 
 

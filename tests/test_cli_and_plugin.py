@@ -92,10 +92,10 @@ def test_cli_mask_draws_a_png(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["bench", "--shape", "1,2,3"], "--shape must be six integers"),
+        (["bench", "--shape", "1,2,3"], "argument --shape: expected 6 positive integers"),
         (["parity"], "give --backend NAME or --all"),
         (["parity", "--backend", "nope"], "unknown backend 'nope'"),
-        (["mask", "--frames", "0", "--height", "8", "--width", "8"], "VideoLayout.frames must be a positive int"),
+        (["mask", "--frames", "0", "--height", "8", "--width", "8"], "argument --frames: must be >= 1, got 0"),
     ],
 )
 def test_cli_errors_exit_2_with_a_message(argv, message, capsys):

@@ -1,4 +1,4 @@
-"""The C++ ``cpu`` backend against the float64 golden, by the parity rule of DESIGN.md.
+"""The C++ ``cpu`` backend against the float64 golden, by the parity rule of docs/design.md.
 
 The extension must be built (the README's setup builds it); set
 RAINFUSION_SKIP_CPP=1 only on a machine deliberately installed without it.

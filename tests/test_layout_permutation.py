@@ -5,7 +5,7 @@ import rainfusion_core as rf
 
 
 def naive_permutation(frames, height, width, text_len=0, text_position="head"):
-    """The rf_v2 order of DESIGN.md, token by token with Python loops."""
+    """The rf_v2 order of docs/design.md, token by token with Python loops."""
     hw = height * width
     aligned = height % 8 == 0 and width % 8 == 0
     mh, mw = height - height % 8, width - width % 8
