@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install 'rainfusion_core[diffusers]'")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402

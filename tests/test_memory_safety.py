@@ -108,8 +108,8 @@ def test_library_built_masks_skip_the_content_check(monkeypatch):
 REPRODUCER = textwrap.dedent("""
     import sys, torch
     import rainfusion_core as rf
-    backend = sys.argv[1]
-    q = torch.randn(1, 1, 256, 32)
+    backend, device = sys.argv[1], sys.argv[2]
+    q = torch.randn(1, 1, 256, 32, device=device)
     idx = torch.full((1, 1, 2, 2), -100000, dtype=torch.int32)
     try:
         rf.BlockMask(torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.full((1, 1, 2), 2, dtype=torch.int32), idx,
@@ -120,10 +120,13 @@ REPRODUCER = textwrap.dedent("""
     for name, field, value in (("negative", "kv_indices", -100000), ("huge", "kv_indices", 2**31 - 1),
                                ("past-nk", "kv_indices", 2), ("count", "kv_counts", 1000),
                                ("negative-count", "kv_counts", -5)):
-        m = rf.BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=128, q_len=250, kv_len=250)
+        m = rf.BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=device), block_size=128,
+                                    q_len=250, kv_len=250)
         getattr(m, field).fill_(value)
         try:
             out = rf.block_sparse_attention(q[:, :, :250], q[:, :, :250], q[:, :, :250], m, backend=backend)
+            if device == "cuda":
+                torch.cuda.synchronize()  # a fault in the kernel surfaces here
             print("RAN", name, bool(torch.isfinite(out).all()))
         except ValueError as exc:
             print("REFUSED", name, exc)
@@ -131,13 +134,23 @@ REPRODUCER = textwrap.dedent("""
 """)
 
 
+def _where(backend):
+    """Device and environment of a subprocess: Triton on the GPU when there is one, else its interpreter."""
+    env = dict(os.environ, RAINFUSION_PROGRESS="0")
+    if backend != "triton":
+        return "cpu", env
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if torch.cuda.is_available():
+        env.pop("TRITON_INTERPRET", None)
+        return "cuda", env
+    return "cpu", dict(env, TRITON_INTERPRET="1")
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpp), "torch", "triton"])
 def test_hostile_masks_never_crash_the_process(backend):
-    if backend == "triton":
-        pytest.importorskip("triton", reason="Triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", RAINFUSION_PROGRESS="0")
-    run = subprocess.run([sys.executable, "-c", REPRODUCER, backend], capture_output=True, text=True, env=env,
-                         timeout=600)
+    device, env = _where(backend)
+    run = subprocess.run([sys.executable, "-c", REPRODUCER, backend, device], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert run.returncode == 0, f"exit status {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
     assert "REFUSED-AT-CONSTRUCTION BlockMask.kv_indices[0, 0, 0, 0] = -100000" in run.stdout
     assert "SURVIVED" in run.stdout
@@ -169,17 +182,22 @@ def test_cpu_kernel_is_clean_under_address_sanitizer():
 HUGE_BLOCK = textwrap.dedent("""
     import resource, sys, torch
     import rainfusion_core as rf
-    backend = sys.argv[1]
+    backend, device = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 256, 32, device=device) for _ in range(3))
     def run(block):
-        mask = rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=block, q_len=256,
-                                       kv_len=256)
+        mask = rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool, device=device), block_size=block,
+                                       q_len=256, kv_len=256)
         return rf.block_sparse_attention(q, k, v, mask, backend=backend)
+    def peak_mb():  # host peak RSS, or the GPU's peak allocation
+        if device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     small = run(256)  # warm up at a block size that covers the sequence
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mb()
     huge = run(2 ** 22)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    grown_mb = peak_mb() - before
     print("GROWN_MB", grown_mb)
     print("SAME", bool(torch.allclose(small, huge, atol=1e-6)))
 """)
@@ -187,11 +205,9 @@ HUGE_BLOCK = textwrap.dedent("""
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpp), "torch", "triton"])
 def test_a_block_size_far_beyond_the_sequence_costs_no_memory(backend):
-    if backend == "triton":
-        pytest.importorskip("triton", reason="Triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", RAINFUSION_PROGRESS="0")
-    run = subprocess.run([sys.executable, "-c", HUGE_BLOCK, backend], capture_output=True, text=True, env=env,
-                         timeout=600)
+    device, env = _where(backend)
+    run = subprocess.run([sys.executable, "-c", HUGE_BLOCK, backend, device], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     values = dict(line.split() for line in run.stdout.splitlines() if line.split()[0] in ("GROWN_MB", "SAME"))
     assert values["SAME"] == "True"

@@ -5,7 +5,7 @@ import torch
 from conftest import triton_device
 
 DEVICE = triton_device()
-diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install 'rainfusion_core[diffusers]'")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
 from rainfusion_core.backends.triton_rope import rms_norm_rope  # noqa: E402
 from rainfusion_core.integrations.diffusers import _rotate_pairs, apply_rainfusion  # noqa: E402

@@ -138,3 +138,33 @@ def test_explicit_ws_refuses_what_it_cannot_run():
         block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="ws")
     with pytest.raises(ValueError, match="kernel must be 'auto', 'ws' or 'triton', got 'gluon'"):
         block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="gluon")
+
+
+HOSTILE = """
+import torch, rainfusion_core as rf
+from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+torch.manual_seed(0)
+layout = rf.VideoLayout(3, 7, 11)  # 231 tokens: a ragged last block
+seq = layout.seq_len
+q, k, v = (torch.randn(2, 4, seq, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+order = rf.build_permutation(layout, "cuda").indices
+for field, value in (("kv_indices", -100000), ("kv_indices", 2**31 - 1), ("kv_indices", 1), ("kv_counts", 1000),
+                     ("kv_counts", -3)):
+    mask = rf.BlockMask.from_dense(torch.ones(2, 4, 2, 2, dtype=torch.bool, device="cuda"), block_size=128,
+                                   q_len=seq, kv_len=seq)
+    getattr(mask, field).fill_(value)
+    for kernel in ("ws", "triton"):
+        out = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel=kernel)
+        torch.cuda.synchronize()  # an out-of-bounds access faults here
+        assert torch.isfinite(out).all(), (field, value, kernel)
+print("HOSTILE-OK")
+"""
+
+
+@ON_HOPPER
+def test_ws_and_triton_kernels_stay_inside_their_inputs_for_an_edited_mask():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HOSTILE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "HOSTILE-OK" in run.stdout, run.stderr[-3000:]
