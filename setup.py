@@ -1,6 +1,7 @@
 """Install rainfusion_core.
 
-* The top-level ``backends/`` folder installs as ``rainfusion_core.backends``.
+* The top-level ``backends/`` folder installs as ``rainfusion_core.backends`` (its
+  subpackages, such as ``backends/triton/``, as ``rainfusion_core.backends.triton``).
 * The C++ CPU kernel (``csrc/``) builds as ``rainfusion_core._cpu_kernel`` when
   pybind11 and a C++17 compiler are present; OpenMP and native vector
   instructions are probed, not assumed. A failed build only warns: the package
@@ -54,7 +55,8 @@ setup(
     version="0.1.0",
     description="Hardware-portable RainFusion2.0 block-sparse attention for video diffusion transformers",
     python_requires=">=3.9",
-    packages=["rainfusion_core", "rainfusion_core.backends", "rainfusion_core.integrations"],
+    packages=["rainfusion_core", "rainfusion_core.backends", "rainfusion_core.backends.triton",
+              "rainfusion_core.backends.triton.hopper", "rainfusion_core.integrations"],
     package_dir={"rainfusion_core": "rainfusion_core", "rainfusion_core.backends": "backends"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

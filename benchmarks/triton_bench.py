@@ -3,7 +3,7 @@
     python benchmarks/triton_bench.py [--shapes wan1.3b,wan14b] [--sweep] [--no-flex]
 
 The sparse rows time the default kernel (the warp-specialised one on sm_90,
-see ``backends/gluon_attention.py``); the portable Triton kernel has its own
+see ``backends/triton/hopper/attention.py``); the portable Triton kernel has its own
 row, and the sweep tunes it. For each reference shape of docs/design.md (bf16, head dim 128) the mask is the one
 RainFusion2.0 predicts at sparsity 0.8 with the first-frame sink on. Times are
 ``triton.testing.do_bench`` medians after warm-up; TFLOP/s counts kept blocks only
@@ -20,8 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import rainfusion_core as rf
-from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
-from rainfusion_core.backends.triton_kernels import KernelConfig
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.backends.triton.attention import KernelConfig
 from rainfusion_core.parity import parity
 
 SHAPES = {  # name: (B, heads, frames, height, width, text)

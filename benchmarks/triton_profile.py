@@ -7,7 +7,7 @@
 import torch
 
 import rainfusion_core as rf
-from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 
 layout = rf.VideoLayout(21, 30, 52)
 q, k, v = (torch.randn(1, 12, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -43,7 +43,7 @@ def timed(fn, repeats: int) -> float:
 
 def prologue_times(model, layout, repeats: int) -> tuple[float, float]:
     """One tensor's q/k prologue (RMS norm across heads, then rotary) of block 0: eager and fused, ms."""
-    from rainfusion_core.backends.triton_rope import rms_norm_rope
+    from rainfusion_core.integrations.wan_prologue import rms_norm_rope
     from rainfusion_core.integrations.diffusers import _rotate_pairs
 
     attn = model.blocks[0].attn1

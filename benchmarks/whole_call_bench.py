@@ -22,8 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import rainfusion_core as rf
-from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
-from rainfusion_core.backends.triton_permute import gather_rows
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.backends.triton.permute import gather_rows
 from rainfusion_core.prediction import predict_mask
 
 SHAPES = {"wan1.3b": (1, 12, 21, 30, 52), "wan14b": (1, 40, 21, 45, 80)}
@@ -34,7 +34,7 @@ def bench(fn) -> float:
 
 
 def _ws_one_launch(q, k, v, mask, scale, order):
-    from rainfusion_core.backends import gluon_attention
+    from rainfusion_core.backends.triton.hopper import attention as gluon_attention
 
     out = torch.empty_like(q)
     k_perm, v_perm = gather_rows(order, k, v)

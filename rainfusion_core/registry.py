@@ -31,7 +31,7 @@ ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
     "rainfusion_core.backends.torch_backend:TorchBackend",
     "rainfusion_core.backends.cpu:CpuBackend",
-    "rainfusion_core.backends.triton_backend:TritonBackend",
+    "rainfusion_core.backends.triton:TritonBackend",
     "rainfusion_core.backends.npu:NpuBackend",
 )
 _DEVICE_TYPES = {"cpu", "cuda", "npu", "xpu", "mps", "hpu", "mtia", "meta", "xla", "privateuseone"}

@@ -106,7 +106,7 @@ def test_attention_through_the_permutation_equals_permuted_copies(tensor_layout,
 
 
 def test_gathered_kv_and_permuted_kv_copies_agree():
-    from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+    from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 
     layout = rf.VideoLayout(2, 9, 20)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 32, device=DEVICE) for _ in range(3))
@@ -120,7 +120,7 @@ def test_gathered_kv_and_permuted_kv_copies_agree():
 
 
 def test_gather_rows_equals_index_select_on_strided_views():
-    from rainfusion_core.backends.triton_permute import gather_rows
+    from rainfusion_core.backends.triton.permute import gather_rows
 
     layout = rf.VideoLayout(2, 9, 20, text_len=3)
     x = torch.randn(2, layout.seq_len, 3, 40, device=DEVICE).transpose(1, 2)  # BSND memory, D not a power of 2

@@ -7,7 +7,7 @@ from conftest import triton_device
 DEVICE = triton_device()
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
-from rainfusion_core.backends.triton_rope import rms_norm_rope  # noqa: E402
+from rainfusion_core.integrations.wan_prologue import rms_norm_rope  # noqa: E402
 from rainfusion_core.integrations.diffusers import _rotate_pairs, apply_rainfusion  # noqa: E402
 
 from test_diffusers_integration import inputs, tiny_wan  # noqa: E402

@@ -1,4 +1,4 @@
-"""The warp-specialised Hopper kernel (``backends/gluon_attention.py``).
+"""The warp-specialised Hopper kernel (``backends/triton/hopper/attention.py``).
 
 It is Gluon code for sm_90 only: the GPU tests need an NVIDIA Hopper GPU and
 are skipped elsewhere. It must equal the portable Triton kernel
@@ -11,8 +11,8 @@ import torch
 
 import rainfusion_core as rf
 from conftest import random_dense, triton_device
-from rainfusion_core.backends import triton_backend
-from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+from rainfusion_core.backends.triton import launch as triton_launch
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 from rainfusion_core.parity import parity
 
 DEVICE = triton_device()
@@ -122,7 +122,7 @@ def test_ws_refuses_an_output_with_a_strided_head_dim_and_auto_uses_the_triton_k
 
 @pytest.mark.parametrize("q_heads, kv_heads", [(12, 12), (40, 40), (6, 6), (8, 2), (8, 1), (1, 1), (3, 3)])
 def test_head_chunks_keep_copies_within_a_third_of_qkv(q_heads, kv_heads):
-    step = triton_backend._ws_head_chunks(q_heads, kv_heads)
+    step = triton_launch._ws_head_chunks(q_heads, kv_heads)
     assert 1 <= step <= kv_heads
     copies = 2 * step  # k and v rows of one chunk, in units of one head's [S, D]
     assert copies * 3 <= q_heads + 2 * kv_heads or step == 1, (step, copies)
@@ -142,7 +142,7 @@ def test_explicit_ws_refuses_what_it_cannot_run():
 
 HOSTILE = """
 import torch, rainfusion_core as rf
-from rainfusion_core.backends.triton_backend import block_sparse_attention_triton
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 torch.manual_seed(0)
 layout = rf.VideoLayout(3, 7, 11)  # 231 tokens: a ragged last block
 seq = layout.seq_len

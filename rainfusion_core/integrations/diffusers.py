@@ -109,7 +109,7 @@ def _self_attention_qkv(attn, hidden_states, rotary_emb, tables=None):
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     value = value.unflatten(2, (attn.heads, -1))
     if tables is not None:
-        from ..backends.triton_rope import rms_norm_rope
+        from .wan_prologue import rms_norm_rope
 
         query, key = (rms_norm_rope(x, norm.weight, _rms_eps(norm, x), *tables, attn.heads)
                       for x, norm in ((query, attn.norm_q), (key, attn.norm_k)))

@@ -1,0 +1,73 @@
+"""The ``triton`` backend: block-sparse flash attention on NVIDIA GPUs.
+
+With ``TRITON_INTERPRET=1`` (set before Triton is imported) the same kernel
+also runs on CPU tensors through Triton's interpreter; that is how CI tests
+it. The interpreter path is reachable only by naming the backend. Triton
+itself is imported only when the backend runs (``launch.py`` and the kernels).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from rainfusion_core.backend import Backend
+
+from .launch import block_sparse_attention_triton, interpreting
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+class TritonBackend(Backend):
+    """Block-sparse flash attention in Triton: fp16/bf16 fast paths, fp32 exact (no tf32)."""
+
+    name = "triton"
+    device_types = ("cuda",)
+    priority = 20
+
+    def unavailable_reason(self):
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            return f"Triton is not installed ({exc}); pip install triton"
+        if not interpreting() and not torch.cuda.is_available():
+            return "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter)"
+        return None
+
+    def runs_on(self, device_type: str) -> bool:
+        return device_type == "cuda" or (device_type == "cpu" and interpreting())
+
+    def unsupported_reasons(self, q, k, v, block_mask):
+        reasons = []
+        if q.dtype not in _DTYPES:
+            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16 and float32 are)")
+        head_dim = q.shape[-1]
+        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            reasons.append(f"head dim {head_dim} is outside the supported range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+        if block_mask.block_size % 16:
+            reasons.append(f"mask block size {block_mask.block_size} is not a multiple of 16")
+        return reasons
+
+    def forward(self, q, k, v, block_mask, scale):
+        return block_sparse_attention_triton(q, k, v, block_mask, scale)
+
+    def forward_reordered(self, q, k, v, block_mask, scale, order, out):
+        # The kernel reads q, k, v rows through the permutation and writes out rows back through it.
+        block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out)
+
+    # -- fused mask prediction (rainfusion_core.selection defines what these compute)
+    fused_prediction_dtypes = _DTYPES
+
+    def block_means(self, x, block_size, order):
+        return _prediction().block_means(x, block_size, order)
+
+    def select_blocks(self, scores, *, scale, keep, sink_blocks, text_blocks):
+        return _prediction().select_blocks(scores, scale=scale, keep=keep, sink_blocks=sink_blocks,
+                                           text_blocks=text_blocks)
+
+
+def _prediction():
+    from . import prediction
+
+    return prediction

@@ -1,0 +1,1 @@
+"""Kernels for NVIDIA Hopper (sm_90) GPUs only; imported when one runs."""
