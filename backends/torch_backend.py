@@ -11,6 +11,7 @@ import torch
 
 from rainfusion_core.backend import Backend
 from rainfusion_core.block_mask import BlockMask, query_chunks
+from rainfusion_core.dtypes import accumulation_dtype
 
 #: scores materialised per chunk, in elements (B * Hq * rows * Sk); ~256 MB of float32.
 CHUNK_ELEMENTS = 1 << 26
@@ -32,7 +33,7 @@ def masked_attention(
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    softmax_dtype = accumulation_dtype(q.dtype)
     bs = block_mask.block_size
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 

@@ -17,18 +17,15 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 from rainfusion_core.backends.triton.attention import KernelConfig
+from rainfusion_core.benchmarking import median_ms
 from rainfusion_core.parity import parity
+from rainfusion_core.shapes import REFERENCE_SHAPES
 
-SHAPES = {  # name: (B, heads, frames, height, width, text)
-    "wan1.3b": (1, 12, 21, 30, 52, 0),
-    "wan14b": (1, 40, 21, 45, 80, 0),
-    "hunyuan": (1, 24, 33, 45, 80, 256),
-}
+SHAPES = REFERENCE_SHAPES  # name: (B, heads, frames, height, width, text tokens)
 SWEEP = [KernelConfig(*c) for c in [
     (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
     (64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4),
@@ -36,7 +33,7 @@ SWEEP = [KernelConfig(*c) for c in [
 
 
 def bench(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+    return median_ms(fn, "cuda", repeats=10)
 
 
 def check_parity() -> list[str]:

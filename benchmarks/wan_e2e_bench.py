@@ -13,13 +13,13 @@ CUDA-event timings after a warm-up forward.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from diffusers import WanTransformer3DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
+from rainfusion_core.benchmarking import event_median_ms
 from rainfusion_core.integrations.diffusers import apply_rainfusion
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -29,16 +29,7 @@ GRIDS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return event_median_ms(fn, repeats=repeats)
 
 
 def prologue_times(model, layout, repeats: int) -> tuple[float, float]:

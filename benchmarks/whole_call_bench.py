@@ -19,18 +19,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 import rainfusion_core as rf
+from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.shapes import REFERENCE_SHAPES
 from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 from rainfusion_core.backends.triton.permute import gather_rows
 from rainfusion_core.prediction import predict_mask
 
-SHAPES = {"wan1.3b": (1, 12, 21, 30, 52), "wan14b": (1, 40, 21, 45, 80)}
-
-
 def bench(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+    return median_ms(fn, "cuda", repeats=10)
 
 
 def _ws_one_launch(q, k, v, mask, scale, order):
@@ -43,7 +41,7 @@ def _ws_one_launch(q, k, v, mask, scale, order):
 
 
 def run(name: str) -> list[str]:
-    batch, heads, frames, height, width = SHAPES[name]
+    batch, heads, frames, height, width, _ = REFERENCE_SHAPES[name]
     layout = rf.VideoLayout(frames, height, width)
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     perm = rf.build_permutation(layout, "cuda")

@@ -5,8 +5,9 @@ import math
 
 import torch
 
+from .dtypes import FLOAT_DTYPES
+
 TENSOR_LAYOUTS = ("BNSD", "BSND")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Largest accepted softmax scale. Beyond it ``scale * q.k`` leaves float32's range for
 #: ordinary half-precision inputs and every row of the softmax becomes NaN.
 MAX_SCALE = 1e6
@@ -55,26 +56,6 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(
             f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for grouped-query attention"
         )
-
-
-def check_mask_matches(q, k, block_mask) -> None:
-    """Check that ``block_mask`` describes attention of ``q`` over ``k``."""
-    from .block_mask import BlockMask
-
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask must be a rainfusion_core.BlockMask, got {describe(block_mask)}")
-    batch, heads, q_len = q.shape[:3]
-    if (block_mask.q_len, block_mask.kv_len) != (q_len, k.shape[2]):
-        raise ValueError(
-            f"block_mask lengths (q_len={block_mask.q_len}, kv_len={block_mask.kv_len}) must match "
-            f"q and k sequence lengths ({q_len}, {k.shape[2]})"
-        )
-    if block_mask.shape[:2] != (batch, heads):
-        raise ValueError(
-            f"block_mask batch and heads {block_mask.shape[:2]} must equal q's (B, H) = {(batch, heads)}"
-        )
-    if block_mask.device != q.device:
-        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
 
 
 def check_sparsity(sparsity) -> float:

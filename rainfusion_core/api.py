@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_mask_matches, check_qkv, check_tensor_layout, default_scale, describe
+from ._checks import check_qkv, check_tensor_layout, default_scale, describe
 from .backend import Backend
-from .block_mask import BlockMask
+from .block_mask import BlockMask, check_mask_matches
 from .layout import VideoLayout
 from .ops import attend, block_sparse_attention_op
 from .permutation import Permutation, build_permutation, cached_permutation

@@ -31,3 +31,21 @@ def median_ms(fn, device, *, repeats: int = 5) -> float:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def event_median_ms(fn, *, repeats: int) -> float:
+    """Median of exactly ``repeats`` CUDA-event timings of ``fn()`` after one warm-up call.
+
+    For long calls (a whole transformer forward) where :func:`median_ms`'s time budget
+    would allow a single run.
+    """
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)

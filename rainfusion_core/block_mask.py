@@ -204,6 +204,24 @@ class BlockMask:
         )
 
 
+def check_mask_matches(q, k, block_mask) -> None:
+    """Check that ``block_mask`` describes attention of ``q`` over ``k``."""
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a rainfusion_core.BlockMask, got {describe(block_mask)}")
+    batch, heads, q_len = q.shape[:3]
+    if (block_mask.q_len, block_mask.kv_len) != (q_len, k.shape[2]):
+        raise ValueError(
+            f"block_mask lengths (q_len={block_mask.q_len}, kv_len={block_mask.kv_len}) must match "
+            f"q and k sequence lengths ({q_len}, {k.shape[2]})"
+        )
+    if block_mask.shape[:2] != (batch, heads):
+        raise ValueError(
+            f"block_mask batch and heads {block_mask.shape[:2]} must equal q's (B, H) = {(batch, heads)}"
+        )
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+
+
 def trusted_mask(dense, kv_counts, kv_indices, block_size: int, q_len: int, kv_len: int) -> BlockMask:
     """A :class:`BlockMask` the library built itself: shapes are checked, contents are not."""
     return BlockMask(dense, kv_counts, kv_indices, block_size, q_len, kv_len, _TRUSTED)
@@ -255,4 +273,4 @@ def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Te
     return sizes
 
 
-__all__ = ["BlockMask", "num_blocks", "query_chunks", "trusted_mask"]
+__all__ = ["BlockMask", "check_mask_matches", "num_blocks", "query_chunks", "trusted_mask"]

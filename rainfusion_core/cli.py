@@ -17,7 +17,7 @@ import os
 import sys
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
-PRESETS = {"small": (1, 4, 8, 16, 32, 64), "wan1.3b": (1, 12, 21, 30, 52, 128), "wan14b": (1, 40, 21, 45, 80, 128)}
+CPU_PRESET = (1, 4, 8, 16, 32, 64)  # B, H, T, Hh, W, D: small enough for a CPU
 
 
 class UsageError(Exception):
@@ -74,6 +74,12 @@ def _dtypes(text: str) -> list[str]:
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _wan_preset() -> tuple[int, ...]:
+    from .shapes import REFERENCE_HEAD_DIM, REFERENCE_SHAPES
+
+    return (*REFERENCE_SHAPES["wan1.3b"][:5], REFERENCE_HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- run-time checks
@@ -190,8 +196,7 @@ def cmd_bench(args) -> int:
     from .synthetic import video_like_qkv
 
     device = torch.device(_device("--device", args.device))
-    preset = "wan1.3b" if device.type == "cuda" else "small"
-    batch, heads, frames, height, width, dim = args.shape or PRESETS[preset]
+    batch, heads, frames, height, width, dim = args.shape or (_wan_preset() if device.type == "cuda" else CPU_PRESET)
     layout = VideoLayout(frames, height, width)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = video_like_qkv(layout, heads, dim, batch=batch, device=device, dtype=dtype, seed=0)
@@ -333,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("--shape", type=_ints(6, "B,H,T,Hh,W,D"), metavar="B,H,T,Hh,W,D",
                    help="batch, heads, frames, height, width, head dim (default: "
-                        f"{','.join(map(str, PRESETS['small']))} on CPU, "
-                        f"{','.join(map(str, PRESETS['wan1.3b']))} (Wan2.1-1.3B 480p) on GPU)")
+                        f"{','.join(map(str, CPU_PRESET))} on CPU, "
+                        f"{','.join(map(str, _wan_preset()))} (Wan2.1-1.3B 480p) on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best device present)")
     p.add_argument("--backend", help="backend name or device string (default: automatic)")
     p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",

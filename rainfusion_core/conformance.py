@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from rainfusion_core.errors import BackendError
 from rainfusion_core.registry import get_backend

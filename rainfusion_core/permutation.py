@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .caching import may_cache
 from .layout import VideoLayout
 
 TILE = 8
@@ -117,7 +118,7 @@ def cached_permutation(layout: VideoLayout, device: torch.device | str | None = 
         perm = _build(*key)
         # Inside a CUDA-graph capture the build's kernels are recorded, not run: caching that
         # result would hand unwritten indices to later eager calls.
-        if not (key[1].type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if may_cache(key[1]):
             if len(_CACHE) >= _CACHE_SIZE:
                 _CACHE.clear()
             _CACHE[key] = perm

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_block_size, check_mask_matches, check_qkv, default_scale, describe
+from ._checks import check_block_size, check_qkv, default_scale, describe
 from .api import block_sparse_attention
-from .block_mask import BlockMask, num_blocks, query_chunks
+from .block_mask import BlockMask, check_mask_matches, num_blocks, query_chunks
+from .dtypes import accumulation_dtype
 from .layout import VideoLayout
 from .permutation import build_permutation
 from .prediction import predict_block_mask
@@ -46,7 +47,7 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, *,
     check_qkv(q, k, k)
     check_mask_matches(q, k, block_mask)
     scale = default_scale(scale, q.shape[-1])
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(q.dtype)
     total = torch.zeros(q.shape[:2], dtype=dtype, device=q.device)
     for start, stop in query_chunks(q.shape[2], k.shape[2], q.shape[0] * q.shape[1], block_mask.block_size,
                                     CHUNK_ELEMENTS):
@@ -65,7 +66,7 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     check_qkv(q, k, k)
     block_size = check_block_size(block_size)
     scale = default_scale(scale, q.shape[-1])
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(q.dtype)
     kv_len = k.shape[2]
     nq, nk = num_blocks(q.shape[2], block_size), num_blocks(kv_len, block_size)
     key_block = torch.arange(kv_len, device=q.device) // block_size
@@ -108,7 +109,7 @@ def _predicted_top(q, k, layout: VideoLayout, like: BlockMask, scale: float) -> 
     density. Text blocks stay first in line (they are forced in both).
     """
     block = like.block_size
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     probs = torch.softmax(pooled_scores(block_means(q, block, acc), block_means(k, block, acc)) * scale, dim=-1)
     text = num_blocks(layout.text_len, block)
     if text:

@@ -12,6 +12,7 @@ import torch
 
 from .backend import Backend
 from .block_mask import BlockMask
+from .dtypes import accumulation_dtype
 
 
 def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype, order: torch.Tensor | None = None):
@@ -71,7 +72,7 @@ def compute_block_mask(
     or ``None`` for the eager definitions of this module.
     """
     if fused is None:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         q_mean, k_mean = block_means(q, block_size, acc, order), block_means(k, block_size, acc, order)
         select = select_blocks
     else:

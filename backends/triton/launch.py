@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from rainfusion_core.caching import may_cache
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read before Triton loads)."""
@@ -113,7 +115,7 @@ def _identity(length: int, device: torch.device) -> torch.Tensor:
     cached = _IDENTITY.get(key)
     if cached is None:
         cached = torch.arange(length, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if may_cache(device):
             _IDENTITY[key] = cached
     return cached
 

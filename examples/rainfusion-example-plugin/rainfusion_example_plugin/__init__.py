@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 import rainfusion_core as rf
+from rainfusion_core.dtypes import accumulation_dtype
 
 
 class BlockwiseBackend(rf.Backend):
@@ -30,7 +31,7 @@ class BlockwiseBackend(rf.Backend):
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         counts = block_mask.kv_counts.tolist()  # one host copy; fine on a CPU backend
         offsets = torch.arange(bs, device=q.device)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         for b in range(batch):
             for h in range(q_heads):
                 for i, count in enumerate(counts[b][h]):
