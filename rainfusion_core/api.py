@@ -1,18 +1,22 @@
-"""Public entry points: ``block_sparse_attention``, ``sparse_attention`` and the plan/run pair."""
+"""Public entry points: ``block_sparse_attention``, ``sparse_attention`` and the plan/run pair.
+
+Each resolves and checks its arguments once (``call``) and then walks down:
+prediction and attention (``ops``), which choose the backend (``registry``)
+and run it (``backends``).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_qkv, check_tensor_layout, default_scale, describe
+from ._checks import check_qkv, default_scale
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches
+from .call import SparseCall, model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
-from .ops import attend, block_sparse_attention_op
+from .ops import attention, predict
 from .permutation import Permutation, build_permutation, cached_permutation
-from .prediction import predict_mask
-from .registry import select_backend
 
 
 def block_sparse_attention(
@@ -34,14 +38,7 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     check_mask_matches(q, k, block_mask)
-    scale = default_scale(scale, q.shape[-1])
-    if isinstance(backend, Backend):  # an object cannot cross the op boundary: call it directly (eager)
-        return attend(select_backend(backend, q, k, v, block_mask), q, k, v, block_mask, scale)
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
-    return block_sparse_attention_op(
-        q, k, v, block_mask.dense, block_mask.kv_counts, block_mask.kv_indices, block_mask.block_size, scale, backend
-    )
+    return attention(resolve_backend(backend), q, k, v, block_mask, default_scale(scale, q.shape[-1]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +51,7 @@ class SparseAttentionPlan:
 
     Attributes:
         layout: the token grid.
-        permutation: its cached rf_v2 permutation.
+        permutation: its rf_v2 permutation (the plan's own copy).
         block_mask: the mask, in permuted order, ``[B, Hq, NQ, NK]``.
         tensor_layout: ``"BNSD"`` or ``"BSND"`` of the tensors :meth:`run` takes.
         scale: softmax scale (``None``: ``D ** -0.5``).
@@ -67,6 +64,7 @@ class SparseAttentionPlan:
     tensor_layout: str = "BNSD"
     scale: float | None = None
     backend: str | Backend | None = None
+    _call: SparseCall | None = field(default=None, repr=False, compare=False)  # set by plan_sparse_attention
 
     @property
     def density(self) -> float:
@@ -74,54 +72,14 @@ class SparseAttentionPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q."""
-        q, k, v = _as_bnsd(q, k, v, self.layout, self.tensor_layout)
-        return _attend(self, q, k, v)
-
-
-def _as_bnsd(q, k, v, layout: VideoLayout, tensor_layout: str):
-    """Validate model-order inputs and return them as (possibly strided) [B, H, S, D] views."""
-    tensor_layout = check_tensor_layout(tensor_layout)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
-    seq_dim = 2 if tensor_layout == "BNSD" else 1
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor in {tensor_layout} layout, got {describe(x)}")
-        if x.shape[seq_dim] != layout.seq_len:
-            raise ValueError(
-                f"{name} has {x.shape[seq_dim]} tokens on its sequence dim {seq_dim} ({tensor_layout}), "
-                f"but layout.seq_len is {layout.seq_len} for {layout}"
-            )
-    if tensor_layout == "BSND":  # strided [B, H, S, D] views, no copies
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    check_qkv(q, k, v)
-    return q, k, v
-
-
-def _attend(plan: SparseAttentionPlan, q, k, v) -> torch.Tensor:
-    """Attention of model-order ``[B, H, S, D]`` views on the plan's mask; output in ``plan.tensor_layout``.
-
-    The permutation travels with the tensors (``Backend.forward_reordered``):
-    backends that read through it never materialise permuted copies.
-    """
-    mask = plan.block_mask
-    check_mask_matches(q, k, mask)
-    scale = default_scale(plan.scale, q.shape[-1])
-    order, bsnd = plan.permutation.indices, plan.tensor_layout == "BSND"
-    if isinstance(plan.backend, Backend):  # an object cannot cross the op boundary: call it directly (eager)
-        return attend(select_backend(plan.backend, q, k, v, mask), q, k, v, mask, scale, order, bsnd)
-    return block_sparse_attention_op(
-        q, k, v, mask.dense, mask.kv_counts, mask.kv_indices, mask.block_size, scale, plan.backend, order, bsnd
-    )
-
-
-def _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink, share_batch_mask,
-          perm: Permutation):
-    mask = predict_mask(
-        q, k, layout, perm.indices, sparsity=sparsity, block_size=block_size, first_frame_sink=first_frame_sink,
-        scale=scale, share_batch_mask=share_batch_mask, backend=backend,
-    )
-    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend)
+        q, k, v = model_order_views(q, k, v, self.layout, self.tensor_layout)
+        check_mask_matches(q, k, self.block_mask)
+        if self._call is not None:
+            scale, choice = self._call.scale, self._call.backend
+        else:  # a plan built by hand
+            scale, choice = default_scale(self.scale, q.shape[-1]), resolve_backend(self.backend)
+        return attention(choice, q, k, v, self.block_mask, scale, self.permutation.indices,
+                         self.tensor_layout == "BSND")
 
 
 def plan_sparse_attention(
@@ -138,9 +96,12 @@ def plan_sparse_attention(
     share_batch_mask: bool = False,
 ) -> SparseAttentionPlan:
     """Predict the RainFusion2.0 mask of q, k (model order) once, for :meth:`SparseAttentionPlan.run`."""
-    q, k, _ = _as_bnsd(q, k, k, layout, tensor_layout)
-    return _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                 share_batch_mask, build_permutation(layout, q.device))  # the plan's own copy: it is public
+    call, q, k, _ = resolve_sparse_call(q, k, k, layout, sparsity=sparsity, block_size=block_size,
+                                        tensor_layout=tensor_layout, backend=backend, scale=scale,
+                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask)
+    perm = build_permutation(layout, q.device)  # the plan's own copy: it is public
+    mask = predict(call.backend, q, k, perm.indices, call.mask)
+    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend, call)
 
 
 def sparse_attention(
@@ -167,7 +128,9 @@ def sparse_attention(
     Backends that read through the permutation (``triton``) never copy q, k,
     v into permuted order; the others get gathered copies.
     """
-    q, k, v = _as_bnsd(q, k, v, layout, tensor_layout)
-    plan = _plan(q, k, layout, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                 share_batch_mask, cached_permutation(layout, q.device))  # never leaves this call
-    return _attend(plan, q, k, v)
+    call, q, k, v = resolve_sparse_call(q, k, v, layout, sparsity=sparsity, block_size=block_size,
+                                        tensor_layout=tensor_layout, backend=backend, scale=scale,
+                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask)
+    order = cached_permutation(layout, q.device).indices  # never leaves this call
+    mask = predict(call.backend, q, k, order, call.mask)
+    return attention(call.backend, q, k, v, mask, call.scale, order, tensor_layout == "BSND")

@@ -1,5 +1,9 @@
-"""The ``Backend`` base class: what a kernel provider implements."""
+"""The ``Backend`` base class: what a kernel provider implements, required and optional."""
 from __future__ import annotations
+
+import abc
+import warnings
+from typing import Callable
 
 import torch
 
@@ -8,42 +12,70 @@ from .block_mask import BlockMask
 from .errors import BackendError
 
 
+class MaskPredictor(abc.ABC):
+    """The two heavy steps of mask prediction on a backend's own kernels (see :meth:`Backend.mask_predictor`).
+
+    Both must give what the eager definitions in ``rainfusion_core.selection`` give:
+    :func:`~rainfusion_core.selection.block_means` (in float32) and
+    :func:`~rainfusion_core.selection.select_blocks`. The pooled scores between them are
+    always the library's one batched matmul, so every predictor ranks the same numbers.
+    """
+
+    @abc.abstractmethod
+    def block_means(self, x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
+        """float32 ``[B, H, NB, D]`` means of each ``block_size`` run of the rows of ``x [B, H, S, D]``,
+        read in the order ``order`` (``None``: as they are); the last block may be partial."""
+
+    @abc.abstractmethod
+    def select_blocks(self, scores: torch.Tensor, *, scale: float, keep: int, sink_blocks: int,
+                      text_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dense, kv_counts, kv_indices)`` of pooled float32 ``scores [B, H, NQ, NK]``: softmax,
+        top-``keep`` per row, forced sink and text blocks, as :class:`BlockMask` holds them."""
+
+
+#: ``run(q, k, v, block_mask, scale, order, out) -> None``: attention of model-order tensors,
+#: written into ``out`` (see :meth:`Backend.model_order_attention`).
+ModelOrderAttention = Callable[..., None]
+
+
 class Backend:
     """A way to run block-sparse attention on some devices.
 
-    Subclasses set three class attributes and override what they need:
+    **Required**: the class attributes ``name`` (unique registry key: lowercase
+    letters, digits, ``_``), ``device_types`` (torch device types it runs on, e.g.
+    ``("cuda",)``; ``("*",)`` for any) and :meth:`forward`.
 
-    * ``name`` -- unique registry key (``"triton"``, ``"cpu"``, ``"my_asic"``).
-    * ``device_types`` -- torch device types it runs on, e.g. ``("cuda",)``;
-      ``("*",)`` means any device.
-    * ``priority`` -- higher wins when several backends fit one device.
-    * ``head_dims`` (optional) -- the head dims to prove in the conformance kit.
+    **Optional, with defaults**:
 
-    Defaults: available, refuses nothing; only :meth:`forward` must be written.
+    * ``priority`` (int, default 0) -- higher wins when several backends fit one device.
+    * ``head_dims`` -- the head dims the conformance kit proves (default 32, 64, 128).
+    * :meth:`unavailable_reason` -- ``None`` (available) unless overridden to say why
+      not (package missing, no device, extension not built). Called lazily.
+    * :meth:`unsupported_reasons` -- sentences for every property of a call the
+      backend cannot handle (dtype, head dim, block size, GQA ratio); empty by default.
 
-    Methods:
+    **Optional capabilities** -- each hook returns ``None`` when the backend does not offer it:
 
-    * :meth:`unavailable_reason` -- ``None`` when the backend can run on this
-      machine, else a sentence saying why not (package missing, no device,
-      extension not built). Called lazily, never at import.
-    * :meth:`unsupported_reasons` -- sentences for every property of a call
-      the backend cannot handle (dtype, head dim, block size, GQA ratio);
-      empty when it can.
-    * :meth:`forward` -- the computation, on tensors already in permuted order.
-    * :meth:`forward_reordered` (optional) -- the same on tensors left in the
-      model's order plus the permutation; the default gathers copies and
-      calls :meth:`forward`, a backend may read through the permutation instead.
-    * :meth:`block_means` and :meth:`select_blocks` (optional) -- the two heavy
-      steps of mask prediction, for backends that set ``fused_prediction_dtypes``;
-      they must give what ``rainfusion_core.prediction``'s reference gives.
+    * :meth:`mask_predictor` -- a :class:`MaskPredictor` that runs mask prediction on
+      the backend's kernels for a dtype.
+    * :meth:`model_order_attention` -- a function attending tensors left in the
+      model's token order, reading them through the permutation; without it the
+      library gathers permuted copies, calls :meth:`forward`, and scatters the rows back.
 
     ``forward`` contract: ``q`` is ``[B, Hq, Sq, D]``, ``k`` and ``v`` are
     ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads key head
-    ``h // (Hq // Hkv)``); all three may be strided views (for instance a
-    ``[B, S, H, D]`` tensor transposed). ``block_mask`` has shape
-    ``[B, Hq, NQ, NK]``. Return ``[B, Hq, Sq, D]`` in ``q.dtype`` where row
-    ``t`` is ``softmax(scale * q_t k_j^T) v_j`` over the key tokens ``j`` of the
-    kept blocks of ``t``'s query block, and zeros for a row with no kept block.
+    ``h // (Hq // Hkv)``), in the order the mask was made for; all three may be
+    strided views (for instance a ``[B, S, H, D]`` tensor transposed). ``block_mask``
+    has shape ``[B, Hq, NQ, NK]``. Return ``[B, Hq, Sq, D]`` in ``q.dtype`` on q's
+    device, where row ``t`` is ``softmax(scale * q_t k_j^T) v_j`` over the key tokens
+    ``j`` of the kept blocks of ``t``'s query block, and zeros for a row with no kept
+    block. The library checks what ``forward`` returns and names the backend when it
+    is wrong. Guard every index you load from the mask: its tensors may have been
+    edited in place after its checks.
+
+    ``unsupported_reasons`` may be asked before a mask exists (to pick the backend
+    whose predictor makes it): then ``block_mask`` is a stand-in with the right
+    shape, block size, lengths and device whose contents must not be read.
     """
 
     name: str = ""
@@ -51,7 +83,8 @@ class Backend:
     priority: int = 0
     #: head dims the conformance kit tests (``rainfusion_core.testing``); ``None``: 32, 64 and 128
     head_dims: tuple[int, ...] | None = None
-    #: input dtypes for which :meth:`block_means` / :meth:`select_blocks` are implemented
+    #: Deprecated (one release): set :meth:`mask_predictor` instead. Dtypes for which this
+    #: backend defines ``block_means(x, block_size, order)`` and ``select_blocks(scores, ...)``.
     fused_prediction_dtypes: tuple[torch.dtype, ...] = ()
 
     def unavailable_reason(self) -> str | None:
@@ -65,39 +98,38 @@ class Backend:
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float
     ) -> torch.Tensor:
-        raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+        raise NotImplementedError(f"backend {self.name!r} does not implement forward(), which every backend must")
+
+    # ------------------------------------------------------------------ optional capabilities
+    def mask_predictor(self, dtype: torch.dtype) -> MaskPredictor | None:
+        """A :class:`MaskPredictor` for inputs of ``dtype``, or ``None``: the eager reference predicts."""
+        if dtype in self.fused_prediction_dtypes:  # the deprecated spelling of this hook
+            _deprecated(self, "fused_prediction_dtypes with block_means/select_blocks", "mask_predictor()")
+            return _LegacyPredictor(self)
+        return None
+
+    def model_order_attention(self) -> ModelOrderAttention | None:
+        """``run(q, k, v, block_mask, scale, order, out)``, or ``None``: the library gathers copies.
+
+        ``run`` takes q, k, v and ``out`` (``[B, Hq, Sq, D]``, maybe a strided view) in
+        the model's token order and ``order``, the int64 ``[S]`` permutation the mask
+        was made for (``permuted[i] = original[order[i]]``); it writes into ``out``.
+        """
+        if type(self).forward_reordered is not Backend.forward_reordered:  # the deprecated spelling
+            _deprecated(self, "forward_reordered()", "model_order_attention()")
+            return self.forward_reordered
+        return None
 
     def forward_reordered(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
         order: torch.Tensor, out: torch.Tensor,
     ) -> None:
-        """:meth:`forward` on tensors in the model's order, written into ``out``.
+        """Deprecated (one release): override :meth:`model_order_attention` instead.
 
-        ``order`` is the int64 ``[S]`` permutation of the mask (``permuted[i] =
-        original[order[i]]``); q, k, v and ``out`` (``[B, Hq, Sq, D]``, maybe a
-        strided view) are in the original order. Default: gather permuted
-        copies, run :meth:`forward`, scatter its rows back.
+        Attention of model-order tensors into ``out``: gathers permuted copies, runs
+        :meth:`forward`, scatters its rows back.
         """
-        permuted = [x.index_select(2, order) for x in (q, k, v)]
-        out.index_copy_(2, order, checked_output(self, self.forward(*permuted, block_mask, scale), permuted[0]))
-
-    def block_means(self, x: torch.Tensor, block_size: int, order: torch.Tensor | None) -> torch.Tensor:
-        """float32 means of each ``block_size`` run of the permuted rows of ``x [B, H, S, D]``.
-
-        Rows are read in the order ``order`` (model-order ``x``) or as they are
-        (``order=None``); the last block may be partial. Returns ``[B, H, NB, D]``.
-        """
-        raise NotImplementedError(f"backend {self.name!r} has no fused mask prediction")
-
-    def select_blocks(
-        self, scores: torch.Tensor, *, scale: float, keep: int, sink_blocks: int, text_blocks: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The mask rows of pooled float32 ``scores [B, H, NQ, NK]``: softmax, top-``keep``, forced blocks.
-
-        Returns ``(dense, kv_counts, kv_indices)`` as :class:`BlockMask` holds
-        them (see ``rainfusion_core.prediction.select_blocks`` for the definition).
-        """
-        raise NotImplementedError(f"backend {self.name!r} has no fused mask prediction")
+        attend_permuted_copies(self, q, k, v, block_mask, scale, order, out)
 
     def runs_on(self, device_type: str) -> bool:
         """Whether the backend accepts tensors of ``device_type`` when named explicitly.
@@ -111,6 +143,30 @@ class Backend:
         return f"<{type(self).__name__} name={self.name!r} device_types={self.device_types} priority={self.priority}>"
 
 
+class _LegacyPredictor(MaskPredictor):
+    """A backend's own ``block_means`` / ``select_blocks`` methods, the pre-``mask_predictor`` spelling."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def block_means(self, x, block_size, order):
+        return self.backend.block_means(x, block_size, order)
+
+    def select_blocks(self, scores, *, scale, keep, sink_blocks, text_blocks):
+        return self.backend.select_blocks(scores, scale=scale, keep=keep, sink_blocks=sink_blocks,
+                                          text_blocks=text_blocks)
+
+
+_WARNED_DEPRECATED: set[tuple[str, str]] = set()
+
+
+def _deprecated(backend: Backend, old: str, new: str) -> None:
+    if (backend.name, old) not in _WARNED_DEPRECATED:
+        _WARNED_DEPRECATED.add((backend.name, old))
+        warnings.warn(f"backend {backend.name!r} uses {old}, deprecated: define {new} instead", DeprecationWarning,
+                      stacklevel=3)
+
+
 def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
     """``out`` if it is what :meth:`Backend.forward` must return for ``q``; else an error naming the backend."""
     if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype
@@ -121,3 +177,11 @@ def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
             f"tensor of shape {tuple(q.shape)} on {q.device}"
         )
     return out
+
+
+def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
+                           out: torch.Tensor) -> None:
+    """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
+    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``."""
+    permuted = [x.index_select(2, order) for x in (q, k, v)]
+    out.index_copy_(2, order, checked_output(backend, backend.forward(*permuted, block_mask, scale), permuted[0]))

@@ -29,6 +29,8 @@ def query_chunks(q_len: int, kv_len: int, batch_heads: int, block_size: int, chu
 
 #: Marks a mask the library built itself (correct by construction): its contents are not re-checked.
 _TRUSTED = object()
+#: Marks a mask rebuilt from :meth:`BlockMask.as_tuple` parts on the far side of an op boundary: nothing is re-checked.
+_UNPACKED = object()
 _FIELDS = ("dense", "kv_counts", "kv_indices")
 
 
@@ -84,6 +86,8 @@ class BlockMask:
     _origin: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self._origin is _UNPACKED:
+            return
         for name in ("block_size", "q_len", "kv_len"):
             check_int(f"BlockMask.{name}", getattr(self, name))
         for name in _FIELDS:
@@ -138,7 +142,29 @@ class BlockMask:
         indices = torch.empty_like(blocks).scatter_(-1, slot, blocks)
         return cls(mask, counts.squeeze(-1), indices, block_size, q_len, kv_len, _TRUSTED)
 
+    @classmethod
+    def from_tuple(cls, parts: tuple, q_len: int, kv_len: int) -> "BlockMask":
+        """The mask :meth:`as_tuple` split, for ``q_len`` query and ``kv_len`` key tokens; nothing is re-checked."""
+        dense, kv_counts, kv_indices, block_size = parts
+        return cls(dense, kv_counts, kv_indices, block_size, q_len, kv_len, _UNPACKED)
+
+    @classmethod
+    def stand_in(cls, batch: int, heads: int, q_len: int, kv_len: int, block_size: int, device) -> "BlockMask":
+        """A mask of the right shape, block size, lengths and device whose contents mean nothing.
+
+        What a backend's ``unsupported_reasons`` sees when it is asked before a mask
+        exists; its tensors are one-element expansions (nothing is allocated or written).
+        """
+        shape = (batch, heads, num_blocks(q_len, block_size), num_blocks(kv_len, block_size))
+        flag, index = (torch.empty((), dtype=dtype, device=device) for dtype in (torch.bool, torch.int32))
+        return cls(flag.expand(shape), index.expand(shape[:3]), index.expand(shape), block_size, q_len, kv_len,
+                   _UNPACKED)
+
     # ------------------------------------------------------------------ views
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(dense, kv_counts, kv_indices, block_size)``: how the mask crosses a custom-op boundary."""
+        return self.dense, self.kv_counts, self.kv_indices, self.block_size
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(B, H, NQ, NK)``."""

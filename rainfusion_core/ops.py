@@ -1,10 +1,16 @@
-"""The two device-side steps of a sparse call as ``torch.library`` custom ops.
+"""The two device-side steps of a sparse call, and the one place that decides how each is run.
 
 ``torch.compile`` sees ``rainfusion::predict_block_mask`` and
 ``rainfusion::block_sparse_attention`` as opaque nodes (each with a fake
 implementation for shapes), so a compiled model that calls
-``sparse_attention`` has no graph break: backend selection, fused prediction
-and the kernel launch run inside the ops at run time.
+``sparse_attention`` has no graph break: backend selection, prediction on the
+backend's kernels and the kernel launch run inside the ops at run time.
+
+:func:`predict` and :func:`attention` are what the entry points call: they take
+a resolved :class:`~rainfusion_core.call.BackendChoice` and send the work
+through the op, or, for a ``Backend`` object that cannot cross the op boundary,
+run the same body eagerly. A ``BlockMask`` crosses as :meth:`BlockMask.as_tuple`
+and is rebuilt without checks on the other side.
 """
 from __future__ import annotations
 
@@ -12,12 +18,28 @@ from typing import Optional
 
 import torch
 
-from .backend import Backend, checked_output
-from .block_mask import BlockMask, num_blocks, trusted_mask
-from .registry import select_backend, select_predictor
+from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
+from .block_mask import BlockMask, num_blocks
+from .call import BackendChoice, MaskSpec
+from .registry import select_backend
 from .selection import compute_block_mask
 
 
+# --------------------------------------------------------------------------- choosing
+def prediction_backend(spec, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Backend:
+    """The backend that runs the attention of this call, chosen by the one rule of ``select_backend``.
+
+    Asked before the mask exists, it sees a stand-in mask of the right shape and block size.
+    """
+    stand_in = BlockMask.stand_in(q.shape[0], q.shape[1], q.shape[2], k.shape[2], block_size, q.device)
+    return select_backend(spec, q, k, k, stand_in)
+
+
+def _predictor(spec, q, k, block_size) -> MaskPredictor | None:
+    return prediction_backend(spec, q, k, block_size).mask_predictor(q.dtype)
+
+
+# --------------------------------------------------------------------------- mask prediction
 @torch.library.custom_op("rainfusion::predict_block_mask", mutates_args=())
 def predict_block_mask_op(
     q: torch.Tensor,
@@ -30,9 +52,8 @@ def predict_block_mask_op(
     text_blocks: int,
     backend: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fused = select_predictor(backend, q)
-    return compute_block_mask(q, k, order, block_size=block_size, scale=scale, keep=keep,
-                              sink_blocks=sink_blocks, text_blocks=text_blocks, fused=fused)
+    return compute_block_mask(q, k, order, block_size=block_size, scale=scale, keep=keep, sink_blocks=sink_blocks,
+                              text_blocks=text_blocks, predictor=_predictor(backend, q, k, block_size))
 
 
 @predict_block_mask_op.register_fake
@@ -44,6 +65,24 @@ def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend):
     return dense, counts, q.new_empty((batch, heads, blocks, blocks), dtype=torch.int32)
 
 
+def predict(choice: BackendChoice, q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None,
+            spec: MaskSpec) -> BlockMask:
+    """The RainFusion2.0 mask of ``q``, ``k`` (read through ``order``, or as they are) for a resolved call."""
+    batch, length = q.shape[0], q.shape[2]
+    if spec.share_batch_mask:
+        q, k = q[:1], k[:1]
+    params = dict(block_size=spec.block_size, scale=spec.scale, keep=spec.keep, sink_blocks=spec.sink_blocks,
+                  text_blocks=spec.text_blocks)
+    if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
+        parts = compute_block_mask(q, k, order, predictor=_predictor(choice.obj, q, k, spec.block_size), **params)
+    else:
+        parts = predict_block_mask_op(q, k, order, backend=choice.spec, **params)
+    if spec.share_batch_mask:
+        parts = tuple(x.expand(batch, *x.shape[1:]) for x in parts)
+    return BlockMask.from_tuple((*parts, spec.block_size), length, length)
+
+
+# --------------------------------------------------------------------------- attention
 @torch.library.custom_op("rainfusion::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(
     q: torch.Tensor,
@@ -58,19 +97,19 @@ def block_sparse_attention_op(
     order: Optional[torch.Tensor] = None,
     bsnd_out: bool = False,
 ) -> torch.Tensor:
-    """``[B, Hq, Sq, D]`` attention; with ``order`` the tensors are in model order (see Backend.forward_reordered).
+    """``[B, Hq, Sq, D]`` attention; with ``order`` the tensors are in model order (see Backend.model_order_attention).
 
     The result is contiguous: ``[B, Hq, Sq, D]``, or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
     """
-    mask = trusted_mask(dense, kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    mask = BlockMask.from_tuple((dense, kv_counts, kv_indices, block_size), q.shape[2], k.shape[2])
     return attend(select_backend(backend, q, k, v, mask), q, k, v, mask, scale, order, bsnd_out)
 
 
 def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, bsnd_out: bool = False) -> torch.Tensor:
     """Run ``chosen`` into a contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
 
-    With ``order`` the inputs are in model order (``Backend.forward_reordered``).
-    The op's body, and the eager path for a ``Backend`` object that cannot cross it.
+    With ``order`` the inputs are in model order: the backend's model-order attention
+    reads through it, or else the rows are gathered into permuted copies and scattered back.
     """
     if order is None and not bsnd_out:
         return checked_output(chosen, chosen.forward(q, k, v, mask, scale), q).contiguous()
@@ -78,9 +117,21 @@ def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, 
     view = out.transpose(1, 2) if bsnd_out else out
     if order is None:
         view.copy_(checked_output(chosen, chosen.forward(q, k, v, mask, scale), q))
+        return out
+    run = chosen.model_order_attention()
+    if run is not None:
+        run(q, k, v, mask, scale, order, view)
     else:
-        chosen.forward_reordered(q, k, v, mask, scale, order, view)
+        attend_permuted_copies(chosen, q, k, v, mask, scale, order, view)
     return out
+
+
+def attention(choice: BackendChoice, q, k, v, mask: BlockMask, scale: float, order=None,
+              bsnd_out: bool = False) -> torch.Tensor:
+    """Attention of a resolved call: through the op, or eagerly for a ``Backend`` object."""
+    if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
+        return attend(select_backend(choice.obj, q, k, v, mask), q, k, v, mask, scale, order, bsnd_out)
+    return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out)
 
 
 def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:

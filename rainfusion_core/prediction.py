@@ -1,17 +1,14 @@
 """RainFusion2.0 block-mask prediction from block-mean queries and keys."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._checks import check_block_size, check_qkv, check_sparsity, default_scale, describe
-from .backend import Backend
-from .block_mask import BlockMask, num_blocks, trusted_mask
+from ._checks import check_qkv
+from .block_mask import BlockMask
+from .call import resolve_backend, resolve_mask_spec
 from .layout import VideoLayout
-from .ops import predict_block_mask_op
-from .registry import select_predictor
-from .selection import block_means, compute_block_mask
+from .ops import predict
+from .selection import block_means
 
 __all__ = ["block_means", "predict_block_mask"]
 
@@ -41,11 +38,12 @@ def predict_block_mask(
         scale: softmax scale of the pooled scores; ``None`` means ``D ** -0.5``.
         share_batch_mask: use batch item 0's mask for every item (the authors'
             Ascend behaviour); by default each item gets its own.
-        backend: whose fused kernels compute the means and the per-row
-            selection (a name, a device string, a ``Backend``); ``None``: the
-            first available backend of q's device. Backends without fused
-            prediction, and ``"torch"``, use the eager definitions of
-            ``rainfusion_core.selection``; the mask is the same either way.
+        backend: the backend whose mask predictor computes the means and the
+            per-row selection (a name, a device string, a ``Backend``), chosen by
+            the same rule as for attention; ``None``: the one that would run the
+            attention on q's device. Backends without a predictor, and ``"torch"``,
+            use the eager definitions of ``rainfusion_core.selection``; the mask
+            is the same either way.
 
     Returns:
         A :class:`BlockMask` of shape ``[B, Hq, NQ, NK]``. For each row,
@@ -61,38 +59,12 @@ def predict_block_mask(
 
 def predict_mask(q, k, layout, order, *, sparsity, block_size, first_frame_sink, scale, share_batch_mask,
                  backend) -> BlockMask:
-    """:func:`predict_block_mask` of model-order q, k read through ``order`` (``None``: already permuted)."""
-    check_qkv(q, k, k)
-    sparsity = check_sparsity(sparsity)
-    block_size = check_block_size(block_size)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
-    for name, x in (("q", q), ("k", k)):
-        if x.shape[2] != layout.seq_len:
-            raise ValueError(
-                f"{name} sequence length ({x.shape[2]}) must equal layout.seq_len ({layout.seq_len}) "
-                f"for {layout}"
-            )
-    scale = default_scale(scale, q.shape[-1])
-    if first_frame_sink is None:
-        first_frame_sink = layout.frames > 1
+    """:func:`predict_block_mask` of q, k read through ``order`` (``None``: already permuted), checked here.
 
-    batch, length = q.shape[0], q.shape[2]
-    if share_batch_mask:
-        q, k = q[:1], k[:1]
-    nk = num_blocks(k.shape[2], block_size)
-    params = dict(
-        block_size=block_size, scale=scale, keep=min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
-        sink_blocks=num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
-        text_blocks=num_blocks(layout.text_len, block_size),
-    )
-    if isinstance(backend, Backend):  # an object cannot cross the op boundary: run eagerly
-        fused = select_predictor(backend, q)
-        dense, counts, indices = compute_block_mask(q, k, order, fused=fused, **params)
-    else:
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
-        dense, counts, indices = predict_block_mask_op(q, k, order, backend=backend, **params)
-    if share_batch_mask:
-        dense, counts, indices = (x.expand(batch, *x.shape[1:]) for x in (dense, counts, indices))
-    return trusted_mask(dense, counts, indices, block_size, length, length)
+    For callers that hold model-order tensors (benchmarks, tests); ``sparse_attention``
+    resolves its arguments once and calls :func:`rainfusion_core.ops.predict` directly.
+    """
+    check_qkv(q, k, k)
+    spec = resolve_mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
+                             first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
+    return predict(resolve_backend(backend), q, k, order, spec)

@@ -296,27 +296,6 @@ def select_backend(spec, q, k, v, block_mask) -> Backend:
     return backend
 
 
-def select_predictor(spec, q) -> Backend | None:
-    """The backend whose fused mask prediction serves ``q``, or ``None`` for the reference.
-
-    ``spec`` as in :func:`select_backend`. A backend named explicitly (or
-    given as an object) is used when it runs on q's device and offers fused
-    prediction for q's dtype; for ``None`` or a device string, the first
-    available backend of the device type in priority order is asked. The
-    reference computes the same mask, so choosing it is not a fallback.
-    """
-    device_type = q.device.type
-    if spec is None or (isinstance(spec, str) and _parse_device(spec) is not None):
-        backend = next((b for b in _candidates(device_type) if unavailable_reason(b) is None), None)
-    else:
-        backend = get_backend(spec)
-        if not backend.runs_on(device_type):
-            return None
-    if backend is None or q.dtype not in backend.fused_prediction_dtypes:
-        return None
-    return backend
-
-
 def _choose(device_type: str, call, spec: str) -> Backend:
     refused: list[tuple[str, str]] = []
     for backend in _candidates(device_type):

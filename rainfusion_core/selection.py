@@ -1,7 +1,7 @@
 """The steps of RainFusion2.0 mask prediction, as eager reference definitions.
 
 ``compute_block_mask`` runs block means -> pooled scores -> per-row selection.
-A backend with fused prediction (``Backend.fused_prediction_dtypes``) replaces
+A backend with a mask predictor (``Backend.mask_predictor``) replaces
 the two heavy steps, :func:`block_means` and :func:`select_blocks`, with
 kernels that must give the same result; the pooled scores are always the one
 batched matmul below, so both paths rank the same numbers.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import Backend
+from .backend import MaskPredictor
 from .block_mask import BlockMask
 from .dtypes import accumulation_dtype
 
@@ -64,19 +64,19 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
 
 def compute_block_mask(
     q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None, *, block_size: int, scale: float, keep: int,
-    sink_blocks: int, text_blocks: int, fused: Backend | None,
+    sink_blocks: int, text_blocks: int, predictor: MaskPredictor | None,
 ):
     """``(dense, kv_counts, kv_indices)`` of the RainFusion2.0 mask of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]``.
 
-    ``fused``: the backend whose kernels compute the means and the selection,
-    or ``None`` for the eager definitions of this module.
+    ``predictor``: a backend's kernels for the means and the selection
+    (``Backend.mask_predictor``), or ``None`` for the eager definitions of this module.
     """
-    if fused is None:
+    if predictor is None:
         acc = accumulation_dtype(q.dtype)
         q_mean, k_mean = block_means(q, block_size, acc, order), block_means(k, block_size, acc, order)
         select = select_blocks
     else:
-        q_mean, k_mean = fused.block_means(q, block_size, order), fused.block_means(k, block_size, order)
-        select = fused.select_blocks
+        q_mean, k_mean = predictor.block_means(q, block_size, order), predictor.block_means(k, block_size, order)
+        select = predictor.select_blocks
     scores = pooled_scores(q_mean, k_mean)
     return select(scores, scale=scale, keep=keep, sink_blocks=sink_blocks, text_blocks=text_blocks)

@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from rainfusion_core.backend import Backend
+from rainfusion_core.backend import Backend, MaskPredictor
 
 from .launch import block_sparse_attention_triton, interpreting
 
@@ -52,22 +52,31 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, block_mask, scale):
         return block_sparse_attention_triton(q, k, v, block_mask, scale)
 
-    def forward_reordered(self, q, k, v, block_mask, scale, order, out):
-        # The kernel reads q, k, v rows through the permutation and writes out rows back through it.
-        block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out)
+    def model_order_attention(self):
+        return _attend_in_model_order
 
-    # -- fused mask prediction (rainfusion_core.selection defines what these compute)
-    fused_prediction_dtypes = _DTYPES
+    def mask_predictor(self, dtype):
+        return _PREDICTOR if dtype in _DTYPES else None
+
+
+def _attend_in_model_order(q, k, v, block_mask, scale, order, out) -> None:
+    """The kernels read q, k, v rows through the permutation and write each output row back through it."""
+    block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out)
+
+
+class _TritonPredictor(MaskPredictor):
+    """Mask prediction on the Triton kernels of ``prediction.py`` (imported on first use)."""
 
     def block_means(self, x, block_size, order):
-        return _prediction().block_means(x, block_size, order)
+        from . import prediction
+
+        return prediction.block_means(x, block_size, order)
 
     def select_blocks(self, scores, *, scale, keep, sink_blocks, text_blocks):
-        return _prediction().select_blocks(scores, scale=scale, keep=keep, sink_blocks=sink_blocks,
-                                           text_blocks=text_blocks)
+        from . import prediction
+
+        return prediction.select_blocks(scores, scale=scale, keep=keep, sink_blocks=sink_blocks,
+                                        text_blocks=text_blocks)
 
 
-def _prediction():
-    from . import prediction
-
-    return prediction
+_PREDICTOR = _TritonPredictor()

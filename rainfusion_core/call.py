@@ -1,0 +1,118 @@
+"""The resolve-and-validate step: the user's arguments in, one immutable call description out.
+
+Every public entry point calls one of these once; everything below them
+(prediction, the custom ops, the registry, the backends) trusts what they return.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_block_size, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe
+from .backend import Backend
+from .block_mask import num_blocks
+from .layout import VideoLayout
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """``backend=`` as the call carries it.
+
+    ``spec`` (a backend name, a device string, or ``None`` for the inputs' device)
+    crosses the custom-op boundary and is resolved by the registry inside the op;
+    a ``Backend`` object cannot cross it and runs eagerly (``obj``).
+    """
+
+    spec: str | None = None
+    obj: Backend | None = None
+
+
+def resolve_backend(backend) -> BackendChoice:
+    if isinstance(backend, Backend):
+        return BackendChoice(obj=backend)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
+    return BackendChoice(spec=backend)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What RainFusion2.0 mask prediction needs, resolved: the parameters of the prediction op."""
+
+    block_size: int
+    scale: float  # of the pooled scores
+    keep: int  # key blocks kept per row before the forced ones
+    sink_blocks: int  # first-frame blocks forced as whole rows and columns
+    text_blocks: int  # text blocks forced likewise
+    share_batch_mask: bool
+
+
+@dataclass(frozen=True)
+class SparseCall:
+    """One ``sparse_attention`` / ``plan_sparse_attention`` call, validated."""
+
+    layout: VideoLayout
+    tensor_layout: str
+    mask: MaskSpec
+    scale: float  # softmax scale of the attention
+    backend: BackendChoice
+
+
+def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
+                      share_batch_mask) -> MaskSpec:
+    """Check the prediction arguments of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]`` and resolve them."""
+    sparsity = check_sparsity(sparsity)
+    block_size = check_block_size(block_size)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[2] != layout.seq_len:
+            raise ValueError(
+                f"{name} sequence length ({x.shape[2]}) must equal layout.seq_len ({layout.seq_len}) for {layout}"
+            )
+    if first_frame_sink not in (None, True, False) or isinstance(first_frame_sink, int) and not isinstance(
+            first_frame_sink, bool):
+        raise ValueError(f"first_frame_sink must be None, True or False, got {first_frame_sink!r}")
+    if first_frame_sink is None:
+        first_frame_sink = layout.frames > 1
+    nk = num_blocks(k.shape[2], block_size)
+    return MaskSpec(
+        block_size=block_size,
+        scale=default_scale(scale, q.shape[-1]),
+        keep=min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
+        sink_blocks=num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
+        text_blocks=num_blocks(layout.text_len, block_size),
+        share_batch_mask=bool(share_batch_mask),
+    )
+
+
+def model_order_views(q, k, v, layout, tensor_layout: str):
+    """Check model-order inputs and return them as (possibly strided) ``[B, H, S, D]`` views."""
+    tensor_layout = check_tensor_layout(tensor_layout)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    seq_dim = 2 if tensor_layout == "BNSD" else 1
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor in {tensor_layout} layout, got {describe(x)}")
+        if x.shape[seq_dim] != layout.seq_len:
+            raise ValueError(
+                f"{name} has {x.shape[seq_dim]} tokens on its sequence dim {seq_dim} ({tensor_layout}), "
+                f"but layout.seq_len is {layout.seq_len} for {layout}"
+            )
+    if tensor_layout == "BSND":  # strided [B, H, S, D] views, no copies
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    check_qkv(q, k, v)
+    return q, k, v
+
+
+def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
+                        share_batch_mask):
+    """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs."""
+    q, k, v = model_order_views(q, k, v, layout, tensor_layout)
+    mask = resolve_mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
+                             first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
+    call = SparseCall(layout, tensor_layout, mask, default_scale(scale, q.shape[-1]), resolve_backend(backend))
+    return call, q, k, v
