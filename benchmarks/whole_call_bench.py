@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import median_ms
 from rainfusion_core.shapes import REFERENCE_SHAPES
-from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.backends.triton.permute import gather_rows
 from rainfusion_core.prediction import predict_mask
 
@@ -67,10 +67,10 @@ def run(name: str) -> list[str]:
         "kernel, warp-specialised, k/v copied whole, one launch": bench(
             lambda: _ws_one_launch(q, k, v, mask, scale, order)),
         "kernel, portable Triton, q/k/v/out through the permutation": bench(
-            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, kernel="triton")),
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=TritonOptions(kernel="triton"))),
         "kernel, portable Triton, k/v gathered copies": bench(
-            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, kernel="triton",
-                                                  gather_kv=False)),
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order,
+                                                  options=TritonOptions(kernel="triton", options=TritonOptions(gather_kv=False)))),
         "kernel alone, on permuted copies (default)": bench(
             lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale)),
         "copies: gather k, v (Triton)": bench(lambda: gather_rows(order, k, v)),

@@ -86,3 +86,33 @@ def test_no_host_sync_and_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, first)
+
+
+def test_launch_plans_are_made_once_per_class_of_calls():
+    from rainfusion_core.backends.triton import launch
+
+    q, k, v = (torch.randn(1, 2, 300, 32, device=DEVICE) for _ in range(3))
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 3, 3, dtype=torch.bool, device=DEVICE), block_size=128,
+                                   q_len=300, kv_len=300)
+    out = torch.empty_like(q)
+    first = launch.plan_launch(q, k, v, out, mask, None)
+    q2 = torch.randn_like(q)  # new values, same class: the same plan object
+    assert launch.plan_launch(q2, k, v, out, mask, None) is first
+    strided = torch.randn(1, 300, 2, 32, device=DEVICE).transpose(1, 2)  # other strides: planned anew
+    assert launch.plan_launch(strided, k, v, out, mask, None) is not first
+    options = launch.TritonOptions(kernel="triton", config=first.config)
+    assert launch.plan_launch(q, k, v, out, mask, None, options) is not first
+
+
+def test_the_old_launcher_keywords_still_work_and_warn():
+    from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
+
+    q, k, v = (torch.randn(1, 2, 200, 32, device=DEVICE) for _ in range(3))
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
+                                   q_len=200, kv_len=200)
+    want = block_sparse_attention_triton(q, k, v, mask, 0.2, options=TritonOptions(kernel="triton"))
+    with pytest.warns(DeprecationWarning, match="pass options=TritonOptions"):
+        got = block_sparse_attention_triton(q, k, v, mask, 0.2, kernel="triton")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['kernal'\\]"):
+        block_sparse_attention_triton(q, k, v, mask, 0.2, kernal="triton")

@@ -106,14 +106,14 @@ def test_attention_through_the_permutation_equals_permuted_copies(tensor_layout,
 
 
 def test_gathered_kv_and_permuted_kv_copies_agree():
-    from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+    from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 
     layout = rf.VideoLayout(2, 9, 20)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 32, device=DEVICE) for _ in range(3))
     perm = rf.build_permutation(layout, DEVICE)
     mask = rf.predict_block_mask(perm.apply(q, 2), perm.apply(k, 2), layout, sparsity=0.5, block_size=32)
     gathered = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices)
-    copied = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices, gather_kv=False)
+    copied = block_sparse_attention_triton(q, k, v, mask, 0.2, order=perm.indices, options=TritonOptions(gather_kv=False))
     assert torch.equal(gathered, copied)
     permuted = block_sparse_attention_triton(*(perm.apply(x, 2) for x in (q, k, v)), mask, 0.2)
     assert torch.equal(gathered, perm.undo(permuted, 2))

@@ -12,11 +12,12 @@ import torch
 import rainfusion_core as rf
 from conftest import random_dense, triton_device
 from rainfusion_core.backends.triton import launch as triton_launch
-from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.parity import parity
 
 DEVICE = triton_device()
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+WS, PORTABLE = TritonOptions(kernel="ws"), TritonOptions(kernel="triton")
 ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="needs an NVIDIA Hopper (sm_90) GPU: the warp-specialised "
                                "kernel is Gluon code for sm_90")
 
@@ -49,8 +50,8 @@ def _problem(name, dtype, *, bsnd=False):
 def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype):
     layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd)
     order = rf.build_permutation(layout, DEVICE).indices
-    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="triton")
-    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws")
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert (got[0, 0, order[128:256]] == 0).all()  # mask row 1 of (0, 0) keeps nothing: its rows are zero
 
@@ -65,8 +66,8 @@ def test_ws_with_a_batch_shared_mask():
                           shared.kv_indices[:1].expand_as(shared.kv_indices), 128, q.shape[2], k.shape[2])
     assert shared.kv_counts.stride(0) == 0
     order = rf.build_permutation(layout, DEVICE).indices
-    want = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, kernel="triton")
-    got = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, kernel="ws")
+    want = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, options=PORTABLE)
+    got = block_sparse_attention_triton(q, k, v, shared, 0.09, order=order, options=WS)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -74,8 +75,8 @@ def test_ws_with_a_batch_shared_mask():
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous-kv", "strided-kv"])
 def test_ws_on_permuted_tensors(contiguous):
     _, q, k, v, mask = _problem("gqa4-text", torch.bfloat16, bsnd=not contiguous)
-    want = block_sparse_attention_triton(q, k, v, mask, 0.09, kernel="triton")
-    got = block_sparse_attention_triton(q, k, v, mask, 0.09, kernel="ws")
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, options=PORTABLE)
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, options=WS)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -87,7 +88,7 @@ def test_ws_meets_the_parity_rule(name):
     golden = rf.get_backend("torch").forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), mask.to("cpu"),
                                              scale)
     low = rf.get_backend("torch").forward(q, k, v, mask, scale)
-    got = block_sparse_attention_triton(q, k, v, mask, scale, kernel="ws")
+    got = block_sparse_attention_triton(q, k, v, mask, scale, options=WS)
     result = parity(got, golden.to(DEVICE), low)
     assert result.passed, result
 
@@ -104,7 +105,7 @@ def test_ws_is_the_default_on_hopper_and_its_copies_stay_small():
     extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
     qkv = sum(x.numel() * x.element_size() for x in (q, k, v))
     assert extra <= qkv / 3, (extra, qkv)  # one head chunk of k and v copies at a time
-    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws"),
+    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS),
                                rtol=0, atol=0)
 
 
@@ -114,9 +115,9 @@ def test_ws_refuses_an_output_with_a_strided_head_dim_and_auto_uses_the_triton_k
     order = rf.build_permutation(layout, DEVICE).indices
     out = torch.empty(*q.shape[:-1], 2 * q.shape[-1], device=DEVICE, dtype=q.dtype)[..., ::2]
     with pytest.raises(ValueError, match="q and out need a unit stride along the head dim"):
-        block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, out=out, kernel="ws")
+        block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, out=out, options=WS)
     block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, out=out)
-    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel="ws"),
+    torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS),
                                rtol=0, atol=0)
 
 
@@ -135,14 +136,14 @@ def test_explicit_ws_refuses_what_it_cannot_run():
     want = ("head dim 128" if HOPPER else
             "Triton interpreter" if DEVICE == "cpu" else "sm_90")
     with pytest.raises(ValueError, match=f"kernel='ws' cannot run this call: .*{want}"):
-        block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="ws")
+        block_sparse_attention_triton(q, q, q, mask, 0.1, options=WS)
     with pytest.raises(ValueError, match="kernel must be 'auto', 'ws' or 'triton', got 'gluon'"):
-        block_sparse_attention_triton(q, q, q, mask, 0.1, kernel="gluon")
+        TritonOptions(kernel="gluon")
 
 
 HOSTILE = """
 import torch, rainfusion_core as rf
-from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 torch.manual_seed(0)
 layout = rf.VideoLayout(3, 7, 11)  # 231 tokens: a ragged last block
 seq = layout.seq_len
@@ -154,7 +155,7 @@ for field, value in (("kv_indices", -100000), ("kv_indices", 2**31 - 1), ("kv_in
                                    q_len=seq, kv_len=seq)
     getattr(mask, field).fill_(value)
     for kernel in ("ws", "triton"):
-        out = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, kernel=kernel)
+        out = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=TritonOptions(kernel=kernel))
         torch.cuda.synchronize()  # an out-of-bounds access faults here
         assert torch.isfinite(out).all(), (field, value, kernel)
 print("HOSTILE-OK")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +22,63 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None, gather_kv=True,
-                                  kernel="auto", config=None, use_tma=None):
+@dataclass(frozen=True)
+class TritonOptions:
+    """The Triton launcher's knobs in one place; the defaults are what the backend runs.
+
+    Attributes:
+        kernel: ``"auto"`` (the warp-specialised Hopper kernel where it applies, else the
+            portable one), ``"ws"`` (insist on the Hopper kernel; an error says why it
+            cannot run) or ``"triton"`` (the portable kernel). Both compute the same
+            thing, bit for bit.
+        config: tiles and launch parameters of the portable kernel (``None``: the tuned
+            ``attention.pick_config``); for the benchmarks' sweeps.
+        use_tma: TMA descriptors for the portable kernel on or off (``None``: where usable);
+            for the benchmarks.
+        gather_kv: with ``order``, the portable kernel reads k and v rows through it
+            (``True``) or streams permuted copies of all of k and v (``False``, a
+            benchmark variant).
+    """
+
+    kernel: str = "auto"
+    config: object = None  # attention.KernelConfig; typed loosely so this module does not import Triton
+    use_tma: bool | None = None
+    gather_kv: bool = True
+
+    def __post_init__(self):
+        if self.kernel not in ("auto", "ws", "triton"):
+            raise ValueError(f"kernel must be 'auto', 'ws' or 'triton', got {self.kernel!r}")
+
+
+DEFAULT_OPTIONS = TritonOptions()
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What :func:`plan_launch` decided for one class of calls; cached, reused by every call of the class.
+
+    ``kernel == "ws"``: the Hopper kernel, k/v copied ``head_step`` kv heads at a time
+    (0: k and v are already permuted and contiguous, no copy). ``"triton"``: the portable
+    kernel with ``config``, mask block ``mask_block``, rows gathered through the
+    permutation (``gather_q``/``gather_kv``) and TMA descriptors (``tma_q``/``tma_kv``).
+    """
+
+    kernel: str
+    head_step: int = 0
+    config: object = None
+    mask_block: int = 0
+    gather_q: bool = False
+    gather_kv: bool = False
+    tma_q: bool = False
+    tma_kv: bool = False
+
+
+_PLANS: dict[tuple, LaunchPlan] = {}
+_PLANS_SIZE = 256
+
+
+def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None,
+                                  options: TritonOptions | None = None, **legacy):
     """Launch a kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
@@ -31,30 +88,76 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     ``out`` (``[B, Hq, Sq, D]``, any strides) is written in place when given.
     No host synchronisation: the loop bound of every program is read on the device.
 
-    ``kernel`` picks the implementation; both compute the same thing, bit for bit:
-
-    * ``"ws"``: the warp-specialised Hopper kernel of ``hopper/attention.py``
-      (sm_90, 16-bit, head dim 128, 128-token blocks). k and v are gathered into
-      permuted copies a few kv heads at a time (:func:`_ws_head_chunks`), so the
-      copies never exceed a third of q + k + v.
-    * ``"triton"``: the portable Triton kernel. It reads k and v rows through
-      ``order`` too (no copy), or with ``gather_kv=False`` streams permuted copies
-      of all of k and v by TMA; ``config`` and ``use_tma`` tune it.
-    * ``"auto"`` (default): ``"ws"`` where it applies, else ``"triton"``.
+    ``options`` (:class:`TritonOptions`) picks the kernel and tunes it. The choice of
+    kernel, tiles, head chunks and TMA is made once per class of calls (shapes, dtype,
+    strides, alignment, mask block, options) by :func:`plan_launch` and cached.
+    The keywords ``kernel=``, ``config=``, ``use_tma=`` and ``gather_kv=`` are the
+    deprecated spelling of ``options`` (one release).
     """
-    if kernel not in ("auto", "ws", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'ws' or 'triton', got {kernel!r}")
+    options = _options(options, legacy)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if kernel != "triton":
+    plan = plan_launch(q, k, v, out, block_mask, order, options)
+    if plan.kernel == "ws":
+        _run_ws(plan, q, k, v, block_mask, scale, order, out)
+    else:
+        _run_triton(plan, q, k, v, block_mask, scale, order, out)
+    return out
+
+
+def _options(options: TritonOptions | None, legacy: dict) -> TritonOptions:
+    if legacy:
+        unknown = set(legacy) - {"kernel", "config", "use_tma", "gather_kv"}
+        if unknown:
+            raise TypeError(f"block_sparse_attention_triton() got unexpected keyword arguments {sorted(unknown)}")
+        if options is not None:
+            raise TypeError("pass options= or the deprecated keywords, not both")
+        warnings.warn("block_sparse_attention_triton(kernel=, config=, use_tma=, gather_kv=) is deprecated; pass "
+                      "options=TritonOptions(...)", DeprecationWarning, stacklevel=3)
+        return TritonOptions(**legacy)
+    return DEFAULT_OPTIONS if options is None else options
+
+
+def _signature(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0
+
+
+def plan_launch(q, k, v, out, block_mask, order, options: TritonOptions = DEFAULT_OPTIONS) -> LaunchPlan:
+    """The launch plan of this call's class, made once and cached (no host synchronisation)."""
+    key = (_signature(q), _signature(k), _signature(v), _signature(out), block_mask.block_size,
+           tuple(block_mask.kv_indices.shape[2:]), order is None, options)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(q, k, v, out, block_mask, order, options)
+        if len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> LaunchPlan:
+    if options.kernel != "triton":
         reason = _ws_unavailable_reason(q, out, block_mask.block_size)
         if reason is None:
-            _run_ws(q, k, v, block_mask, scale, order, out)
-            return out
-        if kernel == "ws":
+            contiguous = order is None and k.is_contiguous() and v.is_contiguous()
+            return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1]))
+        if options.kernel == "ws":
             raise ValueError(f"kernel='ws' cannot run this call: {reason}")
-    _run_triton(q, k, v, block_mask, scale, order, out, gather_kv=gather_kv, config=config, use_tma=use_tma)
-    return out
+    from . import attention as kernels
+
+    q_len, head_dim = q.shape[2], q.shape[3]
+    mask_block = block_mask.block_size
+    if block_mask.kv_indices.shape[2:] == (1, 1):  # one block each side: any block size >= the lengths is
+        mask_block = min(mask_block, -(-max(q_len, k.shape[2]) // 128) * 128)  # the same; work follows S
+    gather_q = order is not None
+    gather_kv = gather_q and options.gather_kv
+    config = options.config or kernels.pick_config(head_dim, q.dtype, mask_block, gather_kv=gather_kv)
+    use_tma = options.use_tma
+    if use_tma is None:  # k and v gathered by a separate pass become fresh contiguous copies: TMA-ready
+        copies = gather_q and not gather_kv
+        use_tma = not (gather_q and gather_kv) and _tma_usable(*((q, out) if copies else (q, k, v, out)))
+    return LaunchPlan("triton", config=config, mask_block=mask_block, gather_q=gather_q, gather_kv=gather_kv,
+                      tma_q=use_tma and not gather_q, tma_kv=use_tma and not gather_kv)
 
 
 def _ws_unavailable_reason(q, out, mask_block: int) -> str | None:
@@ -81,22 +184,22 @@ def _ws_head_chunks(q_heads: int, kv_heads: int) -> int:
 _IDENTITY: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _run_ws(q, k, v, block_mask, scale, order, out) -> None:
+def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
     from .hopper import attention as ws
 
     counts, indices = block_mask.kv_counts, block_mask.kv_indices
     if counts.stride(-1) != 1 or indices.stride(-1) != 1:
         counts, indices = counts.contiguous(), indices.contiguous()
+    if plan.head_step == 0:  # already permuted and TMA-ready: no copy at all
+        ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale)
+        return
     if order is None:
-        if k.is_contiguous() and v.is_contiguous():  # already permuted and TMA-ready: no copy at all
-            ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale)
-            return
         order = _identity(k.shape[2], k.device)
     from .permute import gather_rows_into as gather
 
     batch, kv_heads, kv_len, head_dim = k.shape
     group = q.shape[1] // kv_heads
-    step = _ws_head_chunks(q.shape[1], kv_heads)
+    step = plan.head_step
     # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
     # views of their first batch * heads * S * D elements, contiguous as TMA needs them.
     k_buf, v_buf = (torch.empty(batch * step * kv_len * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
@@ -120,26 +223,19 @@ def _identity(length: int, device: torch.device) -> torch.Tensor:
     return cached
 
 
-def _run_triton(q, k, v, block_mask, scale, order, out, *, gather_kv, config, use_tma) -> None:
+def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
     from . import attention as kernels
+
     batch, q_heads, q_len, head_dim = q.shape
-    mask_block = block_mask.block_size
-    if block_mask.kv_indices.shape[2:] == (1, 1):  # one block each side: any block size >= the lengths is
-        mask_block = min(mask_block, -(-max(q_len, k.shape[2]) // 128) * 128)  # the same; work follows S
-    gather_q = order is not None
-    gather_kv = gather_q and gather_kv
-    config = config or kernels.pick_config(head_dim, q.dtype, mask_block, gather_kv=gather_kv)
+    config, gather_q, gather_kv = plan.config, plan.gather_q, plan.gather_kv
     if gather_q and not gather_kv:
         from .permute import gather_rows
 
         k, v = gather_rows(order, k, v)
     counts = block_mask.kv_counts.contiguous()
     indices = block_mask.kv_indices.contiguous()
-    if use_tma is None:
-        use_tma = not (gather_q and gather_kv) and _tma_usable(q, k, v, out)
-    tma_q, tma_kv = use_tma and not gather_q, use_tma and not gather_kv
     descs = [None] * 4
-    if tma_q or tma_kv:
+    if plan.tma_q or plan.tma_kv:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         descs = [
@@ -153,13 +249,13 @@ def _run_triton(q, k, v, block_mask, scale, order, out, *, gather_kv, config, us
         q_heads, q_len, k.shape[2], indices.shape[2], indices.shape[3], scale * math.log2(math.e),
         HEAD_DIM=head_dim,
         GROUP=q_heads // k.shape[1],
-        MASK_BLOCK=mask_block,
+        MASK_BLOCK=plan.mask_block,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_2(head_dim)),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        TMA_Q=tma_q,
-        TMA_KV=tma_kv,
+        TMA_Q=plan.tma_q,
+        TMA_KV=plan.tma_kv,
         GATHER_Q=gather_q,
         GATHER_KV=gather_kv,
         num_warps=config.num_warps,
