@@ -21,7 +21,8 @@ _EXPORTS = {
     "Permutation": "permutation", "build_permutation": "permutation",
     "block_means": "prediction", "predict_block_mask": "prediction",
     "BackendInfo": "registry", "get_backend": "registry", "list_backends": "registry",
-    "register_backend": "registry", "unregister_backend": "registry",
+    "register_backend": "registry", "registered_backends": "registry", "scoped_backends": "registry",
+    "unregister_backend": "registry",
 }
 
 __all__ = sorted(_EXPORTS)

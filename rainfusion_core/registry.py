@@ -15,6 +15,7 @@ pass ``name="cpu"`` to :func:`get_backend` to name the C++ backend itself.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import threading
@@ -183,6 +184,38 @@ def _registered() -> list[Backend]:
     """The registered backends now (a snapshot taken under the lock)."""
     with _lock:
         return list(_backends.values())
+
+
+def registered_backends() -> list[Backend]:
+    """Every registered ``Backend`` object, by priority (plugins included; failed plugins are not objects)."""
+    _ensure_loaded()
+    return sorted(_registered(), key=lambda b: (-b.priority, b.name))
+
+
+@contextlib.contextmanager
+def scoped_backends(*backends: Backend | type[Backend], replace: bool = False):
+    """Register ``backends`` for the duration of a ``with`` block; on exit the registry is as before.
+
+    Everything the block did to the registry is undone: its registrations and
+    removals, and which fallback warnings were already shown (so each block sees
+    its own once-only warnings). For tests and for plugin authors trying a backend::
+
+        with rf.scoped_backends(MyAsicBackend()) as (mine,):
+            rf.sparse_attention(q, k, v, layout, backend="my_asic")
+    """
+    _ensure_loaded()
+    with _lock:
+        saved = dict(_backends), dict(_load_errors), set(_warned)
+    try:
+        yield tuple(register_backend(b, replace=replace) for b in backends)
+    finally:
+        with _lock:
+            _backends.clear()
+            _backends.update(saved[0])
+            _load_errors.clear()
+            _load_errors.update(saved[1])
+            _warned.clear()
+            _warned.update(saved[2])
 
 
 def _require_device(spec: str, device_type: str, index: int | None) -> None:

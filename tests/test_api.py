@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import naive_attention
+from helpers import naive_attention
 
 LAYOUTS = [
     pytest.param(rf.VideoLayout(3, 10, 12), id="unaligned"),

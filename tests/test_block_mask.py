@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import random_dense
+from helpers import random_dense
 
 
 def test_from_dense_index_view_is_ascending_and_left_packed():

@@ -10,7 +10,7 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core.cli import main
 from rainfusion_core.testing import check_backend, default_cases
-from conftest import needs_cpp
+from helpers import needs_cpp
 
 PLUGIN = pytest.mark.skipif(
     importlib.util.find_spec("rainfusion_example_plugin") is None,

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
+from helpers import needs_cuda
 from rainfusion_core.ops import block_sparse_attention_op
 
 LAYOUT = rf.VideoLayout(3, 8, 16)  # 384 tokens
@@ -66,7 +67,7 @@ def test_backend_object_and_bad_backend_type():
         rf.block_sparse_attention(q, k, v, mask, backend=3)
 
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = needs_cuda
 WAN_SMALL = rf.VideoLayout(5, 30, 52)  # 7800 tokens, unaligned width like Wan 480p
 
 

@@ -5,7 +5,7 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core.backends.torch_backend import masked_attention
 from rainfusion_core.testing import Case, assert_backend_conforms, check_backend, default_cases
-from conftest import needs_cpp
+from helpers import needs_cpp
 
 QUICK = default_cases((64,), long=False)
 

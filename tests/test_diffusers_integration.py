@@ -6,9 +6,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
-from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
+from helpers import tiny_wan, wan_inputs as inputs  # noqa: E402
 from rainfusion_core.cli import main  # noqa: E402
 from rainfusion_core.integrations.diffusers import (  # noqa: E402
     RainFusionAttnProcessor, Schedule, apply_rainfusion, capture_qkv,
@@ -16,19 +16,6 @@ from rainfusion_core.integrations.diffusers import (  # noqa: E402
 from rainfusion_core.quality import load_qkv  # noqa: E402
 
 GRIDS = [pytest.param((3, 16, 20), id="unaligned-8x10"), pytest.param((2, 16, 16), id="aligned-8x8")]
-
-
-def tiny_wan(seed=0, layers=2):
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
-    ).eval()
-
-
-def inputs(grid, batch=1):
-    frames, height, width = grid
-    return torch.randn(batch, 4, frames, height, width), torch.randn(batch, 7, 16)
 
 
 def run(model, latent, text, t):

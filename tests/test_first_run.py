@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_cpp
+from helpers import needs_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, RAINFUSION_PROGRESS="0")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import needs_cpp
+from helpers import needs_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 

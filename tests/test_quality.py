@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import random_dense
+from helpers import random_dense
 from rainfusion_core.cli import main
 from rainfusion_core.quality import (
     attention_recall, block_attention_mass, evaluate, load_qkv, oracle_block_mask, random_block_mask, save_qkv,

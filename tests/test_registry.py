@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from rainfusion_core import registry
 from rainfusion_core.backends.torch_backend import TorchBackend
-from conftest import needs_cpp
+from helpers import needs_cpp
 
 
 class FakeBackend(rf.Backend):
@@ -33,17 +32,9 @@ class FakeBackend(rf.Backend):
 
 @pytest.fixture
 def fakes():
-    added = []
-
-    def add(*args, **kwargs):
-        backend = rf.register_backend(FakeBackend(*args, **kwargs))
-        added.append(backend.name)
-        return backend
-
-    yield add
-    for name in added:
-        rf.unregister_backend(name)
-    registry._warned.clear()
+    """Register FakeBackends for one test; the registry (and its once-only warnings) is restored after it."""
+    with rf.scoped_backends():
+        yield lambda *args, **kwargs: rf.register_backend(FakeBackend(*args, **kwargs))
 
 
 def _call():
@@ -114,7 +105,7 @@ def test_explicit_backend_on_the_wrong_device(fakes):
 
 def test_nothing_fits_lists_every_candidate(fakes, monkeypatch):
     fakes("broken_cpu", 50, unavailable="its extension is not built")
-    for backend in list(registry._backends.values()):
+    for backend in rf.registered_backends():
         if not isinstance(backend, FakeBackend):
             monkeypatch.setattr(type(backend), "unsupported_reasons", lambda self, *a: ["pretend refusal"])
     q, k, v, mask = _call()
@@ -194,3 +185,13 @@ def test_import_does_no_backend_work():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_scoped_backends_restores_the_registry():
+    before = [b.name for b in rf.registered_backends()]
+    with rf.scoped_backends(FakeBackend("scoped_cpu", 55)) as (fake,):
+        assert rf.get_backend("cpu") is fake
+        rf.unregister_backend("torch")  # removals inside the block are undone too
+        assert "torch" not in [b.name for b in rf.registered_backends()]
+    assert [b.name for b in rf.registered_backends()] == before
+    assert rf.get_backend("cpu").name != "scoped_cpu"

@@ -213,7 +213,7 @@ def test_quality_checks_the_mask_and_the_layout():
 
 
 def test_seeds_are_the_same_in_every_process():
-    script = "import sys; sys.path.insert(0, sys.argv[1]); from conftest import seed_for; print(seed_for('a::b[1]'))"
+    script = "import sys; sys.path.insert(0, sys.argv[1]); from helpers import seed_for; print(seed_for('a::b[1]'))"
     here = os.path.dirname(__file__)
     seeds = {
         subprocess.run([sys.executable, "-c", script, here], capture_output=True, text=True,

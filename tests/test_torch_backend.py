@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import naive_attention, random_dense
+from helpers import naive_attention, random_dense
 from rainfusion_core.backends.torch_backend import masked_attention
 from rainfusion_core.parity import parity
 

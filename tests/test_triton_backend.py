@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import random_dense, triton_device
+from helpers import random_dense, triton_device
 from rainfusion_core.testing import Case, run_case
 
 

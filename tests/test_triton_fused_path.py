@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import triton_device
+from helpers import triton_device
 from rainfusion_core.ops import predict_block_mask_op
 from rainfusion_core.prediction import predict_mask
 from rainfusion_core.selection import select_blocks

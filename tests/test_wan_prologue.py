@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import triton_device
+from helpers import triton_device
 
 DEVICE = triton_device()
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
@@ -10,7 +10,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed:
 from rainfusion_core.integrations.wan_prologue import rms_norm_rope  # noqa: E402
 from rainfusion_core.integrations.diffusers import _rotate_pairs, apply_rainfusion  # noqa: E402
 
-from test_diffusers_integration import inputs, tiny_wan  # noqa: E402
+from helpers import tiny_wan, wan_inputs as inputs  # noqa: E402
 
 # (batch, tokens, heads, head dim): tokens not a multiple of the rows per program, channels
 # not a power of two, one head.

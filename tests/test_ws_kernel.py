@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from conftest import random_dense, triton_device
+from helpers import needs_hopper, random_dense, triton_device
 from rainfusion_core.backends.triton import launch as triton_launch
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.parity import parity
@@ -18,8 +18,7 @@ from rainfusion_core.parity import parity
 DEVICE = triton_device()
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 WS, PORTABLE = TritonOptions(kernel="ws"), TritonOptions(kernel="triton")
-ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="needs an NVIDIA Hopper (sm_90) GPU: the warp-specialised "
-                               "kernel is Gluon code for sm_90")
+ON_HOPPER = needs_hopper
 
 # name: (batch, q heads, kv heads, frames, height, width, text tokens)
 LAYOUTS = {
