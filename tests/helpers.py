@@ -16,19 +16,39 @@ needs_cpp = pytest.mark.skipif(os.environ.get("RAINFUSION_SKIP_CPP") == "1",
                                reason="RAINFUSION_SKIP_CPP=1: installed without the C++ extension (the cpu backend)")
 
 
-def triton_device() -> str:
+def triton_device(*, module_level: bool = True) -> str:
     """Where Triton tests run: ``"cuda"`` on a GPU, ``"cpu"`` under the interpreter.
 
-    Call at module level: skips the whole module when Triton is missing, or when
-    there is no GPU and ``TRITON_INTERPRET`` is not 1.
+    Skips (the whole module, when called at module level) when Triton is missing,
+    or when there is no GPU and ``TRITON_INTERPRET`` is not 1.
     """
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+        pytest.skip("Triton is not installed (pip install triton)", allow_module_level=module_level)
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=module_level)
     return "cpu"
+
+
+def install_npu_double(monkeypatch):
+    """Stand the strict double of ``torch_npu`` (``npu_double.py``) in for the real one, for one test.
+
+    CPU tensors stand in for NPU tensors: the ``npu`` backend takes them when named.
+    """
+    import importlib.machinery
+    import sys
+
+    import npu_double
+    from rainfusion_core.backends.npu import NpuBackend
+
+    module = npu_double.make_module()
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setattr(torch, "npu", module.npu, raising=False)
+    monkeypatch.setattr(NpuBackend, "runs_on", lambda self, device_type: device_type in ("npu", "cpu"))
+    npu_double.CALLS.clear()
+    return module
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""The ``triton`` backend against the float64 golden.
+"""The ``triton`` backend: its refusals, launch planning, and GPU-only properties.
 
 On a machine without a GPU (CI) the kernel runs in Triton's CPU interpreter
 (``TRITON_INTERPRET=1``, set by conftest.py); on a GPU it runs for real, and
@@ -9,37 +9,12 @@ import torch
 
 import rainfusion_core as rf
 from helpers import random_dense, triton_device
-from rainfusion_core.testing import Case, run_case
 
 
 DEVICE = triton_device()
 ON_GPU = DEVICE == "cuda"
 
-BF16 = pytest.param(
-    torch.bfloat16, id="bf16",
-    marks=pytest.mark.skipif(not ON_GPU, reason="Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9); "
-                             "bf16 is checked on the GPU"),
-)
-DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"), BF16]
-
-CASES = [
-    Case("113x203", 113, 203, 2, 2, 64, pattern="empty_rows"),
-    Case("1023x1024-gqa2", 1023, 1024, 2, 1, 64, pattern="empty_rows"),
-    Case("129-gqa4-d128", 129, 129, 4, 1, 128),
-    Case("d48-block64", 200, 200, 2, 2, 48, block_size=64, pattern="empty_rows"),
-    Case("single-query-d16", 1, 77, 2, 2, 16),
-    Case("d256", 150, 150, 2, 1, 256),
-    Case("bsnd-strides", 300, 300, 4, 2, 64, bsnd=True),
-    Case("full-mask", 257, 257, 2, 2, 64, pattern="full"),
-    Case("one-block-per-row", 257, 257, 2, 2, 64, pattern="one_per_row"),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_parity_with_float64_golden(case, dtype):
-    result = run_case(rf.get_backend("triton"), case, dtype, DEVICE)
-    assert result.verdict == "pass", result
+# Parity on the shared case list is in test_parity.py; this file holds what is particular to Triton.
 
 
 @pytest.mark.parametrize(
