@@ -13,6 +13,7 @@ mask built outside the timed region.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from rainfusion_core.benchmarking import median_ms
 from rainfusion_core.parity import parity
 from rainfusion_core.shapes import REFERENCE_SHAPES
 
+PORTABLE = TritonOptions(kernel="triton")
 SHAPES = REFERENCE_SHAPES  # name: (B, heads, frames, height, width, text tokens)
 SWEEP = [KernelConfig(*c) for c in [
     (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
@@ -71,7 +73,7 @@ def run_shape(name: str, sweep: bool, flex: bool) -> list[str]:
 
     ours = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale))
     ours_full = bench(lambda: block_sparse_attention_triton(qp, kp, vp, full, scale))
-    portable = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="triton")))
+    portable = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=PORTABLE))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -96,12 +98,12 @@ def run_shape(name: str, sweep: bool, flex: bool) -> list[str]:
     rows.append(f"| {name} | cuDNN dense | {cudnn:.3f} ms | {tf(cudnn):.0f} TFLOP/s |")
     rows.append(f"| {name} | FA2 dense | {fa2:.3f} ms | {tf(fa2):.0f} TFLOP/s |")
     rows.append(f"| {name} | sparse, portable Triton kernel | {portable:.3f} ms | {tf(portable, density):.0f} TFLOP/s |")
-    no_tma = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="triton", use_tma=False)))
+    no_tma = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=replace(PORTABLE, use_tma=False)))
     rows.append(f"{name}: pointer path (no TMA) {no_tma:.3f} ms {tf(no_tma, density):.0f} TFLOP/s")
     if sweep:
         for config in SWEEP:
             try:
-                ms = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="triton", config=config)))
+                ms = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=replace(PORTABLE, config=config)))
                 rows.append(f"sweep {name} {config}: {ms:.3f} ms {tf(ms, density):.0f} TFLOP/s")
             except Exception as exc:  # a config that does not fit shared memory is reported, not fatal
                 rows.append(f"sweep {name} {config}: failed ({type(exc).__name__}: {str(exc)[:80]})")

@@ -27,6 +27,10 @@ from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_a
 from rainfusion_core.backends.triton.permute import gather_rows
 from rainfusion_core.prediction import predict_mask
 
+PORTABLE = TritonOptions(kernel="triton")
+PORTABLE_COPIES = TritonOptions(kernel="triton", gather_kv=False)  # k and v as permuted copies, streamed by TMA
+
+
 def bench(fn) -> float:
     return median_ms(fn, "cuda", repeats=10)
 
@@ -67,10 +71,9 @@ def run(name: str) -> list[str]:
         "kernel, warp-specialised, k/v copied whole, one launch": bench(
             lambda: _ws_one_launch(q, k, v, mask, scale, order)),
         "kernel, portable Triton, q/k/v/out through the permutation": bench(
-            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=TritonOptions(kernel="triton"))),
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE)),
         "kernel, portable Triton, k/v gathered copies": bench(
-            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order,
-                                                  options=TritonOptions(kernel="triton", options=TritonOptions(gather_kv=False)))),
+            lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE_COPIES)),
         "kernel alone, on permuted copies (default)": bench(
             lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale)),
         "copies: gather k, v (Triton)": bench(lambda: gather_rows(order, k, v)),
