@@ -58,6 +58,13 @@ def check_qkv(q, k, v) -> None:
         )
 
 
+def check_optional_bool(name: str, value) -> bool | None:
+    """``None``, ``True`` or ``False``; anything else (``1``, ``"x"``) is refused naming ``name``."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    return value
+
+
 def check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}")

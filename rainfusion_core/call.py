@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_block_size, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe
+from ._checks import (
+    check_block_size, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
+)
 from .backend import Backend
 from .block_mask import num_blocks
 from .layout import VideoLayout
@@ -63,19 +65,26 @@ class SparseCall:
 def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
                       share_batch_mask) -> MaskSpec:
     """Check the prediction arguments of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]`` and resolve them."""
-    sparsity = check_sparsity(sparsity)
-    block_size = check_block_size(block_size)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    _check_layout(layout)
     for name, x in (("q", q), ("k", k)):
         if x.shape[2] != layout.seq_len:
             raise ValueError(
                 f"{name} sequence length ({x.shape[2]}) must equal layout.seq_len ({layout.seq_len}) for {layout}"
             )
-    if first_frame_sink not in (None, True, False) or isinstance(first_frame_sink, int) and not isinstance(
-            first_frame_sink, bool):
-        raise ValueError(f"first_frame_sink must be None, True or False, got {first_frame_sink!r}")
-    if first_frame_sink is None:
+    return _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size, first_frame_sink=first_frame_sink,
+                      scale=scale, share_batch_mask=share_batch_mask)
+
+
+def _check_layout(layout) -> None:
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+
+
+def _mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale, share_batch_mask) -> MaskSpec:
+    """The prediction parameters, for q and k already checked against ``layout``."""
+    sparsity = check_sparsity(sparsity)
+    block_size = check_block_size(block_size)
+    if check_optional_bool("first_frame_sink", first_frame_sink) is None:
         first_frame_sink = layout.frames > 1
     nk = num_blocks(k.shape[2], block_size)
     return MaskSpec(
@@ -91,8 +100,7 @@ def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, s
 def model_order_views(q, k, v, layout, tensor_layout: str):
     """Check model-order inputs and return them as (possibly strided) ``[B, H, S, D]`` views."""
     tensor_layout = check_tensor_layout(tensor_layout)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    _check_layout(layout)
     seq_dim = 2 if tensor_layout == "BNSD" else 1
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -112,7 +120,7 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
                         share_batch_mask):
     """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs."""
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
-    mask = resolve_mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
+    mask = _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
                              first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
-    call = SparseCall(layout, tensor_layout, mask, default_scale(scale, q.shape[-1]), resolve_backend(backend))
+    call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend))  # one scale for both steps
     return call, q, k, v

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_block_size, check_int, check_sparsity, describe
+from .._checks import check_block_size, check_int, check_optional_bool, check_sparsity, describe
 from ..api import sparse_attention
 from ..layout import VideoLayout
 from ..quality import save_qkv
@@ -321,9 +321,8 @@ def apply_rainfusion(
     """
     sparsity = check_sparsity(sparsity)
     block_size = check_block_size(block_size)
-    for name, value in (("first_frame_sink", first_frame_sink), ("fuse_prologue", fuse_prologue)):
-        if value not in (None, True, False) or isinstance(value, int) and not isinstance(value, bool):
-            raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    check_optional_bool("first_frame_sink", first_frame_sink)
+    check_optional_bool("fuse_prologue", fuse_prologue)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
     if backend is not None:
