@@ -4,6 +4,13 @@ It reads the index view of the mask (``kv_counts``/``kv_indices``), as an
 accelerator kernel would, and is a template for vendors: replace ``forward``
 with a call into your device's kernel, declare the device types, and refuse
 what the kernel cannot do in ``unsupported_reasons``.
+
+Required: ``name``, ``device_types``, ``forward``. Optional, with defaults:
+``priority``, ``head_dims``, ``unavailable_reason``, ``unsupported_reasons``.
+Optional capabilities, not offered here (each returns ``None`` by default):
+``mask_predictor(dtype)`` to predict masks on your kernels, and
+``model_order_attention()`` to read q/k/v through the permutation instead of
+receiving permuted copies (see ``rainfusion_core.Backend``).
 """
 from __future__ import annotations
 
