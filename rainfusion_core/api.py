@@ -6,14 +6,14 @@ and run it (``backends``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ._checks import check_qkv, default_scale
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches
-from .call import SparseCall, model_order_views, resolve_backend, resolve_sparse_call
+from .call import model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
 from .ops import attention, predict
 from .permutation import Permutation, build_permutation, cached_permutation
@@ -64,7 +64,6 @@ class SparseAttentionPlan:
     tensor_layout: str = "BNSD"
     scale: float | None = None
     backend: str | Backend | None = None
-    _call: SparseCall | None = field(default=None, repr=False, compare=False)  # set by plan_sparse_attention
 
     @property
     def density(self) -> float:
@@ -74,11 +73,8 @@ class SparseAttentionPlan:
         """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q."""
         q, k, v = model_order_views(q, k, v, self.layout, self.tensor_layout)
         check_mask_matches(q, k, self.block_mask)
-        if self._call is not None:
-            scale, choice = self._call.scale, self._call.backend
-        else:  # a plan built by hand
-            scale, choice = default_scale(self.scale, q.shape[-1]), resolve_backend(self.backend)
-        return attention(choice, q, k, v, self.block_mask, scale, self.permutation.indices,
+        scale = default_scale(self.scale, q.shape[-1])
+        return attention(resolve_backend(self.backend), q, k, v, self.block_mask, scale, self.permutation.indices,
                          self.tensor_layout == "BSND")
 
 
@@ -101,7 +97,7 @@ def plan_sparse_attention(
                                         first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask)
     perm = build_permutation(layout, q.device)  # the plan's own copy: it is public
     mask = predict(call.backend, q, k, perm.indices, call.mask)
-    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend, call)
+    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend)
 
 
 def sparse_attention(
