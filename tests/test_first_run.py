@@ -138,3 +138,12 @@ def test_conformance_suite_for_an_unusable_backend_fails_in_one_line(tmp_path):
     assert "Traceback" not in run.stdout and "rainfusion_core/conformance.py:" not in run.stdout
     lines = [line for line in run.stdout.splitlines() if "RAINFUSION_BACKEND=no_such_backend" in line]
     assert lines and "unknown backend 'no_such_backend'" in lines[0]
+
+
+def test_long_commands_show_progress_on_stderr_unless_hidden():
+    args = [sys.executable, "-m", "rainfusion_core", "parity", "--backend", "torch", "--quick", "--dtypes", "float64"]
+    shown = subprocess.run(args, capture_output=True, text=True, env=dict(ENV, RAINFUSION_PROGRESS="1"), timeout=300)
+    assert shown.returncode == 0 and "parity torch:" in shown.stderr and "case/s" in shown.stderr
+    assert "parity torch:" not in shown.stdout  # the table on stdout stays clean
+    hidden = subprocess.run(args, capture_output=True, text=True, env=dict(ENV, RAINFUSION_PROGRESS="0"), timeout=300)
+    assert hidden.returncode == 0 and hidden.stderr == ""
