@@ -3,11 +3,14 @@
 * The top-level ``backends/`` folder installs as ``rainfusion_core.backends`` (its
   subpackages, such as ``backends/triton/``, as ``rainfusion_core.backends.triton``).
 * The C++ CPU kernel (``csrc/``) builds as ``rainfusion_core._cpu_kernel`` when
-  pybind11 and a C++17 compiler are present; OpenMP and native vector
-  instructions are probed, not assumed. A failed build only warns: the package
-  still installs and the ``cpu`` backend reports why it is unavailable.
+  pybind11 and a C++17 compiler are present. Its inner loops are compiled once per
+  instruction set (AVX-512, AVX2, generic) and the CPU picks one at run time, so
+  the build is portable (no ``-march=native``); OpenMP is probed, not assumed. A
+  failed build only warns: the package still installs and the ``cpu`` backend
+  reports why it is unavailable.
 """
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -19,24 +22,46 @@ except ImportError:  # no pybind11: install without the extension
     Pybind11Extension = None
 
 
+#: The kernel's instruction-set copies: (source, extra flags, macro telling the dispatcher it exists).
+#: Each is compiled on its own with its own flags; the CPU picks one at run time, so one build
+#: serves every x86-64 CPU (and the generic copy every other CPU).
+ISA_SOURCES = [
+    ("csrc/kernel_generic.cpp", [], None),
+    ("csrc/kernel_avx2.cpp", ["-mavx2", "-mfma"], "RF_HAVE_AVX2"),
+    ("csrc/kernel_avx512.cpp", ["-mavx512f", "-mfma"], "RF_HAVE_AVX512"),
+]
+
+
 class OptionalBuildExt(build_ext):
     """Build the CPU kernel with the flags this compiler accepts; never fail the install."""
 
     def build_extensions(self):
         for ext in self.extensions:
-            for flag in ("-O3", "-march=native", "-fopenmp"):
-                if os.environ.get("RAINFUSION_NO_NATIVE") and flag == "-march=native":
-                    continue
+            for flag in ("-O3", "-fopenmp"):
                 if has_flag(self.compiler, flag):
                     ext.extra_compile_args.append(flag)
                     if flag == "-fopenmp":
                         ext.extra_link_args.append(flag)
         try:
+            for ext in self.extensions:
+                self._build_isa_objects(ext)
             super().build_extensions()
         except Exception as exc:  # compiler missing or broken: the cpu backend says so at run time
             print(f"WARNING: rainfusion_core C++ CPU kernel not built ({exc}); "
                   "the 'cpu' backend will be unavailable", file=sys.stderr)
 
+    def _build_isa_objects(self, ext):
+        """Compile each instruction-set copy with its flags and link the objects into ``ext``."""
+        is_x86 = platform.machine().lower() in ("x86_64", "amd64", "x86", "i686")
+        common = ["-std=c++17", *ext.extra_compile_args]
+        for source, flags, macro in ISA_SOURCES:
+            if flags and not (is_x86 and all(has_flag(self.compiler, f) for f in flags)):
+                continue  # this compiler or machine cannot build that copy: the dispatcher leaves it out
+            objects = self.compiler.compile([source], output_dir=self.build_temp, include_dirs=["csrc"],
+                                            extra_postargs=common + flags)
+            ext.extra_objects.extend(objects)
+            if macro:
+                ext.define_macros.append((macro, "1"))
 
 ext_modules, cmdclass = [], {}
 if Pybind11Extension is not None and os.environ.get("RAINFUSION_SKIP_CPP") != "1":

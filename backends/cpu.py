@@ -2,11 +2,14 @@
 
 float32 and float64 run natively; float16 and bfloat16 are computed in float32
 and returned in the input dtype. Inputs may be strided views (BSND): the
-kernel reads them through their strides, without copies.
+kernel reads them through their strides, without copies. One build serves every
+CPU: the kernel's instruction set (AVX-512, AVX2, generic) is chosen at run time,
+or forced with ``RAINFUSION_CPU_ISA``.
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -26,12 +29,24 @@ def _load_kernel():
         )
 
 
+#: Forces one instruction-set path of the kernel ("avx512", "avx2" or "generic"); unset: the fastest
+#: this CPU runs. For tests and benchmarks of the slower paths.
+ISA_VARIABLE = "RAINFUSION_CPU_ISA"
+
+
+def requested_isa() -> str:
+    return os.environ.get(ISA_VARIABLE, "").strip().lower()
+
+
 def kernel_description() -> str:
-    """What the built kernel runs with, e.g. ``"AVX2 FMA, OpenMP, 2 threads"``; why not, when it is not built."""
+    """What the kernel runs with, e.g. ``"AVX2 + FMA, OpenMP, 2 threads"``; why not, when it is not built."""
     kernel, reason = _load_kernel()
     if kernel is None:
         return f"not built: {reason}"
-    isa = kernel.instruction_set() if hasattr(kernel, "instruction_set") else "unknown instruction set"
+    try:
+        isa = kernel.isa_description(requested_isa())
+    except ValueError as exc:
+        return f"{ISA_VARIABLE}: {exc}"
     threads = f"OpenMP, {torch.get_num_threads()} threads" if kernel.has_openmp() else "no OpenMP, 1 thread"
     return f"{isa}, {threads}"
 
@@ -61,6 +76,6 @@ class CpuBackend(Backend):
         kernel.forward(
             q_c.numpy(), k_c.numpy(), v_c.numpy(), out.numpy(),
             block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
-            block_mask.block_size, float(scale), torch.get_num_threads(),
+            block_mask.block_size, float(scale), torch.get_num_threads(), requested_isa(),
         )
         return out if compute == q.dtype else out.to(q.dtype)

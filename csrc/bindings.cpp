@@ -52,7 +52,8 @@ template <typename T>
 void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::array_t<T, 0> out,
              py::array_t<int32_t, py::array::c_style> kv_counts,
              py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
-             int num_threads) {
+             int num_threads, const std::string& isa) {
+  const rainfusion::Isa path = rainfusion::parse_isa(isa.c_str());  // throws for an unknown or unavailable one
   AttentionArgs<T> a{};
   a.q_strides = element_strides(q, "q");
   a.k_strides = element_strides(k, "k");
@@ -75,20 +76,27 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
   a.kv_counts = kv_counts.data(), a.kv_indices = kv_indices.data();
   a.block_size = block_size, a.scale = static_cast<T>(scale), a.num_threads = num_threads;
   py::gil_scoped_release release;
-  rainfusion::block_sparse_attention_forward(a);
+  rainfusion::block_sparse_attention_forward(a, path);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cpu_kernel, m) {
-  m.doc() = "RainFusion2.0 block-sparse flash attention forward, C++17 CPU kernel";
-  const char* doc = "forward(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads)";
-  m.def("forward", &forward<float>, doc);
-  m.def("forward", &forward<double>, doc);
+  m.doc() = "RainFusion2.0 block-sparse flash attention forward, C++17 CPU kernel (instruction set chosen at run time)";
+  const char* doc =
+      "forward(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa='')\n"
+      "isa: 'avx512', 'avx2', 'generic', or '' for the fastest this CPU runs";
+  m.def("forward", &forward<float>, doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("kv_counts"), py::arg("kv_indices"), py::arg("block_size"), py::arg("scale"), py::arg("num_threads"),
+        py::arg("isa") = "");
+  m.def("forward", &forward<double>, doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("kv_counts"), py::arg("kv_indices"), py::arg("block_size"), py::arg("scale"), py::arg("num_threads"),
+        py::arg("isa") = "");
   m.def("has_openmp", &rainfusion::has_openmp);
-  m.def("instruction_set", [] {
-    std::string isa = rainfusion::instruction_set();
-    while (!isa.empty() && isa.back() == ' ') isa.pop_back();
-    return isa.empty() ? std::string("scalar") : isa;
-  });
+  m.def("isa", [](const std::string& name) { return std::string(rainfusion::isa_key(rainfusion::parse_isa(name.c_str()))); },
+        "the path that runs for a request ('' = the fastest); raises ValueError when unavailable", py::arg("name") = "");
+  m.def("isa_description", [](const std::string& name) {
+    return std::string(rainfusion::isa_description(rainfusion::parse_isa(name.c_str())));
+  }, py::arg("name") = "");
+  m.def("available_isas", [] { return rainfusion::available_isas(); });
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace rainfusion {
 
@@ -33,13 +34,20 @@ struct AttentionArgs {
   int num_threads;  // <= 0: the OpenMP default
 };
 
+// The instruction-set paths of the kernel. Each is compiled in its own file with its own flags
+// (kernel_<isa>.cpp); which ones this CPU can run is known only at run time.
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa best_isa();                       // the fastest path this CPU and this build can run
+Isa parse_isa(const char* name);      // "avx512", "avx2", "generic", or "" for the best; throws if unavailable
+const char* isa_key(Isa isa);         // "avx512", ...
+const char* isa_description(Isa isa); // "AVX-512F + FMA", ...
+std::string available_isas();         // comma-separated keys this CPU and build can run
+
 template <typename T>
-void block_sparse_attention_forward(const AttentionArgs<T>& args);
+void block_sparse_attention_forward(const AttentionArgs<T>& args, Isa isa);
 
 // True when the library was compiled with OpenMP.
 bool has_openmp();
-
-// The vector instruction sets the kernel was compiled for, e.g. "AVX2 FMA" or "AVX-512F FMA".
-const char* instruction_set();
 
 }  // namespace rainfusion

@@ -154,6 +154,9 @@ def cmd_info(args) -> int:
         devices = ",".join(r.device_types) or "-"
         print(f"{r.name:<{width}} {devices:<10} {r.priority:>8}  {'yes' if r.available else 'no':<9}  {r.reason}")
     print("\ndevices present: " + ", ".join(_devices()))
+    from .backends.cpu import kernel_description
+
+    print(f"cpu kernel: {kernel_description()}")
     return 0
 
 

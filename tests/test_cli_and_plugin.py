@@ -70,6 +70,7 @@ def test_cli_info_lists_backends_and_devices():
     run = subprocess.run([sys.executable, "-m", "rainfusion_core", "info"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "torch" in run.stdout and "cpu" in run.stdout and "devices present: cpu" in run.stdout
+    assert "cpu kernel: " in run.stdout  # the instruction set it runs, or why it is not built
 
 
 def test_cli_bench_prints_progress_and_plots(tmp_path, capsys):

@@ -57,3 +57,33 @@ def test_kernel_reports_openmp():
     kernel, reason = cpu_module._load_kernel()
     assert reason is None
     assert isinstance(kernel.has_openmp(), bool)
+
+
+def _isas():
+    if os.environ.get("RAINFUSION_SKIP_CPP") == "1":
+        return []
+    kernel, _ = cpu_module._load_kernel()
+    return kernel.available_isas().split(", ") if kernel is not None else []
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_instruction_set_path_this_cpu_runs_meets_the_parity_rule(isa, monkeypatch):
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs: {', '.join(_isas())})")
+    from rainfusion_core.testing import check_backend, default_cases
+
+    monkeypatch.setenv("RAINFUSION_CPU_ISA", isa)
+    assert cpu_module.kernel_description().startswith({"avx512": "AVX-512F", "avx2": "AVX2", "generic": "generic"}[isa])
+    report = check_backend("cpu", dtypes=[torch.float32, torch.bfloat16, torch.float64],
+                           cases=default_cases((40, 64, 128), long=False))
+    assert report.passed, report.table()
+
+
+def test_the_portable_path_always_exists_and_an_unknown_path_is_refused(monkeypatch):
+    assert "generic" in _isas()
+    q = torch.randn(1, 1, 128, 16)
+    mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=128, q_len=128, kv_len=128)
+    monkeypatch.setenv("RAINFUSION_CPU_ISA", "neon512")
+    with pytest.raises(ValueError, match="unknown instruction set 'neon512'; expected one of: .*generic"):
+        rf.block_sparse_attention(q, q, q, mask, backend=rf.get_backend(name="cpu"))
+    assert "RAINFUSION_CPU_ISA" in cpu_module.kernel_description()

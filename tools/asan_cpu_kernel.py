@@ -6,7 +6,8 @@ Builds ``csrc/`` with ``-fsanitize=address`` into a temporary folder, then runs,
 in a child Python with the sanitizer preloaded and that build in place of the
 installed ``rainfusion_core._cpu_kernel``:
 
-* the conformance kit's cases (every dtype) on the ``cpu`` backend;
+* the conformance kit's cases (every dtype) on the ``cpu`` backend, once per
+  instruction-set path this CPU runs (AVX-512, AVX2, generic);
 * hostile masks: indices and counts edited in place after construction
   (negative, past NK, huge), which the binding must refuse with a
   ``ValueError`` before any thread reads them;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -41,10 +43,14 @@ sys.modules["rainfusion_core._cpu_kernel"] = kernel  # the sanitized build, not 
 import rainfusion_core as rf
 from rainfusion_core.testing import check_backend, default_cases
 
+import os
 quick = sys.argv[2] == "1"
-report = check_backend("cpu", cases=default_cases(long=not quick))
-print(report.table().splitlines()[-1], flush=True)
-assert report.passed, report.table()
+for isa in kernel.available_isas().split(", "):  # every instruction-set path this CPU runs
+    os.environ["RAINFUSION_CPU_ISA"] = isa
+    report = check_backend("cpu", cases=default_cases(long=not quick))
+    print(isa, report.table().splitlines()[-1], flush=True)
+    assert report.passed, report.table()
+os.environ.pop("RAINFUSION_CPU_ISA")
 
 torch.manual_seed(0)
 q = torch.randn(1, 2, 300, 32)
@@ -75,15 +81,24 @@ print("ASAN-CHECK-DONE", flush=True)
 
 
 def build(out_dir: Path) -> Path:
+    """The extension, every instruction-set copy of the kernel included, built with the sanitizer."""
     import pybind11
 
     cxx = os.environ.get("CXX", "g++")
     target = out_dir / ("_cpu_kernel" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-fopenmp",
-           "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}",
-           str(ROOT / "csrc" / "block_sparse_attention.cpp"), str(ROOT / "csrc" / "bindings.cpp"), "-o", str(target)]
-    subprocess.run(cmd, check=True)
+    common = [cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-fopenmp", "-fPIC",
+              f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    isa = [("kernel_generic.cpp", [], None)]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        isa += [("kernel_avx2.cpp", ["-mavx2", "-mfma"], "RF_HAVE_AVX2"),
+                ("kernel_avx512.cpp", ["-mavx512f", "-mfma"], "RF_HAVE_AVX512")]
+    macros = [f"-D{macro}=1" for _, _, macro in isa if macro]
+    objects = []
+    for source, flags in [(s, f) for s, f, _ in isa] + [("block_sparse_attention.cpp", macros), ("bindings.cpp", macros)]:
+        obj = out_dir / (source + ".o")
+        subprocess.run(common + flags + ["-c", str(ROOT / "csrc" / source), "-o", str(obj)], check=True)
+        objects.append(str(obj))
+    subprocess.run([cxx, "-shared", "-fsanitize=address", "-fopenmp", *objects, "-o", str(target)], check=True)
     return target
 
 

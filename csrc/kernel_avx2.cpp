@@ -1,0 +1,11 @@
+// The CPU kernel for AVX2 + FMA (16 ymm registers: 4 rows x 2 vectors of accumulators).
+// setup.py compiles this file with the instruction set's flags; see kernel_impl.inc.
+#if defined(__x86_64__) || defined(_M_X64)
+#define RF_ISA avx2
+#define RF_VEC_BYTES 32
+#define RF_QR 64
+#define RF_RB 4
+#define RF_JW_VECS 2
+#define RF_DW_MAX_VECS 2
+#include "kernel_impl.inc"
+#endif
