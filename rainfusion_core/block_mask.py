@@ -248,11 +248,6 @@ def check_mask_matches(q, k, block_mask) -> None:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
 
 
-def trusted_mask(dense, kv_counts, kv_indices, block_size: int, q_len: int, kv_len: int) -> BlockMask:
-    """A :class:`BlockMask` the library built itself: shapes are checked, contents are not."""
-    return BlockMask(dense, kv_counts, kv_indices, block_size, q_len, kv_len, _TRUSTED)
-
-
 def _first(bad: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in bad.nonzero()[0])
 
@@ -299,4 +294,4 @@ def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Te
     return sizes
 
 
-__all__ = ["BlockMask", "check_mask_matches", "num_blocks", "query_chunks", "trusted_mask"]
+__all__ = ["BlockMask", "check_mask_matches", "num_blocks", "query_chunks"]
