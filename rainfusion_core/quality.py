@@ -209,44 +209,43 @@ def evaluate(
             raise ValueError(f"{name} has {x.shape[2]} tokens (BNSD dim 2) but layout.seq_len is "
                              f"{layout.seq_len} for {layout}")
     scale = default_scale(scale, q.shape[-1])
-    bar = progress(total=1 + len(sparsities) * len(variants), desc="evaluate", unit="step")
-    bar.set_postfix_str("dense reference")
-    perm = build_permutation(layout, q.device)
-    qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
-    full = BlockMask.from_dense(
-        torch.ones(q.shape[0], q.shape[1], num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size),
-                   dtype=torch.bool, device=q.device),
-        block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
-    )
-    dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
-    dense_model_order = perm.undo(dense, 2) if "no_permutation" in variants else None
-    bar.update()
-    gen = torch.Generator().manual_seed(seed)
-    report = QualityReport()
-    for sparsity in sparsities:
-        predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-        for variant in variants:
-            bar.set_postfix_str(f"sparsity {sparsity:g} {variant}")
-            order_q, order_k, order_v, ref = qp, kp, vp, dense
-            if variant == "rainfusion":
-                mask = predicted
-            elif variant == "no_sink":
-                mask = _predicted_top(qp, kp, layout, predicted, scale)
-            elif variant == "oracle":
-                mask = oracle_block_mask(qp, kp, predicted.kv_counts, block_size=block_size, scale=scale)
-            elif variant == "random":
-                mask = random_block_mask(predicted, generator=gen)
-            else:  # no_permutation: the same method on the raw token order
-                order_q, order_k, order_v = q, k, v
-                ref = dense_model_order
-                mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-            out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale, backend=backend).double()
-            recall = float(attention_recall(order_q, order_k, mask, scale=scale).mean())
-            rel = float((out - ref).norm() / ref.norm())
-            cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
-            report.rows.append(QualityRow(variant, sparsity, mask.density, recall, rel, cos))
-            bar.update()
-    bar.close()
+    with progress(total=1 + len(sparsities) * len(variants), desc="evaluate", unit="step") as bar:
+        bar.set_postfix_str("dense reference")
+        perm = build_permutation(layout, q.device)
+        qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+        full = BlockMask.from_dense(
+            torch.ones(q.shape[0], q.shape[1], num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size),
+                       dtype=torch.bool, device=q.device),
+            block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
+        )
+        dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
+        dense_model_order = perm.undo(dense, 2) if "no_permutation" in variants else None
+        bar.update()
+        gen = torch.Generator().manual_seed(seed)
+        report = QualityReport()
+        for sparsity in sparsities:
+            predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
+            for variant in variants:
+                bar.set_postfix_str(f"sparsity {sparsity:g} {variant}")
+                order_q, order_k, order_v, ref = qp, kp, vp, dense
+                if variant == "rainfusion":
+                    mask = predicted
+                elif variant == "no_sink":
+                    mask = _predicted_top(qp, kp, layout, predicted, scale)
+                elif variant == "oracle":
+                    mask = oracle_block_mask(qp, kp, predicted.kv_counts, block_size=block_size, scale=scale)
+                elif variant == "random":
+                    mask = random_block_mask(predicted, generator=gen)
+                else:  # no_permutation: the same method on the raw token order
+                    order_q, order_k, order_v = q, k, v
+                    ref = dense_model_order
+                    mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
+                out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale, backend=backend).double()
+                recall = float(attention_recall(order_q, order_k, mask, scale=scale).mean())
+                rel = float((out - ref).norm() / ref.norm())
+                cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+                report.rows.append(QualityRow(variant, sparsity, mask.density, recall, rel, cos))
+                bar.update()
     _add_findings(report, sparsities, variants)
     return report
 

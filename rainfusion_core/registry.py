@@ -141,8 +141,9 @@ def unregister_backend(name: str) -> None:
 def list_backends() -> list[BackendInfo]:
     """Every registered backend, and every plugin that failed to load, by priority."""
     _ensure_loaded()
-    with _lock:  # a snapshot: registration may go on in other threads
-        backends, errors = list(_backends.values()), list(_load_errors.items())
+    with _lock:  # errors and backends from one moment: registration may go on in other threads
+        errors = list(_load_errors.items())
+        backends = _registered()
     rows = []
     for backend in backends:
         reason = unavailable_reason(backend)
@@ -218,12 +219,16 @@ def scoped_backends(*backends: Backend | type[Backend], replace: bool = False):
             _warned.update(saved[2])
 
 
-def _require_device(spec: str, device_type: str, index: int | None) -> None:
-    """Raise unless the device ``spec`` names (``"cuda:0"``) exists here.
+def require_device(spec: str) -> None:
+    """Raise ``BackendUnavailableError`` unless the device string ``spec`` (``"cuda:1"``) names a device here.
 
     Asks the device type's torch module (``torch.cuda``, ``torch.npu`` once ``torch_npu`` is
     imported) when it has one, else tries to place an empty tensor there.
     """
+    match = _DEVICE_RE.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise ValueError(f"expected a device string such as 'cpu' or 'cuda:0', got {spec!r}")
+    device_type, index = match.group(1), None if match.group(2) is None else int(match.group(2))
     module = getattr(torch, device_type, None)
     if callable(getattr(module, "device_count", None)):
         is_available = getattr(module, "is_available", None)
@@ -234,20 +239,12 @@ def _require_device(spec: str, device_type: str, index: int | None) -> None:
         if index is not None and index >= count:
             raise BackendUnavailableError(f"device {spec!r} is not present on this machine: torch sees {count} "
                                           f"{device_type} device(s), indices 0..{count - 1}")
-    else:
-        try:
-            torch.empty(0, device=spec)
-        except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError depending on the build
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendUnavailableError(f"device {spec!r} is not present on this machine ({detail})") from None
-
-
-def require_device(spec: str) -> None:
-    """Raise ``BackendUnavailableError`` unless the device string ``spec`` (``"cuda:1"``) names a device here."""
-    match = _DEVICE_RE.match(spec) if isinstance(spec, str) else None
-    if match is None:
-        raise ValueError(f"expected a device string such as 'cpu' or 'cuda:0', got {spec!r}")
-    _require_device(spec, match.group(1), None if match.group(2) is None else int(match.group(2)))
+        return
+    try:
+        torch.empty(0, device=spec)
+    except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError depending on the build
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendUnavailableError(f"device {spec!r} is not present on this machine ({detail})") from None
 
 
 def _by_name(name: str) -> Backend:
@@ -296,8 +293,7 @@ def get_backend(spec: str | Backend | None = None, *, name: str | None = None) -
     candidates = _candidates(device_type)
     for backend in candidates:  # availability checks import accelerator stacks (torch_npu) first
         unavailable_reason(backend)
-    index = _DEVICE_RE.match(spec).group(2)
-    _require_device(spec, device_type, None if index is None else int(index))
+    require_device(spec)
     return _choose(device_type, None, spec)
 
 
