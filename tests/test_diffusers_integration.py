@@ -89,7 +89,7 @@ def test_dense_above_timestep_and_layer_subset():
     assert torch.allclose(run(model, latent, text, 800), run(ref, latent, text, 800), atol=1e-6)
     assert not torch.allclose(run(model, latent, text, 600), run(ref, latent, text, 600), atol=1e-4)
     handle.remove()
-    with pytest.raises(ValueError, match="block 5 does not exist"):
+    with pytest.raises(ValueError, match="attention layer 5 does not exist"):
         apply_rainfusion(model, layers=[5])
 
 
@@ -101,7 +101,7 @@ def test_pipeline_with_two_transformers():
     handle.remove()
     for transformer in (pipe.transformer, pipe.transformer_2):
         assert all(isinstance(b.attn1.processor, WanAttnProcessor) for b in transformer.blocks)
-    with pytest.raises(TypeError, match="expected a WanTransformer3DModel"):
+    with pytest.raises(TypeError, match="supported: WanTransformer3DModel"):
         apply_rainfusion(object())
 
 

@@ -8,7 +8,7 @@ DEVICE = triton_device()
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
 from rainfusion_core.integrations.wan_prologue import rms_norm_rope  # noqa: E402
-from rainfusion_core.integrations.diffusers import _rotate_pairs, apply_rainfusion  # noqa: E402
+from rainfusion_core.integrations.diffusers import apply_rainfusion  # noqa: E402
 
 from helpers import tiny_wan, wan_inputs as inputs  # noqa: E402
 
@@ -27,6 +27,13 @@ def angle_tables(length, head_dim):
     """Wan-style tables: one angle per (even, odd) pair, repeated twice, float64 as diffusers keeps them."""
     angles = torch.rand(length, head_dim // 2, dtype=torch.float64) * 50
     return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+
+
+def _rotate_pairs(x, cos, sin):
+    """Wan's rotary embedding as diffusers computes it: rotate (even, odd) channel pairs."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
 
 
 def eager(x, norm, cos, sin, heads):

@@ -1,0 +1,167 @@
+"""RainFusion2.0 for Hugging Face diffusers' video and image transformers.
+
+    from rainfusion_core.integrations.diffusers import apply_rainfusion, Schedule
+    handle = apply_rainfusion(pipe, sparsity=0.8, schedule=Schedule(dense_steps=2))
+    video = pipe(prompt, ...).frames
+    handle.remove()   # the original processors, exactly
+
+Supported (diffusers 0.42): Wan2.1/2.2 (and VACE, SkyReels-V2), HunyuanVideo,
+HunyuanVideo-1.5, CogVideoX, LTX-Video, Flux.1 and Qwen-Image; see
+:func:`supported_models`. Only self- and joint (text + video) attention is
+replaced; cross-attention stays dense. The processors stay diffusers' own: only
+their attention call is routed to ``rf.sparse_attention``. The latent grid, and
+which text tokens are real, are read from the transformer's own input by a
+forward pre-hook, so any resolution and frame count works.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..._checks import check_block_size, check_optional_bool, check_sparsity, describe
+from ...registry import get_backend
+from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
+from .processor import RainFusionAttnProcessor, RainFusionHandle, base_processor, processor_type
+from .sites import CaptureSite, SparseSite
+from .state import CallState, Schedule
+from .wan_fused import WanFusedPrologue
+
+__all__ = ["apply_rainfusion", "capture_qkv", "attention_layers", "supported_models", "Schedule",
+           "RainFusionHandle", "RainFusionAttnProcessor"]
+
+
+def supported_models() -> dict[str, tuple[str, ...]]:
+    """Model family -> the diffusers transformer classes RainFusion patches."""
+    return {adapter.family: adapter.classes for adapter in ADAPTERS}
+
+
+def _transformers(model) -> tuple[ModelAdapter, list]:
+    """The supported transformers of a pipeline (``transformer``, ``transformer_2``) or the model itself."""
+    if adapter_for(model) is not None:
+        found = [model]
+    else:
+        found = [t for t in (getattr(model, name, None) for name in ("transformer", "transformer_2")) if t is not None]
+    if not found or any(adapter_for(t) is None for t in found):
+        names = ", ".join(type(t).__name__ for t in found) or type(model).__name__
+        raise TypeError(f"expected a supported diffusers transformer or a pipeline holding one, got {names}; "
+                        f"supported: {', '.join(supported_classes())}")
+    adapters = {adapter_for(t).family: adapter_for(t) for t in found}
+    if len(adapters) != 1:
+        raise TypeError(f"a pipeline whose transformers are of different families: "
+                        f"{', '.join(type(t).__name__ for t in found)}")
+    return next(iter(adapters.values())), found
+
+
+def attention_layers(model) -> list[str]:
+    """Names of the attention modules RainFusion replaces, in the order ``layers=`` indexes them."""
+    adapter, transformers = _transformers(model)
+    return [name for name, _ in adapter.attention_modules(transformers[0])]
+
+
+def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> RainFusionHandle:
+    """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
+    adapter, transformers = _transformers(model)
+    plan = []
+    for transformer in transformers:
+        modules = adapter.attention_modules(transformer)
+        for index in layers or ():
+            if not 0 <= index < len(modules):
+                raise ValueError(f"layers: attention layer {index} does not exist (the model has {len(modules)}: "
+                                 "see attention_layers(model))")
+        for index in range(len(modules)) if layers is None else layers:
+            name, attn = modules[index]
+            base = base_processor(attn.processor)
+            call_site = adapter.processors.get(type(base).__name__)
+            if call_site is None:
+                raise TypeError(f"{name} runs {type(base).__name__}; RainFusion routes the attention of "
+                                f"{', '.join(adapter.processors)} in {adapter.family} models")
+            plan.append((index, attn, call_site, type(base)))
+    state = CallState(schedule, adapter)
+    handle = RainFusionHandle(state)
+    sites = {}
+    for index, attn, call_site, base_type in plan:
+        site = make_site(state, index, sites)
+        attn.processor = processor_type(base_type)(attn.processor, site, call_site, index, shortcut)
+        handle._installed.append((attn, attn.processor))
+    handle._sites.extend({id(s): s for s in sites.values()}.values())
+    for transformer in transformers:
+        handle._hooks.append(transformer.register_forward_pre_hook(state.hook(), with_kwargs=True))
+    return handle
+
+
+def apply_rainfusion(
+    model,
+    *,
+    sparsity: float = 0.8,
+    block_size: int = 128,
+    backend=None,
+    first_frame_sink: bool | None = None,
+    schedule: Schedule = Schedule(),
+    layers=None,
+    fuse_prologue: bool | None = None,
+) -> RainFusionHandle:
+    """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
+
+    Args:
+        model: a supported transformer (:func:`supported_models`) or a pipeline with
+            ``transformer`` (and ``transformer_2``, as Wan2.2 has).
+        sparsity, block_size, backend, first_frame_sink: as in ``rf.sparse_attention``.
+            Images (``frames == 1``) get no first-frame sink unless asked.
+        schedule: when to stay dense (:class:`Schedule`).
+        layers: indices into :func:`attention_layers` to make sparse; ``None`` means
+            all, the rest stay dense.
+        fuse_prologue: Wan only. Run the q/k RMS norm and rotary embedding of the sparse
+            layers as one Triton pass per tensor (float32 rotation instead of diffusers'
+            float64). ``None``: in eager mode when the input is on CUDA, Triton is
+            installed and autograd is not recording (the pass has no backward);
+            ``True``: always, an error where it cannot run; ``False``: never.
+    Each batch item gets its own mask, so the halves of a guidance batch differ.
+    Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
+    their own rows run dense, exactly as in the model.
+    """
+    sparsity = check_sparsity(sparsity)
+    block_size = check_block_size(block_size)
+    check_optional_bool("first_frame_sink", first_frame_sink)
+    check_optional_bool("fuse_prologue", fuse_prologue)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
+    if backend is not None:
+        get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
+    adapter, _ = _transformers(model)
+    shortcut = None
+    if adapter.family == "Wan":
+        shortcut = WanFusedPrologue(fuse_prologue)
+    elif fuse_prologue:
+        raise ValueError(f"fuse_prologue=True: only Wan's self-attention has a fused prologue, not {adapter.family}")
+
+    def make_site(state, index, sites):
+        if "sparse" not in sites:
+            sites["sparse"] = SparseSite(state, sparsity=sparsity, block_size=block_size, backend=backend,
+                                         first_frame_sink=first_frame_sink)
+        return sites["sparse"]
+
+    return _install(model, schedule, layers, make_site, shortcut)
+
+
+class _CountSteps(Schedule):
+    """A schedule that counts steps (reads the timestep) and never forces dense attention."""
+
+    @property
+    def reads_timestep(self) -> bool:
+        return True
+
+
+def capture_qkv(model, directory, *, layers=(0,), steps=(0,)) -> RainFusionHandle:
+    """Save self-attention q, k, v of the given layers at the given denoising steps, for ``rainfusion evaluate``.
+
+    Files are ``qkv_layer{L}_step{S}_call{C}.pt`` in ``directory`` (BNSD, model order,
+    with the layout; with padded text, one ``..._group{G}.pt`` per group of batch items
+    with the same real text, holding those tokens only); the model's outputs are unchanged.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def make_site(state, index, sites):
+        sites[index] = CaptureSite(state, directory=directory, steps=steps, layer=index)
+        return sites[index]
+
+    return _install(model, _CountSteps(), layers, make_site)

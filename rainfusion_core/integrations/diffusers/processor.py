@@ -1,0 +1,133 @@
+"""The processor RainFusion installs on an attention module, and the handle that takes it off again."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from .adapters import CallSite
+from .sites import Site
+from .state import CallState
+
+
+class RainFusionAttnProcessor:
+    """Stands in for one attention module's processor.
+
+    It runs the processor's own ``__call__`` (routed, see ``routing.py``) with the
+    attention call going to its handle's site; when the site is idle (a dense step)
+    it calls the processor it replaced. ``original`` is that processor (maybe another
+    RainFusion one: handles stack), ``base`` the diffusers processor at the bottom,
+    whose ``_attention_backend`` and ``_parallel_config`` this one reads and sets, so
+    ``set_attention_backend`` and ``enable_parallelism`` keep working.
+    """
+
+    def __init__(self, original, site: Site, call_site: CallSite, layer: int, shortcut=None):
+        self.original, self.site, self.call_site, self.layer, self.shortcut = original, site, call_site, layer, shortcut
+        self.link()
+
+    def link(self) -> None:
+        """(Re)build the routed call over whatever is below this processor now."""
+        below = self.original
+        if isinstance(below, RainFusionAttnProcessor):
+            self.base, function = below.base, below._call
+        else:
+            self.base, function = below, type(below).__call__
+        self._call = self.site.route(function, self.call_site)
+
+    @property
+    def _attention_backend(self):
+        return self.base._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.base._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.base._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.base._parallel_config = value
+
+    def __call__(self, attn, *args, **kwargs):
+        if not self.site.active():
+            return self.original(attn, *args, **kwargs)
+        if self.shortcut is not None:
+            out = self.shortcut(self, attn, args, kwargs)
+            if out is not None:
+                return out
+        return self._call(self.base, attn, *args, **kwargs)
+
+
+_TYPES: dict = {}
+
+
+def processor_type(base_type: type) -> type:
+    """``RainFusionAttnProcessor`` with the call signature of ``base_type``.
+
+    diffusers' attention modules pass a processor only the keyword arguments its
+    ``__call__`` names (Qwen-Image's ``encoder_hidden_states_mask``, for one), so the
+    stand-in must name the same ones.
+    """
+    if base_type not in _TYPES:
+        def __call__(self, attn, *args, **kwargs):
+            return RainFusionAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(base_type.__call__)
+        _TYPES[base_type] = type("RainFusionAttnProcessor", (RainFusionAttnProcessor,),
+                                 {"__call__": __call__, "__module__": __name__,
+                                  "__qualname__": f"RainFusionAttnProcessor[{base_type.__name__}]"})
+    return _TYPES[base_type]
+
+
+def base_processor(processor):
+    while isinstance(processor, RainFusionAttnProcessor):
+        processor = processor.original
+    return processor
+
+
+@dataclass
+class RainFusionHandle:
+    """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`.
+
+    Handles may be stacked on one model and removed in any order: removing one
+    takes its processors out of each layer's chain and leaves the others working.
+    """
+
+    state: CallState
+    _installed: list = field(default_factory=list)  # (attention module, the processor this handle installed)
+    _hooks: list = field(default_factory=list)
+    _sites: list = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def layout(self):
+        """The latent grid of the last transformer call (``VideoLayout``, ``text_len`` 0)."""
+        return self.state.layout
+
+    def remove(self) -> None:
+        """Restore what each layer ran before this handle; idempotent."""
+        for attn, mine in reversed(self._installed):
+            if attn.processor is mine:
+                attn.processor = mine.original
+                continue
+            # Something was installed on top of ours: unlink ours from the chain and relink those above.
+            chain, node = [], attn.processor
+            while isinstance(node, RainFusionAttnProcessor) and node is not mine:
+                chain.append(node)
+                node = node.original
+            if node is mine:
+                chain[-1].original = mine.original
+                for above in reversed(chain):
+                    above.link()
+            # else: ours was replaced outright by someone else's processor and no longer runs
+        for hook in self._hooks:
+            hook.remove()
+        for site in self._sites:
+            site.release()
+        self._installed.clear()
+        self._hooks.clear()
+        self._sites.clear()

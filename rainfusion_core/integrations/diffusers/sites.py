@@ -1,0 +1,216 @@
+"""What runs in place of a processor's attention call: sparse attention, or a q/k/v capture.
+
+A *site* belongs to one handle and is shared by all the layers it patches
+(one routed copy of each processor function, so ``torch.compile`` compiles a
+block once for all layers). Its route objects take the call exactly as the
+processor makes it (diffusers' ``dispatch_attention_fn`` signature in
+``[B, S, H, D]``, or ``F.scaled_dot_product_attention`` in ``[B, H, S, D]``)
+and hand it on unchanged to what the processor would have called (``next``)
+whenever the site does not take it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...api import sparse_attention
+from ...layout import VideoLayout
+from ...quality import save_qkv
+from . import routing
+from .adapters import DISPATCH, CallSite
+from .state import CallState
+
+
+class Site:
+    """Base: the handle's state and the routed copies of processor functions made for it."""
+
+    def __init__(self, state: CallState):
+        self.state = state
+        self._routed: dict = {}
+
+    def active(self) -> bool:
+        """Whether this transformer call goes through :meth:`attend` at all."""
+        raise NotImplementedError
+
+    def attend(self, q, k, v, attn_mask, scale, tensor_layout: str, dense, call: dict):
+        """The attention of one layer; ``dense(q, k, v, mask)`` is what the processor would have run."""
+        raise NotImplementedError
+
+    def route(self, function, call_site: CallSite):
+        """``function`` (a processor's ``__call__``, maybe already routed) with its attention call routed here."""
+        key = (function, call_site.name)
+        if key not in self._routed:
+            after = routing.target(function, call_site.name)
+            replacement = (DispatchRoute if call_site == DISPATCH else FunctionalRoute)(self, after)
+            self._routed[key] = routing.routed(function, call_site.name, replacement)
+        return self._routed[key]
+
+    def release(self) -> None:
+        for function in self._routed.values():
+            routing.release(function)
+        self._routed.clear()
+
+    def layout_of(self, length: int, what: str) -> VideoLayout:
+        """The full layout of an attention over ``length`` tokens: the call's grid plus its text."""
+        grid = self.state.layout
+        if grid is None:
+            raise RuntimeError("the transformer's pre-hook did not run: call the transformer, not its blocks")
+        text_len = length - grid.video_len
+        family = self.state.adapter.family
+        if text_len < 0:
+            raise ValueError(f"{what} has {length} tokens but the transformer input gives {grid.video_len} latent "
+                             f"tokens ({grid.frames}x{grid.height}x{grid.width}); RainFusion needs the whole latent "
+                             "sequence on this device")
+        position = self.state.adapter.text_position
+        if text_len and position is None:
+            raise ValueError(f"{what} has {length} tokens, {text_len} more than the {family} latent grid "
+                             f"{grid.frames}x{grid.height}x{grid.width}; this model's self-attention has no text")
+        return VideoLayout(grid.frames, grid.height, grid.width, text_len=text_len, text_position=position or "head")
+
+
+class DispatchRoute:
+    """Stands in for ``dispatch_attention_fn`` (``[B, S, H, D]``) in a routed processor."""
+
+    def __init__(self, site: Site, after):
+        self.site, self.after = site, after
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        after = self.after
+
+        def dense(q, k, v, mask):
+            return after(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
+                         parallel_config=parallel_config)
+
+        if not self.site.active():
+            return dense(query, key, value, attn_mask)
+        call = dict(dropout_p=dropout_p, is_causal=is_causal, attention_kwargs=attention_kwargs,
+                    parallel_config=parallel_config)
+        return self.site.attend(query, key, value, attn_mask, scale, "BSND", dense, call)
+
+
+class FunctionalRoute:
+    """Stands in for ``torch.nn.functional`` (as ``F``) in a routed processor: routes its SDPA, ``[B, H, S, D]``."""
+
+    def __init__(self, site: Site, after):
+        self.site, self.after = site, after
+
+    def __getattr__(self, name):
+        return getattr(self.after, name)
+
+    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        after = self.after
+
+        def dense(q, k, v, mask):
+            return after.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+        if not self.site.active():
+            return dense(query, key, value, attn_mask)
+        call = dict(dropout_p=dropout_p, is_causal=is_causal, attention_kwargs=None, parallel_config=None)
+        return self.site.attend(query, key, value, attn_mask, scale, "BNSD", dense, call)
+
+
+class SparseSite(Site):
+    """RainFusion2.0 sparse attention, with the handle's settings."""
+
+    def __init__(self, state: CallState, *, sparsity, block_size, backend, first_frame_sink):
+        super().__init__(state)
+        self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
+                            first_frame_sink=first_frame_sink)
+
+    def active(self) -> bool:
+        return self.state.sparse
+
+    def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
+        _refuse_unsupported(call)
+        seq = 1 if tensor_layout == "BSND" else 2
+        length = q.shape[seq]
+        if k.shape[seq] != length:
+            raise ValueError(f"attention got {length} queries and {k.shape[seq]} keys: RainFusion replaces self- "
+                             "and joint attention only; is this a cross-attention module?")
+        layout = self.layout_of(length, "self-attention")
+        padding = self.state.text
+        if attn_mask is not None and self.state.adapter.text_valid is None:
+            raise ValueError(f"{self.state.adapter.family} self-attention got an attention mask; RainFusion "
+                             "applies only the text padding of the models that have one")
+        options = dict(self.options, tensor_layout=tensor_layout, scale=scale)
+        if padding is None:  # every text token real: the mask, if any, masks nothing
+            return sparse_attention(q, k, v, layout, **options)
+        if padding.text_len != layout.text_len:
+            raise ValueError(f"self-attention has {layout.text_len} text tokens but the transformer input has "
+                             f"{padding.text_len}")
+        if attn_mask is None:
+            raise ValueError("the transformer input has padded text but the layer got no attention mask")
+        return _attend_with_padding(q, k, v, attn_mask, layout, padding, seq, dense, options)
+
+
+def _refuse_unsupported(call: dict) -> None:
+    if call["dropout_p"]:
+        raise ValueError(f"RainFusion attention has no dropout: got dropout_p={call['dropout_p']}")
+    if call["is_causal"]:
+        raise ValueError("RainFusion attention is not causal: got is_causal=True")
+    if call["attention_kwargs"]:
+        raise ValueError(f"RainFusion attention takes no attention_kwargs: got {sorted(call['attention_kwargs'])}")
+    parallel = call["parallel_config"]
+    if parallel is not None and getattr(parallel, "context_parallel_config", None) is not None:
+        raise ValueError("RainFusion does not run under diffusers' context parallelism yet: it needs the whole "
+                         "latent sequence on this device")
+
+
+def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: int, dense, options):
+    """Sparse attention over video and real text per group of batch items; padded text rows run dense.
+
+    Padded text tokens are never keys of the sparse call and never counted in its mask;
+    their own rows attend exactly as in the model (``dense`` with the model's mask rows).
+    """
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    for group in padding.groups:
+        rows = group.rows
+        qb, kb, vb = (x if rows is None else x.index_select(0, rows) for x in (q, k, v))
+        mb = attn_mask if rows is None or attn_mask.shape[0] == 1 else attn_mask.index_select(0, rows)
+        part = q.new_empty(qb.shape[:-1] + v.shape[-1:])
+        real = VideoLayout(layout.frames, layout.height, layout.width, text_len=group.text_len,
+                           text_position=layout.text_position)
+        kept = sparse_attention(*(x.index_select(seq, group.keep) for x in (qb, kb, vb)), real, **options)
+        part.index_copy_(seq, group.keep, kept)
+        if group.pad.numel():
+            mask = mb if mb.shape[-2] == 1 else mb.index_select(-2, group.pad)
+            part.index_copy_(seq, group.pad, dense(qb.index_select(seq, group.pad), kb, vb, mask))
+        if rows is None:
+            return part
+        out.index_copy_(0, rows, part)
+    return out
+
+
+class CaptureSite(Site):
+    """Saves q, k, v (``[B, H, S, D]``, model order) of one layer at chosen steps, then runs the model's attention."""
+
+    def __init__(self, state: CallState, *, directory: Path, steps, layer: int):
+        super().__init__(state)
+        self.directory, self.steps, self.layer = directory, frozenset(steps), layer
+
+    def active(self) -> bool:
+        return self.state.step in self.steps
+
+    def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
+        seq = 1 if tensor_layout == "BSND" else 2
+        if k.shape[seq] == q.shape[seq]:  # self- or joint attention
+            layout = self.layout_of(q.shape[seq], "self-attention")
+            bnsd = [x.transpose(1, 2) if tensor_layout == "BSND" else x for x in (q, k, v)]
+            stem = f"qkv_layer{self.layer}_step{self.state.step}_call{self.state.calls}"
+            padding = self.state.text
+            if padding is None:
+                save_qkv(self.directory / f"{stem}.pt", *bnsd, layout, layer=self.layer, step=self.state.step)
+            else:  # the real tokens of each group of batch items, as the sparse path sees them
+                for index, group in enumerate(padding.groups):
+                    parts = [x if group.rows is None else x.index_select(0, group.rows) for x in bnsd]
+                    parts = [x.index_select(2, group.keep) for x in parts]
+                    real = VideoLayout(layout.frames, layout.height, layout.width, text_len=group.text_len,
+                                       text_position=layout.text_position)
+                    save_qkv(self.directory / f"{stem}_group{index}.pt", *parts, real, layer=self.layer,
+                             step=self.state.step)
+        return dense(q, k, v, attn_mask)

@@ -1,0 +1,162 @@
+"""What a transformer call tells the attention layers: the latent grid, the real text tokens, the step.
+
+A forward pre-hook on each patched transformer fills one :class:`CallState`
+per handle before the blocks run, so the attention layers read plain Python
+values (and, for padded text, index tensors made once per call) and never
+synchronise with the host themselves.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..._checks import check_int
+from ...layout import VideoLayout
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When attention stays dense.
+
+    Attributes:
+        dense_steps: the first denoising steps run dense. Steps are counted per
+            distinct timestep the transformer sees, so classifier-free guidance
+            (two calls, or one doubled batch, per step) counts once; a timestep
+            larger than the previous one starts a new generation at step 0.
+        dense_above_timestep: run dense while the timestep is above this value,
+            in the units the transformer receives (0-1000 for Wan, HunyuanVideo,
+            CogVideoX and LTX-Video; Flux and Qwen-Image pipelines pass 0-1).
+    Reading the timestep costs one host synchronisation per transformer call,
+    and only when one of these is set.
+    """
+
+    dense_steps: int = 0
+    dense_above_timestep: float | None = None
+
+    def __post_init__(self):
+        check_int("Schedule.dense_steps", self.dense_steps, minimum=0)
+        above = self.dense_above_timestep
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float))
+                                  or not math.isfinite(above)):
+            raise ValueError(f"Schedule.dense_above_timestep must be None or a finite number, got {above!r}")
+
+    @property
+    def reads_timestep(self) -> bool:
+        return self.dense_steps > 0 or self.dense_above_timestep is not None
+
+
+@dataclass(frozen=True)
+class TextGroup:
+    """Batch items whose text padding is the same.
+
+    ``rows``: their batch indices (``None``: the whole batch). ``keep``: positions of the
+    joint sequence that take part in sparse attention (all video tokens and the real
+    text tokens, in sequence order); ``pad``: the padded text positions, whose rows run
+    dense exactly as in the model and which are never keys. ``text_len``: real text tokens.
+    """
+
+    rows: torch.Tensor | None
+    keep: torch.Tensor
+    pad: torch.Tensor
+    text_len: int
+
+
+@dataclass(frozen=True)
+class TextPadding:
+    """The real text tokens of one transformer call, grouped by pattern; ``text_len`` is the padded length."""
+
+    text_len: int
+    groups: tuple[TextGroup, ...]
+
+    @classmethod
+    def from_valid(cls, valid: torch.Tensor | None, video_len: int, text_position: str) -> "TextPadding | None":
+        """From a ``[B, T]`` bool tensor of real text tokens; ``None`` when every token is real.
+
+        One host synchronisation (the pattern decides the shapes of what follows).
+        """
+        if valid is None:
+            return None
+        rows = valid.bool().cpu()
+        if bool(rows.all()):
+            return None
+        batch, text_len = rows.shape
+        patterns: dict[tuple[bool, ...], list[int]] = {}
+        for index, row in enumerate(rows.tolist()):
+            patterns.setdefault(tuple(row), []).append(index)
+        video = torch.arange(video_len)
+        head = text_position == "head"
+        groups = []
+        for pattern, members in patterns.items():
+            real = torch.tensor([i for i, ok in enumerate(pattern) if ok], dtype=torch.long)
+            padded = torch.tensor([i for i, ok in enumerate(pattern) if not ok], dtype=torch.long)
+            if head:
+                keep, pad = torch.cat([real, video + text_len]), padded
+            else:
+                keep, pad = torch.cat([video, real + video_len]), padded + video_len
+            device = valid.device
+            groups.append(TextGroup(
+                rows=None if len(members) == batch else torch.tensor(members, device=device),
+                keep=keep.to(device), pad=pad.to(device), text_len=int(real.numel())))
+        return cls(text_len, tuple(groups))
+
+
+@dataclass
+class CallState:
+    """What the pre-hook learns each transformer call; shared by the layers of one handle.
+
+    ``layout`` is the latent grid (``text_len`` 0: each layer adds the text it sees),
+    ``text`` the padding of the text tokens (``None``: all real), ``sparse`` whether the
+    schedule lets this call run sparse.
+    """
+
+    schedule: Schedule
+    adapter: object  # the ModelAdapter of the patched transformers
+    layout: VideoLayout | None = None
+    text: TextPadding | None = None
+    step: int = -1
+    last_timestep: float | None = None
+    sparse: bool = True
+    calls: int = 0
+    angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call (Wan's fused prologue)
+
+    @property
+    def reads_host(self) -> bool:
+        """Whether :meth:`update` reads tensor values (the timestep, a text mask, Flux's image ids)."""
+        return self.schedule.reads_timestep or self.adapter.text_valid is not None or self.adapter.grid_reads_host
+
+    def hook(self):
+        """The forward pre-hook to register: :meth:`update`, kept out of ``torch.compile``'s graphs when it
+        reads tensor values (one graph break at the transformer's entry, none in its blocks)."""
+        return torch.compiler.disable(self.update) if self.reads_host else self.update
+
+    def update(self, module, args, kwargs) -> None:
+        bound = _bind(module, args, kwargs)
+        frames, height, width = self.adapter.grid(module, bound)
+        self.layout = VideoLayout(frames, height, width)
+        valid = self.adapter.text_valid(module, bound) if self.adapter.text_valid else None
+        self.text = TextPadding.from_valid(valid, self.layout.video_len, self.adapter.text_position)
+        self.calls += 1
+        self.sparse = True
+        self.angle_tables.clear()
+        if not self.schedule.reads_timestep:
+            return
+        t = float(bound[self.adapter.timestep].flatten()[0])  # one host sync per transformer call
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t != self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+        if self.step < self.schedule.dense_steps:
+            self.sparse = False
+        if self.schedule.dense_above_timestep is not None and t > self.schedule.dense_above_timestep:
+            self.sparse = False
+
+
+def _bind(module, args, kwargs) -> dict:
+    """The transformer's forward arguments by name (defaults filled in)."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
