@@ -1,0 +1,209 @@
+"""apply_rainfusion on every supported diffusers transformer family (tiny random-weight models, CPU)."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
+
+import torch._dynamo.testing  # noqa: E402
+
+from rainfusion_core.integrations.diffusers import (  # noqa: E402
+    RainFusionAttnProcessor, Schedule, apply_rainfusion, attention_layers, supported_models,
+)
+from tiny_models import MODELS, TEXT, forward  # noqa: E402
+
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32: sparsity 0 is the dense attention, summed in another order
+
+
+def grids(model):
+    """An unaligned grid (width 10: remainder columns) and an aligned one, as the model takes them."""
+    frames = (1, 1) if model.frames_must_be_one else (3, 2)
+    return [(frames[0], 8, 10), (frames[1], 8, 8)]
+
+
+def every_processor(model):
+    return {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+
+
+@pytest.fixture(params=MODELS, ids=str)
+def tiny(request):
+    return request.param
+
+
+def test_every_family_is_tested():
+    tested = {type(m.build(0)).__name__ for m in MODELS}
+    assert tested == {name for classes in supported_models().values() for name in classes}
+
+
+@pytest.mark.parametrize("grid_index", [0, 1], ids=["unaligned", "aligned"])
+def test_sparsity_zero_is_dense_and_remove_restores_bit_identical_output(tiny, grid_index):
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[grid_index], 2, tiny.text_mask, 500)
+    dense = forward(model, kwargs)
+    handle = apply_rainfusion(model, sparsity=0.0, block_size=16, backend="torch")
+    torch.testing.assert_close(forward(model, kwargs), dense, **TOLERANCE)
+    assert (handle.layout.frames, handle.layout.height, handle.layout.width) == grids(tiny)[grid_index]
+    assert (handle.state.text is not None) == tiny.text_mask  # padded text took the padding path
+    handle.remove()
+    assert torch.equal(forward(model, kwargs), dense)
+
+
+def test_sparse_output_changes_and_only_self_or_joint_attention_is_replaced(tiny):
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
+    dense = forward(model, kwargs)
+    before = every_processor(model)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    replaced = set(attention_layers(model))
+    after = every_processor(model)
+    for name, processor in after.items():
+        if name in replaced:
+            assert isinstance(processor, RainFusionAttnProcessor) and processor.original is before[name]
+        else:
+            assert processor is before[name], f"{name} should stay as it was"
+    assert replaced and replaced <= set(after)
+    sparse = forward(model, kwargs)
+    assert torch.isfinite(sparse).all() and (sparse - dense).abs().max() > 1e-3
+    handle.remove()
+    assert every_processor(model) == before
+
+
+def test_each_batch_item_gets_its_own_mask(tiny):
+    """A guidance batch equals its items run alone: the mask (and the text padding) is per item."""
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    batch = forward(model, kwargs)
+    for item in range(2):
+        alone = {k: _item(v, item) for k, v in kwargs.items()}
+        torch.testing.assert_close(forward(model, alone), batch[item:item + 1], **TOLERANCE)
+    handle.remove()
+
+
+def _item(value, index):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2:
+        return value[index:index + 1]
+    if isinstance(value, list) and len(value) == 2:  # Qwen-Image's img_shapes
+        return value[index:index + 1]
+    return value
+
+
+@pytest.mark.parametrize("family", [m.family for m in MODELS if m.text_mask])
+def test_padded_text_tokens_get_no_weight(family):
+    """Whatever the padded text tokens hold, the output is the same, dense or sparse."""
+    tiny = next(m for m in MODELS if m.family == family)
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, True, 500)
+    other = dict(kwargs, encoder_hidden_states=kwargs["encoder_hidden_states"].clone())
+    mask = kwargs["encoder_hidden_states_mask" if "encoder_hidden_states_mask" in kwargs else "encoder_attention_mask"]
+    padded = ~mask.bool()
+    assert padded.any()
+    other["encoder_hidden_states"][padded] = torch.randn(int(padded.sum()), other["encoder_hidden_states"].shape[-1]) * 5
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    torch.testing.assert_close(forward(model, other), forward(model, kwargs), **TOLERANCE)
+    assert handle.state.text is not None and handle.state.text.text_len >= TEXT
+    handle.remove()
+
+
+def test_schedule_counts_steps_per_timestep(tiny):
+    model, reference = tiny.build(0), tiny.build(0)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch", schedule=Schedule(dense_steps=1))
+    torch.manual_seed(0)
+    seen = []
+    for t in (900, 800):
+        kwargs = tiny.inputs(grids(tiny)[0], 1, tiny.text_mask, t)
+        outs = [forward(model, kwargs), forward(model, kwargs)]  # guidance as two calls: one step
+        dense = forward(reference, kwargs)
+        seen.append((handle.step, [torch.allclose(o, dense, atol=1e-6) for o in outs]))
+    assert seen == [(0, [True, True]), (1, [False, False])]
+    handle.remove()
+
+
+def test_compiles_without_graph_breaks(tiny):
+    """compile_repeated_blocks(fullgraph=True) (torch.compile(fullgraph=True) where the model has no repeated
+    blocks): one graph per block class, no break, the eager result."""
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    eager = forward(model, kwargs)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    if model._repeated_blocks:
+        model.compile_repeated_blocks(fullgraph=True, backend=counter)
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+    first, again = forward(compiled, kwargs), forward(compiled, kwargs)
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    assert 1 <= counter.frame_count <= 4  # block classes x (the batch's text groups), never one per layer
+    handle.remove()
+    torch._dynamo.reset()
+
+
+def test_whole_model_compile_breaks_nowhere_in_rainfusion(tiny):
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch",
+                              schedule=Schedule(dense_above_timestep=950))  # the hook reads the timestep
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**kwargs, return_dict=False)
+    for reason in explained.break_reasons:
+        files = [frame.filename for frame in reason.user_stack]
+        assert not any("rainfusion_core" in f for f in files), (reason.reason, files)
+    handle.remove()
+    torch._dynamo.reset()
+
+
+def test_unsupported_models_and_processors_are_named():
+    with pytest.raises(TypeError, match="supported: WanTransformer3DModel, .*FluxTransformer2DModel"):
+        apply_rainfusion(torch.nn.Linear(2, 2))
+    tiny = next(m for m in MODELS if m.family == "Flux")
+    model = tiny.build(0)
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    model.transformer_blocks[0].attn.processor = FluxIPAdapterAttnProcessor(32, 32)
+    before = every_processor(model)
+    with pytest.raises(TypeError, match="transformer_blocks.0.attn runs FluxIPAdapterAttnProcessor"):
+        apply_rainfusion(model)
+    assert every_processor(model) == before  # nothing installed
+    with pytest.raises(ValueError, match="only Wan's self-attention has a fused prologue, not Flux"):
+        apply_rainfusion(tiny.build(0), fuse_prologue=True)
+
+
+def test_a_mask_the_model_does_not_document_is_refused():
+    """Wan's self-attention never gets a mask; one passed anyway is an error, not ignored."""
+    tiny = MODELS[0]
+    model = tiny.build(0)
+    apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    attn = model.blocks[0].attn1
+    hidden = torch.randn(1, 240, 64)
+    from rainfusion_core.layout import VideoLayout
+
+    attn.processor.site.state.layout = VideoLayout(3, 8, 10)
+    with pytest.raises(ValueError, match="Wan self-attention got an attention mask"):
+        attn.processor(attn, hidden, None, torch.ones(1, 1, 240, 240, dtype=torch.bool), None)
+
+
+def test_attention_layers_name_what_layers_indexes():
+    tiny = next(m for m in MODELS if m.family == "HunyuanVideo")
+    model = tiny.build(0)
+    assert attention_layers(model) == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    handle = apply_rainfusion(model, layers=[1], block_size=16, backend="torch")
+    assert not isinstance(model.transformer_blocks[0].attn.processor, RainFusionAttnProcessor)
+    assert isinstance(model.single_transformer_blocks[0].attn.processor, RainFusionAttnProcessor)
+    handle.remove()
+
+
+def test_inductor_compiles_the_sparse_blocks():
+    """The real compiler (Inductor, CPU) on Wan's repeated blocks: same output as eager within rounding."""
+    tiny = MODELS[0]
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, False, 500)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    eager = forward(model, kwargs)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True)
+    torch.testing.assert_close(forward(model, kwargs), eager, **TOLERANCE)
+    handle.remove()
+    torch._dynamo.reset()
