@@ -32,10 +32,16 @@ def timed(fn, repeats: int) -> float:
     return event_median_ms(fn, repeats=repeats)
 
 
+def _rotate_pairs(x, cos, sin):
+    """Wan's rotary embedding as diffusers computes it: rotate (even, odd) channel pairs."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+
+
 def prologue_times(model, layout, repeats: int) -> tuple[float, float]:
     """One tensor's q/k prologue (RMS norm across heads, then rotary) of block 0: eager and fused, ms."""
     from rainfusion_core.integrations.wan_prologue import rms_norm_rope
-    from rainfusion_core.integrations.diffusers import _rotate_pairs
 
     attn = model.blocks[0].attn1
     frames, height, width = layout.frames, layout.height, layout.width

@@ -129,6 +129,23 @@ def _ltx_inputs(grid, batch, padded, t):
                 encoder_attention_mask=_text_mask(batch, False), num_frames=frames, height=height, width=width)
 
 
+def _ltx2(seed):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=16,
+        audio_cross_attention_dim=32, num_layers=2, caption_channels=16).eval()
+
+
+def _ltx2_inputs(grid, batch, padded, t):
+    frames, height, width = grid
+    return dict(hidden_states=torch.randn(batch, frames * height * width, 4), audio_hidden_states=torch.randn(batch, 5, 4),
+                encoder_hidden_states=torch.randn(batch, TEXT, 16), audio_encoder_hidden_states=torch.randn(batch, TEXT, 16),
+                timestep=_timestep(batch, t), num_frames=frames, height=height, width=width, audio_num_frames=5)
+
+
 def _flux(seed):
     from diffusers import FluxTransformer2DModel
 
@@ -173,6 +190,7 @@ MODELS = [
     TinyModel("HunyuanVideo-1.5", _hunyuan15, _hunyuan15_inputs, text_mask=True),
     TinyModel("CogVideoX", _cogvideox, _cogvideox_inputs),
     TinyModel("LTX-Video", _ltx, _ltx_inputs),
+    TinyModel("LTX-2", _ltx2, _ltx2_inputs),
     TinyModel("Flux", _flux, _flux_inputs, frames_must_be_one=True),
     TinyModel("Qwen-Image", _qwen, _qwen_inputs, text_mask=True, frames_must_be_one=True),
 ]

@@ -87,13 +87,13 @@ def _grid_bcfhw(transformer, arguments, frames_first: bool = False):
 
 
 def _grid_ltx(transformer, arguments):
-    """LTX-Video takes patched tokens and the latent size as arguments."""
+    """LTX-Video and LTX-2 take patched tokens and the latent size as arguments."""
     frames, height, width = (arguments[name] for name in ("num_frames", "height", "width"))
     if None in (frames, height, width):
-        raise ValueError("RainFusion needs num_frames, height and width in the LTX-Video transformer call")
+        raise ValueError("RainFusion needs num_frames, height and width in the LTX transformer call")
     tokens = arguments["hidden_states"].shape[1]
     if frames * height * width != tokens:
-        raise ValueError(f"the LTX-Video call has {tokens} tokens but num_frames x height x width = "
+        raise ValueError(f"the LTX call has {tokens} video tokens but num_frames x height x width = "
                          f"{frames}x{height}x{width}")
     return frames, height, width
 
@@ -209,6 +209,13 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         classes=("LTXVideoTransformer3DModel",),
         attention_modules=_modules(("transformer_blocks", "attn1")),
         processors={"LTXVideoAttnProcessor": DISPATCH},
+        grid=_grid_ltx,
+    ),
+    ModelAdapter(
+        family="LTX-2",
+        classes=("LTX2VideoTransformer3DModel",),
+        attention_modules=_modules(("transformer_blocks", "attn1")),  # video self-attention; audio stays dense
+        processors={"LTX2AudioVideoAttnProcessor": DISPATCH},
         grid=_grid_ltx,
     ),
     ModelAdapter(
