@@ -59,6 +59,24 @@ def _wan_inputs(grid, batch, padded, t, control=False):
     return kwargs
 
 
+def _wan_i2v_inputs(grid, batch, padded, t):
+    """Wan I2V: 257 image-encoder tokens joined before 512 text tokens (the processor splits at 512)."""
+    kwargs = _wan_inputs(grid, batch, padded, t)
+    kwargs["encoder_hidden_states"] = torch.randn(batch, 512, 16)
+    kwargs["encoder_hidden_states_image"] = torch.randn(batch, 257, 16)
+    return kwargs
+
+
+def _wan_ti2v_inputs(grid, batch, padded, t):
+    """Wan2.2 TI2V: one timestep per token, 0 on the conditioning first frame."""
+    kwargs = _wan_inputs(grid, batch, padded, t)
+    frames, height, width = grid
+    per_token = torch.full((batch, frames, height * width), float(t))
+    per_token[:, 0] = 0
+    kwargs["timestep"] = per_token.flatten(1)
+    return kwargs
+
+
 def _hunyuan(seed):
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -183,6 +201,8 @@ def _qwen_inputs(grid, batch, padded, t):
 
 MODELS = [
     TinyModel("Wan", _wan("WanTransformer3DModel"), _wan_inputs),
+    TinyModel("Wan-I2V", _wan("WanTransformer3DModel", image_dim=16, added_kv_proj_dim=64), _wan_i2v_inputs),
+    TinyModel("Wan2.2-TI2V", _wan("WanTransformer3DModel"), _wan_ti2v_inputs),
     TinyModel("Wan-VACE", _wan("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=4),
               lambda grid, batch, padded, t: _wan_inputs(grid, batch, padded, t, control=True)),
     TinyModel("SkyReels-V2", _wan("SkyReelsV2Transformer3DModel"), _wan_inputs),
