@@ -1,0 +1,76 @@
+"""Where a sparse call's time goes at the model shapes: GPU time, host time per call, and the GPU-only time.
+
+    python benchmarks/call_overhead_bench.py        # needs a CUDA GPU
+
+For each shape (Flux 1024², LTX-Video, CogVideoX-5B, Wan2.1-1.3B 480p; batch 1, bf16,
+random q/k/v, sparsity 0.8, Triton backend): dense cuDNN SDPA, the whole
+``rf.sparse_attention`` call, the host time per call when calls are issued back to back,
+and the same call replayed in a CUDA graph (no host work: what the GPU alone needs).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import rainfusion_core as rf
+from rainfusion_core.benchmarking import event_median_ms
+
+SHAPES = {
+    "Flux 1024²": (rf.VideoLayout(1, 64, 64, text_len=512), 24, 128),
+    "LTX-Video 768×512×121": (rf.VideoLayout(16, 16, 24), 32, 64),
+    "CogVideoX-5B": (rf.VideoLayout(13, 30, 45, text_len=226), 48, 64),
+    "Wan2.1-1.3B 480p": (rf.VideoLayout(21, 30, 52), 12, 128),
+}
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host time per call, issued back to back (equals the GPU time once the launch queue is full)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def graphed_ms(fn) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return event_median_ms(graph.replay, repeats=20)
+
+
+def main() -> None:
+    rows = []
+    for name, (layout, heads, dim) in SHAPES.items():
+        q, k, v = (torch.randn(1, layout.seq_len, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+        def dense():
+            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                    v.transpose(1, 2))
+
+        def sparse():
+            return rf.sparse_attention(q, k, v, layout, tensor_layout="BSND", backend="triton")
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense_ms = event_median_ms(dense, repeats=20)
+        rows.append(f"| {name} (S={layout.seq_len}, {heads}×{dim}) | {dense_ms:.2f} ms | "
+                    f"{event_median_ms(sparse, repeats=20):.2f} ms | {host_us(sparse):.0f} µs | "
+                    f"{graphed_ms(sparse):.2f} ms |")
+        print(rows[-1], flush=True)
+    print("\n| shape | dense cuDNN | whole sparse call | host time per sparse call | in a CUDA graph |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
