@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-TEXT = 7  # text tokens per item (padded to this length)
+TEXT = 8  # text tokens per item (padded to this length; even, so context parallelism can split it)
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,16 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> Rai
             if call_site is None:
                 raise TypeError(f"{name} runs {type(base).__name__}; RainFusion routes the attention of "
                                 f"{', '.join(adapter.processors)} in {adapter.family} models")
-            plan.append((index, attn, call_site, type(base)))
+            plan.append((index, attn, call_site, base))
     state = CallState(schedule, adapter)
     handle = RainFusionHandle(state)
     sites = {}
-    for index, attn, call_site, base_type in plan:
+    for index, attn, call_site, base in plan:
         site = make_site(state, index, sites)
-        attn.processor = processor_type(base_type)(attn.processor, site, call_site, index, shortcut)
+        site.check_parallel(getattr(base, "_parallel_config", None), attn.heads)  # enable_parallelism came first
+    for index, attn, call_site, base in plan:
+        site = make_site(state, index, sites)
+        attn.processor = processor_type(type(base))(attn.processor, site, call_site, index, attn.heads, shortcut)
         handle._installed.append((attn, attn.processor))
     handle._sites.extend({id(s): s for s in sites.values()}.values())
     for transformer in transformers:

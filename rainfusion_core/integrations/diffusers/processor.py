@@ -20,8 +20,9 @@ class RainFusionAttnProcessor:
     ``set_attention_backend`` and ``enable_parallelism`` keep working.
     """
 
-    def __init__(self, original, site: Site, call_site: CallSite, layer: int, shortcut=None):
+    def __init__(self, original, site: Site, call_site: CallSite, layer: int, heads: int, shortcut=None):
         self.original, self.site, self.call_site, self.layer, self.shortcut = original, site, call_site, layer, shortcut
+        self.heads = heads
         self.link()
 
     def link(self) -> None:
@@ -47,6 +48,7 @@ class RainFusionAttnProcessor:
 
     @_parallel_config.setter
     def _parallel_config(self, value):
+        self.site.check_parallel(value, self.heads)  # enable_parallelism with a config RainFusion cannot run
         self.base._parallel_config = value
 
     def __call__(self, attn, *args, **kwargs):

@@ -19,6 +19,7 @@ from ...layout import VideoLayout
 from ...quality import save_qkv
 from . import routing
 from .adapters import DISPATCH, CallSite
+from .parallel import check_parallel_config, context_parallel, exchange, gathered_order
 from .state import CallState
 
 
@@ -34,7 +35,12 @@ class Site:
         raise NotImplementedError
 
     def attend(self, q, k, v, attn_mask, scale, tensor_layout: str, dense, call: dict):
-        """The attention of one layer; ``dense(q, k, v, mask)`` is what the processor would have run."""
+        """The attention of one layer; ``dense(q, k, v, mask)`` is what the processor would have run
+        (``dense(..., local=True)``: the same on this device only, without context parallelism)."""
+        raise NotImplementedError
+
+    def check_parallel(self, parallel_config, heads: int) -> None:
+        """Refuse a parallel config this site cannot run under (called when one is set)."""
         raise NotImplementedError
 
     def route(self, function, call_site: CallSite):
@@ -79,10 +85,10 @@ class DispatchRoute:
                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         after = self.after
 
-        def dense(q, k, v, mask):
+        def dense(q, k, v, mask, local=False):
             return after(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
-                         parallel_config=parallel_config)
+                         parallel_config=None if local else parallel_config)
 
         if not self.site.active():
             return dense(query, key, value, attn_mask)
@@ -104,7 +110,7 @@ class FunctionalRoute:
                                      scale=None, enable_gqa=False):
         after = self.after
 
-        def dense(q, k, v, mask):
+        def dense(q, k, v, mask, local=False):
             return after.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
@@ -121,12 +127,22 @@ class SparseSite(Site):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
                             first_frame_sink=first_frame_sink)
+        self._orders: dict = {}  # (length, degree, device) -> gathered_order
 
     def active(self) -> bool:
         return self.state.sparse
 
+    def check_parallel(self, parallel_config, heads):
+        check_parallel_config(parallel_config, heads)
+
     def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
         _refuse_unsupported(call)
+        cp = context_parallel(call["parallel_config"])
+        if cp is None:
+            return self._attend(q, k, v, attn_mask, scale, tensor_layout, dense)
+        return self._attend_ulysses(q, k, v, attn_mask, scale, tensor_layout, dense, call, cp)
+
+    def _attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, *, exchanged=False):
         seq = 1 if tensor_layout == "BSND" else 2
         length = q.shape[seq]
         if k.shape[seq] != length:
@@ -143,9 +159,35 @@ class SparseSite(Site):
         if padding.text_len != layout.text_len:
             raise ValueError(f"self-attention has {layout.text_len} text tokens but the transformer input has "
                              f"{padding.text_len}")
-        if attn_mask is None:
+        if attn_mask is None and not exchanged:
             raise ValueError("the transformer input has padded text but the layer got no attention mask")
         return _attend_with_padding(q, k, v, attn_mask, layout, padding, seq, dense, options)
+
+    def _attend_ulysses(self, q, k, v, attn_mask, scale, tensor_layout, dense, call, cp):
+        """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out."""
+        check_parallel_config(call["parallel_config"], q.shape[2])
+        if tensor_layout != "BSND":
+            raise ValueError("RainFusion under context parallelism needs diffusers' attention dispatch")
+        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] != 1:
+            raise ValueError("RainFusion under context parallelism applies key-padding masks only")
+        q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
+        key = (q.shape[1], cp.ulysses_degree, q.device)
+        if key not in self._orders:
+            grid = self.state.layout
+            self._orders[key] = gathered_order(q.shape[1], cp.ulysses_degree, grid.video_len if grid else q.shape[1],
+                                               self.state.adapter.text_position, q.device)
+        order = self._orders[key]
+        if order is not None:
+            q, k, v = (x.index_select(1, order[0]) for x in (q, k, v))
+
+        def local(q, k, v, mask):
+            return dense(q, k, v, mask, local=True)
+
+        # The layer's mask is sharded like the sequence; padded rows attend over the kept keys instead.
+        out = self._attend(q, k, v, None, scale, "BSND", local, exchanged=True)
+        if order is not None:
+            out = out.index_select(1, order[1])
+        return exchange(out, cp, to_heads=False)
 
 
 def _refuse_unsupported(call: dict) -> None:
@@ -155,10 +197,6 @@ def _refuse_unsupported(call: dict) -> None:
         raise ValueError("RainFusion attention is not causal: got is_causal=True")
     if call["attention_kwargs"]:
         raise ValueError(f"RainFusion attention takes no attention_kwargs: got {sorted(call['attention_kwargs'])}")
-    parallel = call["parallel_config"]
-    if parallel is not None and getattr(parallel, "context_parallel_config", None) is not None:
-        raise ValueError("RainFusion does not run under diffusers' context parallelism yet: it needs the whole "
-                         "latent sequence on this device")
 
 
 def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: int, dense, options):
@@ -171,15 +209,20 @@ def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: 
     for group in padding.groups:
         rows = group.rows
         qb, kb, vb = (x if rows is None else x.index_select(0, rows) for x in (q, k, v))
-        mb = attn_mask if rows is None or attn_mask.shape[0] == 1 else attn_mask.index_select(0, rows)
+        mb = attn_mask if attn_mask is None or rows is None or attn_mask.shape[0] == 1 else \
+            attn_mask.index_select(0, rows)
         part = q.new_empty(qb.shape[:-1] + v.shape[-1:])
         real = VideoLayout(layout.frames, layout.height, layout.width, text_len=group.text_len,
                            text_position=layout.text_position)
         kept = sparse_attention(*(x.index_select(seq, group.keep) for x in (qb, kb, vb)), real, **options)
         part.index_copy_(seq, group.keep, kept)
         if group.pad.numel():
-            mask = mb if mb.shape[-2] == 1 else mb.index_select(-2, group.pad)
-            part.index_copy_(seq, group.pad, dense(qb.index_select(seq, group.pad), kb, vb, mask))
+            padded_q = qb.index_select(seq, group.pad)
+            if mb is None or mb.shape[-2] == 1:  # a key-padding mask: the padded rows attend to the kept keys
+                padded = dense(padded_q, *(x.index_select(seq, group.keep) for x in (kb, vb)), None)
+            else:  # a mask per query row (HunyuanVideo-1.5): the model's own rows
+                padded = dense(padded_q, kb, vb, mb.index_select(-2, group.pad))
+            part.index_copy_(seq, group.pad, padded)
         if rows is None:
             return part
         out.index_copy_(0, rows, part)
@@ -196,7 +239,12 @@ class CaptureSite(Site):
     def active(self) -> bool:
         return self.state.step in self.steps
 
+    def check_parallel(self, parallel_config, heads):
+        if context_parallel(parallel_config) is not None:
+            raise ValueError("capture_qkv does not run under context parallelism: capture on one device")
+
     def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
+        self.check_parallel(call["parallel_config"], q.shape[2])
         seq = 1 if tensor_layout == "BSND" else 2
         if k.shape[seq] == q.shape[seq]:  # self- or joint attention
             layout = self.layout_of(q.shape[seq], "self-attention")
