@@ -103,7 +103,9 @@ class FunctionalRoute:
     def __init__(self, site: Site, after):
         self.site, self.after = site, after
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # everything else of torch.nn.functional
+        if name in ("site", "after"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.after, name)
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -127,7 +129,7 @@ class SparseSite(Site):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
                             first_frame_sink=first_frame_sink)
-        self._orders: dict = {}  # (length, degree, device) -> gathered_order
+        self._orders: dict = {}  # (length, degree, video length, device) -> gathered_order
 
     def active(self) -> bool:
         return self.state.sparse
@@ -171,10 +173,11 @@ class SparseSite(Site):
         if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] != 1:
             raise ValueError("RainFusion under context parallelism applies key-padding masks only")
         q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
-        key = (q.shape[1], cp.ulysses_degree, q.device)
+        grid = self.state.layout
+        video_len = grid.video_len if grid is not None else q.shape[1]
+        key = (q.shape[1], cp.ulysses_degree, video_len, q.device)
         if key not in self._orders:
-            grid = self.state.layout
-            self._orders[key] = gathered_order(q.shape[1], cp.ulysses_degree, grid.video_len if grid else q.shape[1],
+            self._orders[key] = gathered_order(q.shape[1], cp.ulysses_degree, video_len,
                                                self.state.adapter.text_position, q.device)
         order = self._orders[key]
         if order is not None:
