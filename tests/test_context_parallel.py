@@ -42,11 +42,13 @@ def _free_port() -> int:
 
 
 def _setup_cpu_parallelism():
-    """Two things diffusers 0.42 needs for context parallelism on CPU: it places each rank on
-    ``rank % torch.accelerator.device_count()`` (0 on a CPU), and its context-parallel hook logs
-    with ``logger.warning_once``, which only exists once ``transformers`` is imported."""
+    """What diffusers 0.42 needs for context parallelism on CPU tensors: it builds its device mesh
+    for the current accelerator (CPU here, also on a machine with a GPU) and places each rank on
+    ``rank % torch.accelerator.device_count()`` (0 on a CPU); its context-parallel hook logs with
+    ``logger.warning_once``, which only exists once ``transformers`` is imported."""
     import diffusers.hooks.context_parallel as hooks
 
+    torch._C._get_accelerator = lambda: torch.device("cpu")
     torch.accelerator.device_count = lambda: 1
     if not hasattr(hooks.logger, "warning_once"):
         hooks.logger.warning_once = hooks.logger.warning
