@@ -1,7 +1,9 @@
 """The ``cpu`` backend: the C++17 block-sparse flash-attention kernel in ``csrc/``.
 
-float32 and float64 run natively; float16 and bfloat16 are computed in float32
-and returned in the input dtype. Inputs may be strided views (BSND): the
+float32 and float64 run natively; float16 and bfloat16 are read as they are and
+computed in float32: the kernel converts K and V as it packs them into tiles, q as
+it loads a block of rows and the output as it stores it, so no float32 copy of a
+whole tensor is made. Inputs may be strided views (BSND): the
 kernel reads them through their strides, without copies. One build serves every
 CPU: the kernel's instruction set (AVX-512, AVX2, generic) is chosen at run time,
 or forced with ``RAINFUSION_CPU_ISA``.
@@ -16,7 +18,7 @@ import torch
 from rainfusion_core.backend import Backend
 
 _NATIVE = (torch.float32, torch.float64)
-_UPCAST = (torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _load_kernel():
@@ -62,7 +64,7 @@ class CpuBackend(Backend):
         return _load_kernel()[1]
 
     def unsupported_reasons(self, q, k, v, block_mask):
-        if q.dtype not in _NATIVE + _UPCAST:
+        if q.dtype not in _NATIVE + _HALF:
             return [f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"]
         return []
 
@@ -70,12 +72,12 @@ class CpuBackend(Backend):
         kernel, reason = _load_kernel()
         if kernel is None:
             raise RuntimeError(reason)
-        compute = q.dtype if q.dtype in _NATIVE else torch.float32
-        q_c, k_c, v_c = (x if x.dtype == compute else x.to(compute) for x in (q, k, v))
-        out = torch.empty(q.shape, dtype=compute)
-        kernel.forward(
-            q_c.numpy(), k_c.numpy(), v_c.numpy(), out.numpy(),
-            block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
-            block_mask.block_size, float(scale), torch.get_num_threads(), requested_isa(),
-        )
-        return out if compute == q.dtype else out.to(q.dtype)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        mask = (block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
+                block_mask.block_size, float(scale), torch.get_num_threads(), requested_isa())
+        if q.dtype in _NATIVE:
+            kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *mask)
+        else:  # float16 / bfloat16 bits, converted by the kernel as it packs tiles: no float32 copies
+            bits = [x.view(torch.int16).numpy() for x in (q, k, v, out)]
+            kernel.forward_16bit(*bits, *mask, str(q.dtype).removeprefix("torch."))
+        return out

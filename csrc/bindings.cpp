@@ -48,13 +48,15 @@ void check_mask(const int32_t* counts, const int32_t* indices, int64_t batch, in
   }
 }
 
-template <typename T>
+// T: the array's element type; S: the storage type the kernel reads (T, or Half / BFloat16 for int16 bits).
+template <typename T, typename S = T>
 void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::array_t<T, 0> out,
              py::array_t<int32_t, py::array::c_style> kv_counts,
              py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
              int num_threads, const std::string& isa) {
+  static_assert(sizeof(T) == sizeof(S), "the storage type reinterprets the array's elements");
   const rainfusion::Isa path = rainfusion::parse_isa(isa.c_str());  // throws for an unknown or unavailable one
-  AttentionArgs<T> a{};
+  AttentionArgs<S> a{};
   a.q_strides = element_strides(q, "q");
   a.k_strides = element_strides(k, "k");
   a.v_strides = element_strides(v, "v");
@@ -72,9 +74,10 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
     throw std::invalid_argument("kv_counts/kv_indices do not match [B, Hq, NQ(, NK)] for this block_size");
   if (!out.writeable()) throw std::invalid_argument("out must be writeable");
   check_mask(kv_counts.data(), kv_indices.data(), a.batch, a.q_heads, nq, nk);
-  a.q = q.data(), a.k = k.data(), a.v = v.data(), a.out = out.mutable_data();
+  a.q = reinterpret_cast<const S*>(q.data()), a.k = reinterpret_cast<const S*>(k.data());
+  a.v = reinterpret_cast<const S*>(v.data()), a.out = reinterpret_cast<S*>(out.mutable_data());
   a.kv_counts = kv_counts.data(), a.kv_indices = kv_indices.data();
-  a.block_size = block_size, a.scale = static_cast<T>(scale), a.num_threads = num_threads;
+  a.block_size = block_size, a.scale = scale, a.num_threads = num_threads;
   py::gil_scoped_release release;
   rainfusion::block_sparse_attention_forward(a, path);
 }
@@ -92,6 +95,22 @@ PYBIND11_MODULE(_cpu_kernel, m) {
   m.def("forward", &forward<double>, doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("kv_counts"), py::arg("kv_indices"), py::arg("block_size"), py::arg("scale"), py::arg("num_threads"),
         py::arg("isa") = "");
+  const char* doc16 =
+      "forward_16bit(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa, dtype)\n"
+      "q, k, v, out: int16 arrays holding float16 or bfloat16 bits (dtype 'float16' or 'bfloat16'); computed in "
+      "float, converted tile by tile";
+  m.def("forward_16bit", [](py::array_t<int16_t, 0> q, py::array_t<int16_t, 0> k, py::array_t<int16_t, 0> v,
+                            py::array_t<int16_t, 0> out, py::array_t<int32_t, py::array::c_style> kv_counts,
+                            py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
+                            int num_threads, const std::string& isa, const std::string& dtype) {
+    if (dtype == "float16")
+      return forward<int16_t, rainfusion::Half>(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa);
+    if (dtype == "bfloat16")
+      return forward<int16_t, rainfusion::BFloat16>(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads,
+                                                    isa);
+    throw std::invalid_argument("dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  }, doc16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("kv_counts"), py::arg("kv_indices"),
+        py::arg("block_size"), py::arg("scale"), py::arg("num_threads"), py::arg("isa"), py::arg("dtype"));
   m.def("has_openmp", &rainfusion::has_openmp);
   m.def("isa", [](const std::string& name) { return std::string(rainfusion::isa_key(rainfusion::parse_isa(name.c_str()))); },
         "the path that runs for a request ('' = the fastest); raises ValueError when unavailable", py::arg("name") = "");

@@ -116,5 +116,7 @@ bool has_openmp() {
 
 template void block_sparse_attention_forward<float>(const AttentionArgs<float>&, Isa);
 template void block_sparse_attention_forward<double>(const AttentionArgs<double>&, Isa);
+template void block_sparse_attention_forward<Half>(const AttentionArgs<Half>&, Isa);
+template void block_sparse_attention_forward<BFloat16>(const AttentionArgs<BFloat16>&, Isa);
 
 }  // namespace rainfusion

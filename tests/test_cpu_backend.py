@@ -87,3 +87,20 @@ def test_the_portable_path_always_exists_and_an_unknown_path_is_refused(monkeypa
     with pytest.raises(ValueError, match="unknown instruction set 'neon512'; expected one of: .*generic"):
         rf.block_sparse_attention(q, q, q, mask, backend=rf.get_backend(name="cpu"))
     assert "RAINFUSION_CPU_ISA" in cpu_module.kernel_description()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1.0, 1e-3, 2e-6], ids=["normal", "small", "subnormal-in-fp16"])
+def test_16bit_inputs_are_converted_exactly_and_the_output_rounded_to_nearest(dtype, magnitude):
+    """The kernel reads float16 / bfloat16 bits and converts tile by tile: the result must be the float32
+    computation on the same values, rounded once to the input dtype (as torch rounds, to nearest even),
+    bit for bit, also where the values are subnormal in float16. Strided (BSND) views too."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 300, 3, 64).to(dtype).transpose(1, 2) for _ in range(2))
+    v = (torch.randn(1, 300, 3, 64) * magnitude).to(dtype).transpose(1, 2)
+    mask = rf.predict_block_mask(q.float(), k.float(), rf.VideoLayout(3, 10, 10), sparsity=0.5, block_size=64)
+    cpu = rf.get_backend(name="cpu")
+    got = rf.block_sparse_attention(q, k, v, mask, backend=cpu)
+    expected = rf.block_sparse_attention(q.float(), k.float(), v.float(), mask, backend=cpu).to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
