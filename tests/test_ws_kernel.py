@@ -28,11 +28,11 @@ LAYOUTS = {
 }
 
 
-def _problem(name, dtype, *, bsnd=False):
+def _problem(name, dtype, *, bsnd=False, head_dim=128):
     batch, heads, kv_heads, frames, height, width, text = LAYOUTS[name]
     layout = rf.VideoLayout(frames, height, width, text_len=text)
     seq = layout.seq_len
-    shape = lambda h: (batch, seq, h, 128) if bsnd else (batch, h, seq, 128)  # noqa: E731
+    shape = lambda h: (batch, seq, h, head_dim) if bsnd else (batch, h, seq, head_dim)  # noqa: E731
     q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype) for h in (heads, kv_heads, kv_heads))
     if bsnd:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views with BSND strides
@@ -43,11 +43,12 @@ def _problem(name, dtype, *, bsnd=False):
 
 
 @ON_HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bsnd", [False, True], ids=["bnsd", "bsnd"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype):
-    layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd)
+def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype, head_dim):
+    layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd, head_dim=head_dim)
     order = rf.build_permutation(layout, DEVICE).indices
     want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
     got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
@@ -80,10 +81,11 @@ def test_ws_on_permuted_tensors(contiguous):
 
 
 @ON_HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_ws_meets_the_parity_rule(name):
-    layout, q, k, v, mask = _problem(name, torch.bfloat16)
-    scale = 128 ** -0.5
+def test_ws_meets_the_parity_rule(name, head_dim):
+    layout, q, k, v, mask = _problem(name, torch.bfloat16, head_dim=head_dim)
+    scale = head_dim ** -0.5
     golden = rf.get_backend("torch").forward(q.double().cpu(), k.double().cpu(), v.double().cpu(), mask.to("cpu"),
                                              scale)
     low = rf.get_backend("torch").forward(q, k, v, mask, scale)
@@ -129,10 +131,10 @@ def test_head_chunks_keep_copies_within_a_third_of_qkv(q_heads, kv_heads):
 
 
 def test_explicit_ws_refuses_what_it_cannot_run():
-    q = torch.randn(1, 2, 256, 64, device=DEVICE, dtype=torch.float16)
+    q = torch.randn(1, 2, 256, 96, device=DEVICE, dtype=torch.float16)
     mask = rf.BlockMask.from_dense(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
                                    q_len=256, kv_len=256)
-    want = ("head dim 128" if HOPPER else
+    want = ("head dim 64 or 128" if HOPPER else
             "Triton interpreter" if DEVICE == "cpu" else "sm_90")
     with pytest.raises(ValueError, match=f"kernel='ws' cannot run this call: .*{want}"):
         block_sparse_attention_triton(q, q, q, mask, 0.1, options=WS)

@@ -14,8 +14,8 @@ and runs three partitions:
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
-rows on Hopper). Covers 16-bit inputs, head dim 128 and 128-token mask blocks;
-:func:`unsupported_reason` says why a call is not covered.
+rows on Hopper). Covers 16-bit inputs, head dims 64 and 128 (``TUNING``) and
+128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
 """
 from __future__ import annotations
 
@@ -31,9 +31,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK = 128  # query rows per program = key rows per tile = mask block
-SUPPORTED_HEAD_DIM = 128
 ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
-STAGES = 2  # slots per k and v ring
+# Per head dim, with the reason (H100, BENCHMARKS.md):
+#   128: two slots per k and v ring (2 x 32 KB each) keep the next tile's copy ahead of the MMAs;
+#    64: two slots too: 3 and 4 measured no faster at the CogVideoX-5B shape (3.07 / 3.06 / 3.05 ms).
+# The program shape (128 query rows in two 64-row consumer warpgroups, 128-key tiles) is the mask
+# block's and the same for both.
+TUNING = {128: dict(stages=2), 64: dict(stages=2)}
+SUPPORTED_HEAD_DIMS = tuple(sorted(TUNING))
 # Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
 # scalars. (2 * 240 + 24) / 3 = 168 per thread on average fills the 64K-register file with 12 warps.
 CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
@@ -204,13 +209,14 @@ def block_sparse_attention_fwd_ws(
 
 
 def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
-    """Why this kernel cannot run the call (None when it can): sm_90, 16-bit, head dim 128, 128-token blocks."""
+    """Why this kernel cannot run the call (None when it can): sm_90, 16-bit, head dim 64 or 128, 128-token blocks."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return "it needs an sm_90 (Hopper) GPU"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"it needs float16 or bfloat16, got {q.dtype}"
-    if q.shape[-1] != SUPPORTED_HEAD_DIM or mask_block != BLOCK:
-        return f"it needs head dim {SUPPORTED_HEAD_DIM} and {BLOCK}-token mask blocks, got {q.shape[-1]} and {mask_block}"
+    if q.shape[-1] not in TUNING or mask_block != BLOCK:
+        dims = " or ".join(map(str, SUPPORTED_HEAD_DIMS))
+        return f"it needs head dim {dims} and {BLOCK}-token mask blocks, got {q.shape[-1]} and {mask_block}"
     return None
 
 
@@ -229,6 +235,6 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float) -> None:
         q, out, desc_k, desc_v, kv_counts, kv_indices, order,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=STAGES,
+        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"],
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
