@@ -170,3 +170,14 @@ def test_ws_and_triton_kernels_stay_inside_their_inputs_for_an_edited_mask():
 
     run = subprocess.run([sys.executable, "-c", HOSTILE], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "HOSTILE-OK" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("head_dim, tokens, kernel", [(64, 6144, "triton"), (64, 17776, "ws"), (128, 4608, "ws")])
+def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
+    """Where the Hopper kernel can run, 'auto' takes it from the head dim's min_tokens on (TUNING);
+    an explicit kernel='ws' takes it at any length. Checked on any machine: the capability is faked."""
+    monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
+    q = torch.empty(1, 2, tokens, head_dim)
+    mask = rf.BlockMask.stand_in(1, 2, tokens, tokens, 128, "cpu")
+    assert triton_launch._make_plan(q, q, q, q, mask, None, TritonOptions()).kernel == kernel
+    assert triton_launch._make_plan(q, q, q, q, mask, None, WS).kernel == "ws"

@@ -138,6 +138,8 @@ def plan_launch(q, k, v, out, block_mask, order, options: TritonOptions = DEFAUL
 def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> LaunchPlan:
     if options.kernel != "triton":
         reason = _ws_unavailable_reason(q, out, block_mask.block_size)
+        if reason is None and options.kernel == "auto" and q.shape[2] < _ws_min_tokens(q.shape[3]):
+            reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
         if reason is None:
             contiguous = order is None and k.is_contiguous() and v.is_contiguous()
             return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1]))
@@ -170,6 +172,12 @@ def _ws_unavailable_reason(q, out, mask_block: int) -> str | None:
     except (ImportError, AttributeError) as exc:  # Gluon is experimental: absent or renamed in some Triton releases
         return f"this Triton has no usable Gluon ({exc})"
     return ws.unsupported_reason(q, mask_block)
+
+
+def _ws_min_tokens(head_dim: int) -> int:
+    from .hopper import attention as ws
+
+    return ws.TUNING.get(head_dim, {}).get("min_tokens", 0)
 
 
 def _ws_head_chunks(q_heads: int, kv_heads: int) -> int:

@@ -35,9 +35,12 @@ ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
 # Per head dim, with the reason (H100, BENCHMARKS.md):
 #   128: two slots per k and v ring (2 x 32 KB each) keep the next tile's copy ahead of the MMAs;
 #    64: two slots too: 3 and 4 measured no faster at the CogVideoX-5B shape (3.07 / 3.06 / 3.05 ms).
+# min_tokens: below it the launcher's automatic choice keeps the portable kernel. At d=64 this
+# kernel won at 17776 tokens (CogVideoX-5B, 3.06 against 4.20 ms) and lost at 6144 (LTX-Video: its
+# forward 91 -> 124 ms eager, against 86 ms on the portable kernel); the crossover was not measured.
 # The program shape (128 query rows in two 64-row consumer warpgroups, 128-key tiles) is the mask
 # block's and the same for both.
-TUNING = {128: dict(stages=2), 64: dict(stages=2)}
+TUNING = {128: dict(stages=2, min_tokens=0), 64: dict(stages=2, min_tokens=16384)}
 SUPPORTED_HEAD_DIMS = tuple(sorted(TUNING))
 # Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
 # scalars. (2 * 240 + 24) / 3 = 168 per thread on average fills the 64K-register file with 12 warps.
