@@ -144,6 +144,12 @@ class SparseSite(Site):
             return self._attend(q, k, v, attn_mask, scale, tensor_layout, dense)
         return self._attend_ulysses(q, k, v, attn_mask, scale, tensor_layout, dense, call, cp)
 
+    def _refuse_foreign_mask(self, attn_mask) -> None:
+        """A mask on a model without text padding is something RainFusion cannot apply: an error, never ignored."""
+        if attn_mask is not None and self.state.adapter.text_valid is None:
+            raise ValueError(f"{self.state.adapter.family} self-attention got an attention mask; RainFusion "
+                             "applies only the text padding of the models that have one")
+
     def _attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, *, exchanged=False):
         seq = 1 if tensor_layout == "BSND" else 2
         length = q.shape[seq]
@@ -152,9 +158,7 @@ class SparseSite(Site):
                              "and joint attention only; is this a cross-attention module?")
         layout = self.layout_of(length, "self-attention")
         padding = self.state.text
-        if attn_mask is not None and self.state.adapter.text_valid is None:
-            raise ValueError(f"{self.state.adapter.family} self-attention got an attention mask; RainFusion "
-                             "applies only the text padding of the models that have one")
+        self._refuse_foreign_mask(attn_mask)
         options = dict(self.options, tensor_layout=tensor_layout, scale=scale)
         if padding is None:  # every text token real: the mask, if any, masks nothing
             return sparse_attention(q, k, v, layout, **options)
@@ -170,6 +174,7 @@ class SparseSite(Site):
         check_parallel_config(call["parallel_config"], q.shape[2])
         if tensor_layout != "BSND":
             raise ValueError("RainFusion under context parallelism needs diffusers' attention dispatch")
+        self._refuse_foreign_mask(attn_mask)
         if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] != 1:
             raise ValueError("RainFusion under context parallelism applies key-padding masks only")
         q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
