@@ -193,6 +193,8 @@ def test_attention_layers_name_what_layers_indexes():
     assert not isinstance(model.transformer_blocks[0].attn.processor, RainFusionAttnProcessor)
     assert isinstance(model.single_transformer_blocks[0].attn.processor, RainFusionAttnProcessor)
     handle.remove()
+    with pytest.raises(ValueError, match=r"layers: \[1, 1\] names a layer twice"):
+        apply_rainfusion(model, layers=[1, 1])
 
 
 def test_inductor_compiles_the_sparse_blocks():

@@ -61,6 +61,8 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> Rai
     """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
     adapter, transformers = _transformers(model)
     plan = []
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ValueError(f"layers: {list(layers)} names a layer twice")
     for transformer in transformers:
         modules = adapter.attention_modules(transformer)
         for index in layers or ():
@@ -78,11 +80,10 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> Rai
     state = CallState(schedule, adapter)
     handle = RainFusionHandle(state)
     sites = {}
-    for index, attn, call_site, base in plan:
-        site = make_site(state, index, sites)
+    chosen = [make_site(state, index, sites) for index, _, _, _ in plan]
+    for site, (_, attn, _, base) in zip(chosen, plan):
         site.check_parallel(getattr(base, "_parallel_config", None), attn.heads)  # enable_parallelism came first
-    for index, attn, call_site, base in plan:
-        site = make_site(state, index, sites)
+    for site, (index, attn, call_site, base) in zip(chosen, plan):
         attn.processor = processor_type(type(base))(attn.processor, site, call_site, index, attn.heads, shortcut)
         handle._installed.append((attn, attn.processor))
     handle._sites.extend({id(s): s for s in sites.values()}.values())
