@@ -209,3 +209,22 @@ def test_inductor_compiles_the_sparse_blocks():
     torch.testing.assert_close(forward(model, kwargs), eager, **TOLERANCE)
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_capture_with_padded_text_saves_the_real_tokens_per_group(tmp_path):
+    from rainfusion_core.integrations.diffusers import capture_qkv
+    from rainfusion_core.quality import load_qkv
+
+    tiny = next(m for m in MODELS if m.family == "HunyuanVideo")
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, True, 500)  # item b has TEXT - 2 - b real text tokens
+    dense = forward(model, kwargs)
+    handle = capture_qkv(model, tmp_path, layers=(1,), steps=(0,))
+    assert torch.equal(forward(model, kwargs), dense)  # capturing changes nothing
+    handle.remove()
+    files = sorted(tmp_path.glob("qkv_layer1_step0_*_group*.pt"))
+    assert len(files) == 2  # the two items differ in padding
+    for item, path in enumerate(files):
+        q, k, v, layout, meta = load_qkv(path)
+        assert layout.text_len == TEXT - 2 - item and layout.text_position == "tail"
+        assert q.shape[0] == 1 and q.shape[2] == layout.seq_len
