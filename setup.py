@@ -27,8 +27,8 @@ except ImportError:  # no pybind11: install without the extension
 #: serves every x86-64 CPU (and the generic copy every other CPU).
 ISA_SOURCES = [
     ("csrc/kernel_generic.cpp", [], None),
-    ("csrc/kernel_avx2.cpp", ["-mavx2", "-mfma"], "RF_HAVE_AVX2"),
-    ("csrc/kernel_avx512.cpp", ["-mavx512f", "-mfma"], "RF_HAVE_AVX512"),
+    ("csrc/kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"], "RF_HAVE_AVX2"),
+    ("csrc/kernel_avx512.cpp", ["-mavx512f", "-mfma", "-mf16c"], "RF_HAVE_AVX512"),
 ]
 
 

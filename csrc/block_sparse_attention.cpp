@@ -34,11 +34,11 @@ bool cpu_has(Isa isa) {
       return true;
 #if defined(RF_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
     case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
 #if defined(RF_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
     case Isa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
     default:
       return false;  // not built into this library

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 namespace rainfusion {
@@ -16,75 +15,10 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// The type a storage type is computed in.
+// The type a storage type is computed in (the conversions are in kernel_impl.inc, per instruction set).
 template <typename In> struct ComputeType { using type = float; };
 template <> struct ComputeType<double> { using type = double; };
 
-inline float to_compute(float x) { return x; }
-inline double to_compute(double x) { return x; }
-inline float to_compute(BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float to_compute(Half x) {
-  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
-  uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu, bits;
-  if (exponent == 0x1fu) {
-    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;  // +-0
-  } else {  // subnormal: normalise
-    exponent = 113u;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void from_compute(float v, float* dst) { *dst = v; }
-inline void from_compute(double v, double* dst) { *dst = v; }
-inline void from_compute(float v, BFloat16* dst) {  // round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    dst->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet nan
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  dst->bits = static_cast<uint16_t>(bits >> 16);
-}
-inline void from_compute(float v, Half* dst) {  // round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) {
-    dst->bits = sign | 0x7e00u;  // nan
-  } else if (magnitude >= 0x477ff000u) {
-    dst->bits = sign | 0x7c00u;  // rounds to or beyond 65520: inf
-  } else if (magnitude >= 0x38800000u) {  // a normal half
-    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u) - (112u << 23);
-    dst->bits = sign | static_cast<uint16_t>(rounded >> 13);
-  } else if (magnitude > 0x33000000u) {  // a subnormal half: scale into the 10-bit mantissa
-    const uint32_t exponent = magnitude >> 23, mantissa = (magnitude & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126u - exponent;  // 14..23 bits off the 24-bit mantissa
-    uint32_t half = mantissa >> shift;
-    const uint32_t rest = mantissa & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
-    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
-    dst->bits = sign | static_cast<uint16_t>(half);
-  } else {
-    dst->bits = sign;  // underflows to +-0
-  }
-}
 
 // Element strides of a 4-D tensor indexed [batch, head, token, dim].
 struct Strides4 {

@@ -90,8 +90,8 @@ def build(out_dir: Path) -> Path:
               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
     isa = [("kernel_generic.cpp", [], None)]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        isa += [("kernel_avx2.cpp", ["-mavx2", "-mfma"], "RF_HAVE_AVX2"),
-                ("kernel_avx512.cpp", ["-mavx512f", "-mfma"], "RF_HAVE_AVX512")]
+        isa += [("kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"], "RF_HAVE_AVX2"),
+                ("kernel_avx512.cpp", ["-mavx512f", "-mfma", "-mf16c"], "RF_HAVE_AVX512")]
     macros = [f"-D{macro}=1" for _, _, macro in isa if macro]
     objects = []
     for source, flags in [(s, f) for s, f, _ in isa] + [("block_sparse_attention.cpp", macros), ("bindings.cpp", macros)]:
