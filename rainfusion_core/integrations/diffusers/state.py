@@ -143,8 +143,9 @@ class CallState:
         self.angle_tables.clear()
         if not self.schedule.reads_timestep:
             return
-        t = float(bound[self.adapter.timestep].max())  # one host sync per call; max: Wan2.2 TI2V gives the
-        # conditioning frame timestep 0 and the rest the step's noise level
+        # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
+        # the rest the step's noise level; CogVideoX also takes a plain number.
+        t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
         if self.last_timestep is None or t > self.last_timestep:
             self.step = 0
         elif t != self.last_timestep:
