@@ -228,3 +228,35 @@ def test_capture_with_padded_text_saves_the_real_tokens_per_group(tmp_path):
         q, k, v, layout, meta = load_qkv(path)
         assert layout.text_len == TEXT - 2 - item and layout.text_position == "tail"
         assert q.shape[0] == 1 and q.shape[2] == layout.seq_len
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("Flux", lambda kw: kw["img_ids"].__setitem__((slice(None), 0), 1.0), "joins several images"),
+    ("Qwen-Image", lambda kw: kw.__setitem__("img_shapes", [[(1, 8, 10), (1, 4, 4)]] * 2), "one image grid per call"),
+    ("LTX-Video", lambda kw: kw.__setitem__("num_frames", None), "needs num_frames, height and width"),
+    ("LTX-Video", lambda kw: kw.__setitem__("num_frames", 4), "num_frames x height x width = 4x8x10"),
+])
+def test_inputs_rainfusion_cannot_read_are_refused_by_name(family, change, message):
+    tiny = next(m for m in MODELS if m.family == family)
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, False, 500)
+    change(kwargs)
+    handle = apply_rainfusion(model, block_size=16, backend="torch")
+    with pytest.raises(ValueError, match=message):
+        forward(model, kwargs)
+    handle.remove()
+
+
+def test_capture_refuses_context_parallelism(tmp_path):
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    from rainfusion_core.integrations.diffusers import capture_qkv
+
+    cp = ContextParallelConfig.__new__(ContextParallelConfig)
+    cp.ring_degree, cp.ulysses_degree, cp.ulysses_anything = 1, 2, False
+    model = MODELS[0].build(0)
+    handle = capture_qkv(model, tmp_path, layers=(0,))
+    with pytest.raises(ValueError, match="capture_qkv does not run under context parallelism"):
+        model.blocks[0].attn1.processor._parallel_config = ParallelConfig(context_parallel_config=cp)
+    handle.remove()
