@@ -129,17 +129,16 @@ def _grid_qwen(transformer, arguments):
 
 
 # --------------------------------------------------------------------------- text
-def _text_count_valid(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``[B, length]``: the first ``mask.sum()`` tokens real, as HunyuanVideo builds its mask."""
-    if mask is None:
-        return None
-    count = mask.sum(dim=1, dtype=torch.int64)
-    return torch.arange(length, device=mask.device)[None, :] < count[:, None]
+def _first_real(count: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, length]``: the first ``count[b]`` tokens of each item real, the rest padding."""
+    return torch.arange(length, device=count.device)[None, :] < count[:, None]
 
 
 def _hunyuan_text(transformer, arguments):
-    mask = arguments["encoder_attention_mask"]
-    return _text_count_valid(mask, arguments["encoder_hidden_states"].shape[1])
+    mask = arguments["encoder_attention_mask"]  # the model counts its real tokens: the first sum() are real
+    if mask is None:
+        return None
+    return _first_real(mask.sum(dim=1, dtype=torch.int64), arguments["encoder_hidden_states"].shape[1])
 
 
 def _hunyuan15_text(transformer, arguments):
@@ -154,7 +153,7 @@ def _hunyuan15_text(transformer, arguments):
         length += image.shape[1]
         if not bool(torch.all(image == 0)):  # the model's own test for text-to-video
             count = count + image.shape[1]
-    return torch.arange(length, device=count.device)[None, :] < count[:, None]
+    return _first_real(count, length)
 
 
 def _qwen_text(transformer, arguments):

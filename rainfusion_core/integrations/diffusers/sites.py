@@ -170,8 +170,9 @@ class SparseSite(Site):
         return _attend_with_padding(q, k, v, attn_mask, layout, padding, seq, dense, options)
 
     def _attend_ulysses(self, q, k, v, attn_mask, scale, tensor_layout, dense, call, cp):
-        """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out."""
-        check_parallel_config(call["parallel_config"], q.shape[2])
+        """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out.
+
+        The config was checked when it met this layer (``apply_rainfusion`` or the processor's setter)."""
         if tensor_layout != "BSND":
             raise ValueError("RainFusion under context parallelism needs diffusers' attention dispatch")
         self._refuse_foreign_mask(attn_mask)
