@@ -1,6 +1,7 @@
 """One transformer forward per model family, dense vs RainFusion 0.8, eager and compiled (needs a CUDA GPU).
 
     python benchmarks/models_e2e_bench.py [--models wan-1.3b,flux] [--modes eager,compiled] [--repeats 2]
+                                          [--precisions bf16,fp8]
 
 Each model is built from its published configuration with random bfloat16
 weights (no weights are downloaded) and run at its usual resolution and frame
@@ -11,7 +12,9 @@ diffusers' ``compile_repeated_blocks(fullgraph=True)`` (``torch.compile`` of the
 whole model where the class declares no repeated blocks: CogVideoX). Attention's
 share is one attention call at the model's shape (same backends) times the
 number of attention layers, over the forward. Times are medians of CUDA-event
-timings after a warm-up forward (which also compiles).
+timings after a warm-up forward (which also compiles). ``--precisions bf16,fp8`` adds
+a RainFusion row with ``precision="fp8"`` (the attention in FP8; needs an NVIDIA Hopper
+GPU); the dense forward stays bf16.
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def build(spec: Model):
         torch.set_default_dtype(default)
 
 
-def attention_ms(spec: Model, repeats: int) -> tuple[float, float]:
+def attention_ms(spec: Model, repeats: int, precision: str = "bf16") -> tuple[float, float]:
     """One attention call at the model's shape: dense SDPA and rf.sparse_attention at 0.8, ms."""
     text = spec.real_text if spec.real_text is not None else spec.text
     layout = rf.VideoLayout(*spec.grid, text_len=text, text_position=spec.text_position)
@@ -131,12 +134,12 @@ def attention_ms(spec: Model, repeats: int) -> tuple[float, float]:
     with sdpa_kernel(DENSE, set_priority=True):
         dense = event_median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), repeats=max(repeats, 5))
-    sparse = event_median_ms(lambda: rf.sparse_attention(q, k, v, layout, tensor_layout="BSND", backend="triton"),
-                             repeats=max(repeats, 5))
+    sparse = event_median_ms(lambda: rf.sparse_attention(q, k, v, layout, tensor_layout="BSND", backend="triton",
+                                                         precision=precision), repeats=max(repeats, 5))
     return dense, sparse
 
 
-def measure(name: str, spec: Model, modes, repeats: int) -> list[str]:
+def measure(name: str, spec: Model, modes, repeats: int, precisions=("bf16",)) -> list[str]:
     model = build(spec)
     kwargs = spec.inputs()
     layers = len(attention_layers(model))
@@ -152,7 +155,7 @@ def measure(name: str, spec: Model, modes, repeats: int) -> list[str]:
         print(f"  {name} {label}: {ms:.0f} ms (with warm-up {time.perf_counter() - started:.0f} s)", flush=True)
         return ms
 
-    dense_attn, sparse_attn = attention_ms(spec, repeats)
+    attention = {p: attention_ms(spec, repeats, p) for p in precisions}
     times = {}
     for mode in modes:
         if mode == "compiled":
@@ -163,18 +166,21 @@ def measure(name: str, spec: Model, modes, repeats: int) -> list[str]:
                 compiled = torch.compile(model)
                 forward = lambda: _no_grad(compiled, kwargs)  # noqa: E731
         times[mode, "dense"] = timed(f"{mode} dense")
-        handle = apply_rainfusion(model, sparsity=0.8, backend="triton")
-        times[mode, "sparse"] = timed(f"{mode} RainFusion 0.8")
-        seen = (handle.layout.frames, handle.layout.height, handle.layout.width)
-        handle.remove()
-        if seen != spec.grid:
-            raise RuntimeError(f"{name}: the model ran a {seen} token grid, the table says {spec.grid}")
+        for precision in precisions:
+            handle = apply_rainfusion(model, sparsity=0.8, backend="triton", precision=precision)
+            times[mode, precision] = timed(f"{mode} RainFusion 0.8 {precision}")
+            seen = (handle.layout.frames, handle.layout.height, handle.layout.width)
+            handle.remove()
+            if seen != spec.grid:
+                raise RuntimeError(f"{name}: the model ran a {seen} token grid, the table says {spec.grid}")
     rows = []
     for mode in modes:
-        dense, sparse = times[mode, "dense"], times[mode, "sparse"]
-        rows.append(f"| {name} | {'x'.join(map(str, spec.grid))}{f' + {spec.text} text' if spec.text else ''} | "
-                    f"{mode} | {dense:.0f} ms | {sparse:.0f} ms | **{dense / sparse:.2f}x** | "
-                    f"{100 * layers * dense_attn / dense:.0f} % / {100 * layers * sparse_attn / sparse:.0f} % |")
+        for precision in precisions:
+            dense, sparse = times[mode, "dense"], times[mode, precision]
+            dense_attn, sparse_attn = attention[precision]
+            rows.append(f"| {name} | {'x'.join(map(str, spec.grid))}{f' + {spec.text} text' if spec.text else ''} | "
+                        f"{mode} | {precision} | {dense:.0f} ms | {sparse:.0f} ms | **{dense / sparse:.2f}x** | "
+                        f"{100 * layers * dense_attn / dense:.0f} % / {100 * layers * sparse_attn / sparse:.0f} % |")
     del model
     torch.cuda.empty_cache()
     return rows
@@ -190,7 +196,11 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precisions", default="bf16", help="comma-separated RainFusion precisions: bf16, fp8")
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= {"bf16", "fp8"}:
+        parser.error(f"--precisions: expected bf16 and/or fp8, got {args.precisions}")
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -199,11 +209,12 @@ def main() -> None:
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
-        rows += measure(name, MODELS[name], modes, args.repeats)
-        print("\n".join(rows[-len(modes):]), flush=True)
-    print("\n==== summary: one forward, batch 1, bf16 ====")
-    print("| model | grid | mode | dense | RainFusion 0.8 | speed-up | attention share (dense / RainFusion) |")
-    print("|---|---|---|---|---|---|---|")
+        rows += measure(name, MODELS[name], modes, args.repeats, precisions)
+        print("\n".join(rows[-len(modes) * len(precisions):]), flush=True)
+    print("\n==== summary: one forward, batch 1, bf16 model (RainFusion attention in the precision shown) ====")
+    print("| model | grid | mode | precision | dense | RainFusion 0.8 | speed-up | "
+          "attention share (dense / RainFusion) |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -17,6 +17,7 @@ from .call import model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
 from .ops import attention, predict
 from .permutation import Permutation, build_permutation, cached_permutation
+from .precision import check_precision
 
 
 def block_sparse_attention(
@@ -27,6 +28,7 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     backend=None,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, Sq, D]`` over ``k, v [B, Hkv, Sk, D]`` on the tiles ``block_mask`` keeps.
 
@@ -34,11 +36,14 @@ def block_sparse_attention(
     comes from :func:`predict_block_mask`) and may be strided views.
     ``backend``: ``None`` (best for q's device), a device string
     (``"cuda:0"``), a backend name (``"triton"``), or a ``Backend``.
+    ``precision``: ``"bf16"`` (the inputs' own precision) or ``"fp8"`` (operands rounded
+    to float8, ``rainfusion_core.precision``; a backend that cannot is an error, never a fallback).
     Returns ``[B, Hq, Sq, D]`` in ``q.dtype``; rows with no kept block are zero.
     """
     check_qkv(q, k, v)
     check_mask_matches(q, k, block_mask)
-    return attention(resolve_backend(backend), q, k, v, block_mask, default_scale(scale, q.shape[-1]))
+    return attention(resolve_backend(backend), q, k, v, block_mask, default_scale(scale, q.shape[-1]),
+                     precision=check_precision(precision))
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +61,7 @@ class SparseAttentionPlan:
         tensor_layout: ``"BNSD"`` or ``"BSND"`` of the tensors :meth:`run` takes.
         scale: softmax scale (``None``: ``D ** -0.5``).
         backend: backend name, device string or ``Backend`` (``None``: best for the inputs).
+        precision: ``"bf16"`` or ``"fp8"`` for the attention (the mask does not depend on it).
     """
 
     layout: VideoLayout
@@ -64,6 +70,7 @@ class SparseAttentionPlan:
     tensor_layout: str = "BNSD"
     scale: float | None = None
     backend: str | Backend | None = None
+    precision: str = "bf16"
 
     @property
     def density(self) -> float:
@@ -75,7 +82,7 @@ class SparseAttentionPlan:
         check_mask_matches(q, k, self.block_mask)
         scale = default_scale(self.scale, q.shape[-1])
         return attention(resolve_backend(self.backend), q, k, v, self.block_mask, scale, self.permutation.indices,
-                         self.tensor_layout == "BSND")
+                         self.tensor_layout == "BSND", check_precision(self.precision))
 
 
 def plan_sparse_attention(
@@ -90,14 +97,16 @@ def plan_sparse_attention(
     scale: float | None = None,
     first_frame_sink: bool | None = None,
     share_batch_mask: bool = False,
+    precision: str = "bf16",
 ) -> SparseAttentionPlan:
     """Predict the RainFusion2.0 mask of q, k (model order) once, for :meth:`SparseAttentionPlan.run`."""
     call, q, k, _ = resolve_sparse_call(q, k, k, layout, sparsity=sparsity, block_size=block_size,
                                         tensor_layout=tensor_layout, backend=backend, scale=scale,
-                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask)
+                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask,
+                                        precision=precision)
     perm = build_permutation(layout, q.device)  # the plan's own copy: it is public
-    mask = predict(call.backend, q, k, perm.indices, call.mask)
-    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend)
+    mask = predict(call.backend, q, k, perm.indices, call.mask, call.precision)
+    return SparseAttentionPlan(layout, perm, mask, tensor_layout, scale, backend, call.precision)
 
 
 def sparse_attention(
@@ -113,6 +122,7 @@ def sparse_attention(
     scale: float | None = None,
     first_frame_sink: bool | None = None,
     share_batch_mask: bool = False,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """RainFusion2.0 self-attention of a video sequence in the model's token order.
 
@@ -123,10 +133,14 @@ def sparse_attention(
     Equivalent to ``plan_sparse_attention(q, k, layout, ...).run(q, k, v)``.
     Backends that read through the permutation (``triton``) never copy q, k,
     v into permuted order; the others get gathered copies.
+    ``precision="fp8"`` runs the attention with float8 operands (``rainfusion_core.precision``)
+    where the chosen backend offers it (the ``triton`` backend on Hopper GPUs) and raises
+    elsewhere; the mask is predicted from the unquantised q and k either way.
     """
     call, q, k, v = resolve_sparse_call(q, k, v, layout, sparsity=sparsity, block_size=block_size,
                                         tensor_layout=tensor_layout, backend=backend, scale=scale,
-                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask)
+                                        first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask,
+                                        precision=precision)
     order = cached_permutation(layout, q.device).indices  # never leaves this call
-    mask = predict(call.backend, q, k, order, call.mask)
-    return attention(call.backend, q, k, v, mask, call.scale, order, tensor_layout == "BSND")
+    mask = predict(call.backend, q, k, order, call.mask, call.precision)
+    return attention(call.backend, q, k, v, mask, call.scale, order, tensor_layout == "BSND", call.precision)

@@ -49,6 +49,11 @@ class Backend:
 
     * ``priority`` (int, default 0) -- higher wins when several backends fit one device.
     * ``head_dims`` -- the head dims the conformance kit proves (default 32, 64, 128).
+    * ``precisions`` -- the compute precisions it offers (default ``("bf16",)``: the
+      inputs' own precision; add ``"fp8"`` for the recipe of ``rainfusion_core.precision``).
+      A call in another precision than ``"bf16"`` passes ``precision=`` as a keyword to
+      ``unsupported_reasons``, ``forward`` and the model-order function; a backend that
+      does not list it is never asked and never chosen for it.
     * :meth:`unavailable_reason` -- ``None`` (available) unless overridden to say why
       not (package missing, no device, extension not built). Called lazily.
     * :meth:`unsupported_reasons` -- sentences for every property of a call the
@@ -83,6 +88,8 @@ class Backend:
     priority: int = 0
     #: head dims the conformance kit tests (``rainfusion_core.testing``); ``None``: 32, 64 and 128
     head_dims: tuple[int, ...] | None = None
+    #: compute precisions offered (``rainfusion_core.precision.PRECISIONS``); ``"bf16"`` always
+    precisions: tuple[str, ...] = ("bf16",)
     #: Deprecated (one release): set :meth:`mask_predictor` instead. Dtypes for which this
     #: backend defines ``block_means(x, block_size, order)`` and ``select_blocks(scores, ...)``.
     fused_prediction_dtypes: tuple[torch.dtype, ...] = ()
@@ -180,8 +187,10 @@ def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
 
 
 def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
-                           out: torch.Tensor) -> None:
+                           out: torch.Tensor, **precision) -> None:
     """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
-    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``."""
+    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``.
+    ``precision=`` (only when not the default) is passed on to ``forward``."""
     permuted = [x.index_select(2, order) for x in (q, k, v)]
-    out.index_copy_(2, order, checked_output(backend, backend.forward(*permuted, block_mask, scale), permuted[0]))
+    result = backend.forward(*permuted, block_mask, scale, **precision)
+    out.index_copy_(2, order, checked_output(backend, result, permuted[0]))

@@ -16,6 +16,7 @@ from ._checks import (
 from .backend import Backend
 from .block_mask import num_blocks
 from .layout import VideoLayout
+from .precision import DEFAULT_PRECISION, check_precision
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class SparseCall:
     mask: MaskSpec
     scale: float  # softmax scale of the attention
     backend: BackendChoice
+    precision: str = DEFAULT_PRECISION  # of the attention; the mask is predicted in the inputs' precision
 
 
 def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
@@ -117,10 +119,11 @@ def model_order_views(q, k, v, layout, tensor_layout: str):
 
 
 def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                        share_batch_mask):
+                        share_batch_mask, precision=DEFAULT_PRECISION):
     """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs."""
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
     mask = _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
-                             first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
-    call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend))  # one scale for both steps
+                      first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
+    call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend),  # one scale for both steps
+                      check_precision(precision))
     return call, q, k, v

@@ -2,8 +2,9 @@
 
     RAINFUSION_BACKEND=my_asic RAINFUSION_DEVICE=mlu:0 python -m pytest --pyargs rainfusion_core.conformance
 
-Optional: ``RAINFUSION_DTYPES=float16,bfloat16`` to limit dtypes. One test per
-(case, dtype); a refused case is skipped with the backend's reason.
+Optional: ``RAINFUSION_DTYPES=float16,bfloat16`` to limit dtypes;
+``RAINFUSION_PRECISION=fp8`` to check the backend's FP8 path against the FP8 reference.
+One test per (case, dtype); a refused case is skipped with the backend's reason.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import pytest
 
 from rainfusion_core.errors import BackendError
+from rainfusion_core.precision import DEFAULT_PRECISION, PRECISIONS
 from rainfusion_core.registry import get_backend
 from rainfusion_core.testing import DEFAULT_HEAD_DIMS, DTYPES, default_cases, run_case
 
@@ -21,7 +23,8 @@ class _ConfigError(Exception):
 
 
 def _configure():
-    """``(name, backend, device, dtypes, cases)`` from the environment; ``_ConfigError`` says what is wrong."""
+    """``(name, backend, device, dtypes, cases, precision)`` from the environment; ``_ConfigError`` says what
+    is wrong."""
     name = os.environ.get("RAINFUSION_BACKEND")
     if not name:
         raise _ConfigError("set RAINFUSION_BACKEND to the name of the backend to check (and RAINFUSION_DEVICE)")
@@ -40,14 +43,17 @@ def _configure():
         if unknown:
             raise _ConfigError(f"RAINFUSION_DTYPES: unknown dtype(s) {unknown}; expected some of {sorted(known)}")
         dtypes = [known[d] for d in names]
-    return name, backend, device, dtypes, default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS))
+    precision = os.environ.get("RAINFUSION_PRECISION") or DEFAULT_PRECISION
+    if precision not in PRECISIONS:
+        raise _ConfigError(f"RAINFUSION_PRECISION: unknown precision {precision!r}; expected one of {PRECISIONS}")
+    return name, backend, device, dtypes, default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS)), precision
 
 
 try:
-    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES = _configure()
+    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES, _PRECISION = _configure()
     _PROBLEM = None
 except _ConfigError as exc:  # nothing can be checked: one failing test says why, without a traceback
-    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES = None, None, None, [], []
+    _NAME, _BACKEND, _DEVICE, _DTYPES, _CASES, _PRECISION = None, None, None, [], [], DEFAULT_PRECISION
     _PROBLEM = str(exc)
 
 
@@ -59,7 +65,7 @@ def test_configuration():
 @pytest.mark.parametrize("dtype", _DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: c.name)
 def test_conformance(case, dtype):
-    result = run_case(_BACKEND, case, dtype, _DEVICE, seed=_CASES.index(case))
+    result = run_case(_BACKEND, case, dtype, _DEVICE, seed=_CASES.index(case), precision=_PRECISION)
     if result.verdict == "refused":
         pytest.skip(f"refused by {_NAME}: {result.detail}")
     assert result.verdict == "pass", (

@@ -21,22 +21,25 @@ import torch
 from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
 from .block_mask import BlockMask, num_blocks
 from .call import BackendChoice, MaskSpec
+from .precision import DEFAULT_PRECISION
 from .registry import select_backend
 from .selection import compute_block_mask
 
 
 # --------------------------------------------------------------------------- choosing
-def prediction_backend(spec, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Backend:
+def prediction_backend(spec, q: torch.Tensor, k: torch.Tensor, block_size: int,
+                       precision: str = DEFAULT_PRECISION) -> Backend:
     """The backend that runs the attention of this call, chosen by the one rule of ``select_backend``.
 
     Asked before the mask exists, it sees a stand-in mask of the right shape and block size.
+    The mask itself is always predicted in the inputs' precision.
     """
     stand_in = BlockMask.stand_in(q.shape[0], q.shape[1], q.shape[2], k.shape[2], block_size, q.device)
-    return select_backend(spec, q, k, k, stand_in)
+    return select_backend(spec, q, k, k, stand_in, precision)
 
 
-def _predictor(spec, q, k, block_size) -> MaskPredictor | None:
-    return prediction_backend(spec, q, k, block_size).mask_predictor(q.dtype)
+def _predictor(spec, q, k, block_size, precision) -> MaskPredictor | None:
+    return prediction_backend(spec, q, k, block_size, precision).mask_predictor(q.dtype)
 
 
 # --------------------------------------------------------------------------- mask prediction
@@ -51,13 +54,14 @@ def predict_block_mask_op(
     sink_blocks: int,
     text_blocks: int,
     backend: Optional[str],
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return compute_block_mask(q, k, order, block_size=block_size, scale=scale, keep=keep, sink_blocks=sink_blocks,
-                              text_blocks=text_blocks, predictor=_predictor(backend, q, k, block_size))
+                              text_blocks=text_blocks, predictor=_predictor(backend, q, k, block_size, precision))
 
 
 @predict_block_mask_op.register_fake
-def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend):
+def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend, precision=DEFAULT_PRECISION):
     batch, heads, length = q.shape[:3]
     blocks = num_blocks(length, block_size)
     dense = q.new_empty((batch, heads, blocks, blocks), dtype=torch.bool)
@@ -66,17 +70,21 @@ def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend):
 
 
 def predict(choice: BackendChoice, q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None,
-            spec: MaskSpec) -> BlockMask:
-    """The RainFusion2.0 mask of ``q``, ``k`` (read through ``order``, or as they are) for a resolved call."""
+            spec: MaskSpec, precision: str = DEFAULT_PRECISION) -> BlockMask:
+    """The RainFusion2.0 mask of ``q``, ``k`` (read through ``order``, or as they are) for a resolved call.
+
+    ``precision`` only picks the backend (the one that will attend); the mask does not depend on it.
+    """
     batch, length = q.shape[0], q.shape[2]
     if spec.share_batch_mask:
         q, k = q[:1], k[:1]
     params = dict(block_size=spec.block_size, scale=spec.scale, keep=spec.keep, sink_blocks=spec.sink_blocks,
                   text_blocks=spec.text_blocks)
     if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
-        parts = compute_block_mask(q, k, order, predictor=_predictor(choice.obj, q, k, spec.block_size), **params)
+        predictor = _predictor(choice.obj, q, k, spec.block_size, precision)
+        parts = compute_block_mask(q, k, order, predictor=predictor, **params)
     else:
-        parts = predict_block_mask_op(q, k, order, backend=choice.spec, **params)
+        parts = predict_block_mask_op(q, k, order, backend=choice.spec, precision=precision, **params)
     if spec.share_batch_mask:
         parts = tuple(x.expand(batch, *x.shape[1:]) for x in parts)
     return BlockMask.from_tuple((*parts, spec.block_size), length, length)
@@ -96,42 +104,48 @@ def block_sparse_attention_op(
     backend: Optional[str],
     order: Optional[torch.Tensor] = None,
     bsnd_out: bool = False,
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """``[B, Hq, Sq, D]`` attention; with ``order`` the tensors are in model order (see Backend.model_order_attention).
 
     The result is contiguous: ``[B, Hq, Sq, D]``, or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
     """
     mask = BlockMask.from_tuple((dense, kv_counts, kv_indices, block_size), q.shape[2], k.shape[2])
-    return attend(select_backend(backend, q, k, v, mask), q, k, v, mask, scale, order, bsnd_out)
+    chosen = select_backend(backend, q, k, v, mask, precision)
+    return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
 
 
-def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, bsnd_out: bool = False) -> torch.Tensor:
+def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, bsnd_out: bool = False,
+           precision: str = DEFAULT_PRECISION) -> torch.Tensor:
     """Run ``chosen`` into a contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
 
     With ``order`` the inputs are in model order: the backend's model-order attention
     reads through it, or else the rows are gathered into permuted copies and scattered back.
+    A precision other than the default reaches the backend as ``precision=``.
     """
+    extra = {} if precision == DEFAULT_PRECISION else {"precision": precision}
     if order is None and not bsnd_out:
-        return checked_output(chosen, chosen.forward(q, k, v, mask, scale), q).contiguous()
+        return checked_output(chosen, chosen.forward(q, k, v, mask, scale, **extra), q).contiguous()
     out = _empty_out(q, bsnd_out)
     view = out.transpose(1, 2) if bsnd_out else out
     if order is None:
-        view.copy_(checked_output(chosen, chosen.forward(q, k, v, mask, scale), q))
+        view.copy_(checked_output(chosen, chosen.forward(q, k, v, mask, scale, **extra), q))
         return out
     run = chosen.model_order_attention()
     if run is not None:
-        run(q, k, v, mask, scale, order, view)
+        run(q, k, v, mask, scale, order, view, **extra)
     else:
-        attend_permuted_copies(chosen, q, k, v, mask, scale, order, view)
+        attend_permuted_copies(chosen, q, k, v, mask, scale, order, view, **extra)
     return out
 
 
 def attention(choice: BackendChoice, q, k, v, mask: BlockMask, scale: float, order=None,
-              bsnd_out: bool = False) -> torch.Tensor:
+              bsnd_out: bool = False, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
     """Attention of a resolved call: through the op, or eagerly for a ``Backend`` object."""
     if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
-        return attend(select_backend(choice.obj, q, k, v, mask), q, k, v, mask, scale, order, bsnd_out)
-    return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out)
+        chosen = select_backend(choice.obj, q, k, v, mask, precision)
+        return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
+    return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out, precision)
 
 
 def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:
@@ -141,5 +155,6 @@ def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=None, bsnd_out=False):
+def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=None, bsnd_out=False,
+      precision=DEFAULT_PRECISION):
     return _empty_out(q, bsnd_out)

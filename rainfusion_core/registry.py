@@ -27,6 +27,7 @@ import torch
 
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
+from .precision import DEFAULT_PRECISION, PRECISIONS
 
 ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
@@ -111,6 +112,11 @@ def _check_declaration(backend: Backend) -> None:
         )
     if isinstance(backend.priority, bool) or not isinstance(backend.priority, int):
         raise ValueError(f"backend {backend.name!r}: priority must be an int, got {backend.priority!r}")
+    precisions = backend.precisions
+    if (not isinstance(precisions, tuple) or DEFAULT_PRECISION not in precisions
+            or not set(precisions) <= set(PRECISIONS)):
+        raise ValueError(f"backend {backend.name!r}: precisions must be a tuple of {PRECISIONS} holding "
+                         f"{DEFAULT_PRECISION!r}, got {precisions!r}")
 
 
 def _add(table: dict[str, Backend], backend: Backend, replace: bool) -> None:
@@ -303,34 +309,62 @@ def _require_available(backend: Backend) -> None:
         raise BackendUnavailableError(f"backend {backend.name!r} is unavailable: {reason}")
 
 
-def select_backend(spec, q, k, v, block_mask) -> Backend:
-    """The backend that runs this call; ``spec`` as in :func:`get_backend`, ``None`` = q's device."""
+def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION) -> Backend:
+    """The backend that runs this call; ``spec`` as in :func:`get_backend`, ``None`` = q's device.
+
+    ``precision`` (checked by the caller) is part of the call: a backend must list it in
+    ``precisions``, and is asked its ``unsupported_reasons`` for it.
+    """
     device_type = q.device.type
+    call = _Call(q, k, v, block_mask, precision)
     if spec is None:
-        return _choose(device_type, (q, k, v, block_mask), str(q.device))
+        return _choose(device_type, call, str(q.device))
     if isinstance(spec, str) and (spec_type := _parse_device(spec)) is not None:
         index = _DEVICE_RE.match(spec).group(2)
         if spec_type != device_type or (index is not None and (q.device.index or 0) != int(index)):
             raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
-        return _choose(device_type, (q, k, v, block_mask), spec)
+        return _choose(device_type, call, spec)
     backend = get_backend(spec)  # a name or a Backend; raises when it is unavailable
     if not backend.runs_on(device_type):
         raise UnsupportedInputError(
             f"backend {backend.name!r} runs on {'/'.join(backend.device_types)} devices, "
             f"but the inputs are on {q.device}"
         )
-    reasons = backend.unsupported_reasons(q, k, v, block_mask)
+    reasons = call.reasons(backend)
     if reasons:
         raise UnsupportedInputError(f"backend {backend.name!r} cannot run this call: " + "; ".join(reasons))
     return backend
 
 
-def _choose(device_type: str, call, spec: str) -> Backend:
+@dataclass(frozen=True)
+class _Call:
+    """What selection asks a backend about: the tensors, the mask and the precision."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    block_mask: object
+    precision: str
+
+    def reasons(self, backend: Backend) -> list[str]:
+        """Why ``backend`` cannot run this call (empty when it can).
+
+        A precision other than the default is asked only of backends that list it, and
+        reaches them as the keyword ``precision=``; other backends never see it.
+        """
+        if self.precision not in backend.precisions:
+            return [f"it does not compute in precision {self.precision!r} (it offers "
+                    f"{', '.join(backend.precisions)})"]
+        extra = {} if self.precision == DEFAULT_PRECISION else {"precision": self.precision}
+        return list(backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask, **extra))
+
+
+def _choose(device_type: str, call: _Call | None, spec: str) -> Backend:
     refused: list[tuple[str, str]] = []
     for backend in _candidates(device_type):
         reason = unavailable_reason(backend)
         if reason is None and call is not None:
-            reason = "; ".join(backend.unsupported_reasons(*call)) or None
+            reason = "; ".join(call.reasons(backend)) or None
         if reason is not None:
             refused.append((backend.name, reason))
             continue

@@ -9,6 +9,10 @@ Every case draws fresh random inputs (never zeros), runs the backend, and
 judges the output with the parity rule of docs/design.md (``rainfusion_core.parity``)
 against the ``torch`` backend in float64 on the CPU, with the ``torch`` backend
 in the test dtype on the backend's device as the low-precision reference.
+With ``precision="fp8"`` the low-precision reference is
+:func:`~rainfusion_core.precision.fp8_reference_attention`, which rounds q, k, v and
+P as the FP8 recipe does: an FP8 backend's error against the float64 golden must
+stay within twice the reference's.
 The device memory the backend will allocate is poisoned with NaN first
 (best effort: a NaN fill is freed just before the call, so caching allocators
 hand it back), to catch rows the backend never writes. A case the backend
@@ -25,6 +29,7 @@ from .backend import Backend
 from .block_mask import BlockMask
 from .errors import UnsupportedInputError
 from .parity import parity
+from .precision import DEFAULT_PRECISION, check_precision, fp8_reference_attention
 from .progress import progress
 from .registry import get_backend, select_backend
 
@@ -135,7 +140,10 @@ def _poison(shape, dtype, device) -> None:
         del poison
 
 
-def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: int = 0) -> CaseResult:
+def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: int = 0,
+             precision: str = DEFAULT_PRECISION) -> CaseResult:
+    precision = check_precision(precision)
+    extra = {} if precision == DEFAULT_PRECISION else {"precision": precision}
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _inputs(case, gen)
     dense = _mask(case, gen)
@@ -145,14 +153,17 @@ def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: 
     mask_dev = mask.to(device)
     name = str(dtype).replace("torch.", "")
     try:
-        select_backend(backend, *low, mask_dev)
+        select_backend(backend, *low, mask_dev, precision)
     except UnsupportedInputError as exc:
         return CaseResult(case.name, name, math.nan, math.nan, "refused", str(exc).split(": ", 1)[-1])
     golden = get_backend("torch").forward(q, k, v, mask, scale)
-    ref_lp = get_backend("torch").forward(*low, mask_dev, scale)
+    if precision == "fp8":  # the same roundings, from the same low-precision inputs, on the CPU
+        ref_lp = fp8_reference_attention(*(x.cpu() for x in low), mask, scale)
+    else:
+        ref_lp = get_backend("torch").forward(*low, mask_dev, scale)
     _poison(ref_lp.shape, dtype, device)
     try:
-        out = backend.forward(*low, mask_dev, scale)
+        out = backend.forward(*low, mask_dev, scale, **extra)
     except Exception as exc:  # a crash is a failure of this case, reported in the table
         return CaseResult(case.name, name, math.nan, math.nan, "FAIL", f"{type(exc).__name__}: {exc}"[:120])
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(golden.shape) or out.dtype != dtype:
@@ -171,6 +182,7 @@ def check_backend(
     dtypes=None,
     cases: list[Case] | None = None,
     seed: int = 0,
+    precision: str = DEFAULT_PRECISION,
 ) -> ConformanceReport:
     """Run the conformance cases on a backend and return the report.
 
@@ -179,6 +191,8 @@ def check_backend(
         device: where to run; default the backend's first device type (``"cpu"`` for ``"*"``).
         dtypes: dtypes to try; default all four float dtypes (refusals are reported).
         cases: default :func:`default_cases` with the backend's ``head_dims``.
+        precision: ``"bf16"`` (the inputs' precision) or ``"fp8"`` (judged against the FP8
+            reference; cases the backend refuses in FP8 are reported as refused).
     """
     backend = backend_or_name if isinstance(backend_or_name, Backend) else get_backend(name=backend_or_name)
     if device is None:
@@ -192,7 +206,7 @@ def check_backend(
         for i, case in enumerate(cases):
             for dtype in dtypes:
                 bar.set_postfix_str(f"{case.name} {str(dtype).replace('torch.', '')}")
-                report.rows.append(run_case(backend, case, dtype, device, seed=seed + i))
+                report.rows.append(run_case(backend, case, dtype, device, seed=seed + i, precision=precision))
                 bar.update()
     return report
 

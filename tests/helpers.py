@@ -11,6 +11,10 @@ import zlib
 import pytest
 import torch
 
+from rainfusion_core import precision as fp8
+from rainfusion_core.backend import Backend
+from rainfusion_core.backends.torch_backend import masked_attention
+
 # Installed with RAINFUSION_SKIP_CPP=1 the C++ extension, and so the ``cpu`` backend, is absent on purpose.
 needs_cpp = pytest.mark.skipif(os.environ.get("RAINFUSION_SKIP_CPP") == "1",
                                reason="RAINFUSION_SKIP_CPP=1: installed without the C++ extension (the cpu backend)")
@@ -112,3 +116,30 @@ def wan_inputs(grid, batch=1):
     """Latents ``[B, 4, F, H, W]`` and text states ``[B, 7, 16]`` for :func:`tiny_wan`."""
     frames, height, width = grid
     return torch.randn(batch, 4, frames, height, width), torch.randn(batch, 7, 16)
+
+
+class Fp8Emulation(Backend):
+    """A plugin offering FP8 through the reference recipe; records the precisions it was asked for."""
+
+    name = "fp8_emulation"
+    device_types = ("cpu",)
+    priority = 99
+    precisions = ("bf16", "fp8")
+
+    def __init__(self, p_dtype=torch.float8_e4m3fn):
+        self.seen = []
+        self.p_dtype = p_dtype
+
+    def unsupported_reasons(self, q, k, v, block_mask, precision="bf16"):
+        self.seen.append(("reasons", precision))
+        return [] if q.dtype != torch.float64 else ["no float64"]
+
+    def forward(self, q, k, v, block_mask, scale, precision="bf16"):
+        self.seen.append(("forward", precision))
+        if precision == "bf16":
+            return masked_attention(q, k, v, block_mask, scale)
+        if self.p_dtype is torch.float8_e4m3fn:
+            return fp8.fp8_reference_attention(q, k, v, block_mask, scale)
+        with pytest.MonkeyPatch.context() as patch:  # a worse rounding of P (e5m2: 2 mantissa bits)
+            patch.setattr(fp8, "round_fp8", lambda x: x.to(self.p_dtype).to(torch.float32))
+            return fp8.fp8_reference_attention(q, k, v, block_mask, scale)

@@ -260,3 +260,24 @@ def test_capture_refuses_context_parallelism(tmp_path):
     with pytest.raises(ValueError, match="capture_qkv does not run under context parallelism"):
         model.blocks[0].attn1.processor._parallel_config = ParallelConfig(context_parallel_config=cp)
     handle.remove()
+
+
+def test_precision_reaches_the_sparse_calls_of_a_model():
+    from helpers import Fp8Emulation
+    from rainfusion_core import scoped_backends
+
+    tiny = next(m for m in MODELS if m.family == "HunyuanVideo")  # padded text: the padding path too
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
+    with pytest.raises(ValueError, match="precision='fp8': backend 'torch' does not offer it"):
+        apply_rainfusion(model, backend="torch", precision="fp8")
+    with scoped_backends(Fp8Emulation()) as (emulation,):
+        handle = apply_rainfusion(model, sparsity=0.5, block_size=16, backend="fp8_emulation", precision="fp8")
+        fp8_out = forward(model, kwargs)
+        handle.remove()
+        handle = apply_rainfusion(model, sparsity=0.5, block_size=16, backend="fp8_emulation")
+        bf16_out = forward(model, kwargs)
+        handle.remove()
+    assert ("forward", "fp8") in emulation.seen
+    assert not torch.equal(fp8_out, bf16_out)
+    assert float(torch.nn.functional.cosine_similarity(fp8_out.flatten(), bf16_out.flatten(), dim=0)) > 0.99

@@ -181,3 +181,61 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
     mask = rf.BlockMask.stand_in(1, 2, tokens, tokens, 128, "cpu")
     assert triton_launch._make_plan(q, q, q, q, mask, None, TritonOptions()).kernel == kernel
     assert triton_launch._make_plan(q, q, q, q, mask, None, WS).kernel == "ws"
+
+
+# --------------------------------------------------------------------------- FP8 (rainfusion_core.precision)
+@ON_HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bsnd", [False, True], ids=["bnsd", "bsnd"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_fp8_kernel_meets_the_fp8_rule_through_the_permutation(name, bsnd, dtype, head_dim):
+    from rainfusion_core.backends.torch_backend import masked_attention
+    from rainfusion_core.precision import fp8_reference_attention
+
+    layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd, head_dim=head_dim)
+    order = rf.build_permutation(layout, DEVICE).indices
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, precision="fp8")
+    permuted = [x.index_select(2, order).cpu() for x in (q, k, v, got)]
+    golden = masked_attention(*(x.double() for x in permuted[:3]), mask.cpu(), 0.09)
+    reference = fp8_reference_attention(*permuted[:3], mask.cpu(), 0.09)
+    result = parity(permuted[3], golden, reference)
+    assert result.passed, result
+    assert (got[0, 0, order[128:256]] == 0).all()  # mask row 1 of (0, 0) keeps nothing: its rows are zero
+
+
+@ON_HOPPER
+def test_fp8_conformance_kit_on_hopper():
+    from rainfusion_core.testing import check_backend
+
+    report = check_backend("triton", device="cuda", dtypes=[torch.bfloat16, torch.float16],
+                                      precision="fp8")
+    assert report.passed, report.table()
+    assert sum(r.verdict == "pass" for r in report.rows) >= 20, report.table()
+
+
+@ON_HOPPER
+def test_fp8_sparse_attention_is_close_to_bf16_and_captures_in_a_cuda_graph():
+    layout = rf.VideoLayout(5, 16, 24, text_len=40)
+    from rainfusion_core.synthetic import video_dit_qkv
+
+    q, k, v = video_dit_qkv(layout, 4, 128, device=DEVICE, dtype=torch.bfloat16, seed=0)
+    bf16 = rf.sparse_attention(q, k, v, layout)
+    fp8 = rf.sparse_attention(q, k, v, layout, precision="fp8")
+    assert float(torch.nn.functional.cosine_similarity(fp8.flatten().float(), bf16.flatten().float(), dim=0)) > 0.999
+    rf.sparse_attention(q, k, v, layout, precision="fp8")  # warm caches before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rf.sparse_attention(q, k, v, layout, precision="fp8")
+    graph.replay()
+    torch.testing.assert_close(captured, fp8, rtol=0, atol=0)
+
+
+@ON_HOPPER
+def test_fp8_refusals_on_hopper():
+    _, q, k, v, mask = _problem("ragged-7x11", torch.float32)
+    with pytest.raises(rf.UnsupportedInputError, match="FP8 runs on the Hopper kernel, and it needs float16"):
+        rf.block_sparse_attention(q, k, v, mask, backend="triton", precision="fp8")
+    _, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
+    with pytest.raises(ValueError, match="kernel='triton' names the portable kernel"):
+        block_sparse_attention_triton(q, k, v, mask, 0.1, options=PORTABLE, precision="fp8")

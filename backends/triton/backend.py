@@ -25,6 +25,7 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
     priority = 20
+    precisions = ("bf16", "fp8")  # fp8: the Hopper kernel only (launch.fp8_unavailable_reason)
 
     def unavailable_reason(self):
         try:
@@ -38,8 +39,14 @@ class TritonBackend(Backend):
     def runs_on(self, device_type: str) -> bool:
         return device_type == "cuda" or (device_type == "cpu" and interpreting())
 
-    def unsupported_reasons(self, q, k, v, block_mask):
+    def unsupported_reasons(self, q, k, v, block_mask, precision="bf16"):
         reasons = []
+        if precision == "fp8":
+            from .launch import fp8_unavailable_reason
+
+            reason = fp8_unavailable_reason(q, block_mask.block_size)
+            if reason is not None:
+                reasons.append(reason)
         if q.dtype not in _DTYPES:
             reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16 and float32 are)")
         head_dim = q.shape[-1]
@@ -49,8 +56,8 @@ class TritonBackend(Backend):
             reasons.append(f"mask block size {block_mask.block_size} is not a multiple of 16")
         return reasons
 
-    def forward(self, q, k, v, block_mask, scale):
-        return block_sparse_attention_triton(q, k, v, block_mask, scale)
+    def forward(self, q, k, v, block_mask, scale, precision="bf16"):
+        return block_sparse_attention_triton(q, k, v, block_mask, scale, precision=precision)
 
     def model_order_attention(self):
         return _attend_in_model_order
@@ -59,9 +66,9 @@ class TritonBackend(Backend):
         return _PREDICTOR if dtype in _DTYPES else None
 
 
-def _attend_in_model_order(q, k, v, block_mask, scale, order, out) -> None:
+def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision="bf16") -> None:
     """The kernels read q, k, v rows through the permutation and write each output row back through it."""
-    block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out)
+    block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision)
 
 
 class _TritonPredictor(MaskPredictor):

@@ -58,13 +58,15 @@ class LaunchPlan:
     """What :func:`plan_launch` decided for one class of calls; cached, reused by every call of the class.
 
     ``kernel == "ws"``: the Hopper kernel, k/v copied ``head_step`` kv heads at a time
-    (0: k and v are already permuted and contiguous, no copy). ``"triton"``: the portable
+    (0: k and v are already permuted and contiguous, no copy); with ``fp8`` k and v are
+    quantised by ``quantize.py`` instead, all heads in one pass. ``"triton"``: the portable
     kernel with ``config``, mask block ``mask_block``, rows gathered through the
     permutation (``gather_q``/``gather_kv``) and TMA descriptors (``tma_q``/``tma_kv``).
     """
 
     kernel: str
     head_step: int = 0
+    fp8: bool = False
     config: object = None
     mask_block: int = 0
     gather_q: bool = False
@@ -78,7 +80,7 @@ _PLANS_SIZE = 256
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None,
-                                  options: TritonOptions | None = None, **legacy):
+                                  options: TritonOptions | None = None, precision: str = "bf16", **legacy):
     """Launch a kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
@@ -93,11 +95,13 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     strides, alignment, mask block, options) by :func:`plan_launch` and cached.
     The keywords ``kernel=``, ``config=``, ``use_tma=`` and ``gather_kv=`` are the
     deprecated spelling of ``options`` (one release).
+    ``precision="fp8"`` runs the Hopper kernel in FP8 (``rainfusion_core.precision``) or raises
+    with the reason it cannot; it never runs the call in 16 bits instead.
     """
     options = _options(options, legacy)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan = plan_launch(q, k, v, out, block_mask, order, options)
+    plan = plan_launch(q, k, v, out, block_mask, order, options, precision)
     if plan.kernel == "ws":
         _run_ws(plan, q, k, v, block_mask, scale, order, out)
     else:
@@ -122,13 +126,15 @@ def _signature(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0
 
 
-def plan_launch(q, k, v, out, block_mask, order, options: TritonOptions = DEFAULT_OPTIONS) -> LaunchPlan:
+def plan_launch(q, k, v, out, block_mask, order, options: TritonOptions = DEFAULT_OPTIONS,
+                precision: str = "bf16") -> LaunchPlan:
     """The launch plan of this call's class, made once and cached (no host synchronisation)."""
     key = (_signature(q), _signature(k), _signature(v), _signature(out), block_mask.block_size,
-           tuple(block_mask.kv_indices.shape[2:]), order is None, options)
+           tuple(block_mask.kv_indices.shape[2:]), order is None, options, precision)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _make_plan(q, k, v, out, block_mask, order, options)
+        plan = _make_fp8_plan(q, out, block_mask, options) if precision == "fp8" else \
+            _make_plan(q, k, v, out, block_mask, order, options)
         if len(_PLANS) >= _PLANS_SIZE:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -160,6 +166,22 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
         use_tma = not (gather_q and gather_kv) and _tma_usable(*((q, out) if copies else (q, k, v, out)))
     return LaunchPlan("triton", config=config, mask_block=mask_block, gather_q=gather_q, gather_kv=gather_kv,
                       tma_q=use_tma and not gather_q, tma_kv=use_tma and not gather_kv)
+
+
+def _make_fp8_plan(q, out, block_mask, options: TritonOptions) -> LaunchPlan:
+    """FP8 runs on the Hopper kernel only: its plan, or an error with the reason."""
+    reason = fp8_unavailable_reason(q, block_mask.block_size, out)
+    if reason is None and options.kernel == "triton":
+        reason = "kernel='triton' names the portable kernel, which has no FP8 path"
+    if reason is not None:
+        raise ValueError(f"precision='fp8' cannot run this call: {reason}")
+    return LaunchPlan("ws", fp8=True)
+
+
+def fp8_unavailable_reason(q, mask_block: int, out=None) -> str | None:
+    """Why the FP8 kernel cannot run a call with this q (None when it can)."""
+    reason = _ws_unavailable_reason(q, q if out is None else out, mask_block)
+    return None if reason is None else f"FP8 runs on the Hopper kernel, and {reason}"
 
 
 def _ws_unavailable_reason(q, out, mask_block: int) -> str | None:
@@ -198,6 +220,14 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
     counts, indices = block_mask.kv_counts, block_mask.kv_indices
     if counts.stride(-1) != 1 or indices.stride(-1) != 1:
         counts, indices = counts.contiguous(), indices.contiguous()
+    if plan.fp8:  # k and v quantised (and v transposed) in one pass, all heads; q is rounded in the kernel
+        from .quantize import quantize_kv
+
+        if order is None:
+            order = _identity(k.shape[2], k.device)
+        k8, k_descale, v8t, v_descale = quantize_kv(k, v, order, ws.BLOCK)
+        ws.launch(q, k8, v8t, out, counts, indices, order, scale, k_descale, v_descale)
+        return
     if plan.head_step == 0:  # already permuted and TMA-ready: no copy at all
         ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale)
         return

@@ -27,6 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from rainfusion_core import precision
+
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -45,6 +47,10 @@ SUPPORTED_HEAD_DIMS = tuple(sorted(TUNING))
 # Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
 # scalars. (2 * 240 + 24) / 3 = 168 per thread on average fills the 64K-register file with 12 warps.
 CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+# The FP8 recipe's constants (rainfusion_core.precision), as the kernel sees them.
+TOP_EXPONENT: gl.constexpr = gl.constexpr(precision.TOP_EXPONENT)
+MIN_AMAX: gl.constexpr = gl.constexpr(precision.MIN_AMAX)
+P_MULT: gl.constexpr = gl.constexpr(precision.P_MULTIPLIER)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
 
 
@@ -56,9 +62,11 @@ def _kept_start(kept, t, n_blocks, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
-            STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed."""
+def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0, v_row0,
+            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
+    """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed.
+
+    In FP8 v is stored transposed (``[D, S]`` per head): its tile starts at column ``start``."""
     for t in range(n):
         slot = t % STAGES
         phase = (t // STAGES) & 1
@@ -69,7 +77,10 @@ def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
         _tma_load(desc_k, [row0 + start, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
-        _tma_load(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
+        if FP8:
+            _tma_load(desc_v, [v_row0, start], v_ready.index(slot), v_smem.index(slot))
+        else:
+            _tma_load(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -86,17 +97,65 @@ def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks, qk_scale,
-              q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order."""
+def _power_of_two_scale(amax):
+    """``(multiplier, descale)`` of a group whose largest magnitude is ``amax``: exact powers of two
+    (``rainfusion_core.precision.power_of_two_scale``, from the float32 bits)."""
+    bits = gl.maximum(amax, MIN_AMAX).to(gl.int32, bitcast=True)
+    top = ((bits >> 23) & 0xFF) - 127
+    multiplier = ((127 + TOP_EXPONENT - top) << 23).to(gl.float32, bitcast=True)
+    descale = ((127 - TOP_EXPONENT + top) << 23).to(gl.float32, bitcast=True)
+    return multiplier, descale
+
+
+@gluon.jit
+def _tile_scale(qk_scale, K_DESCALE, kept, t, n_blocks, FP8: gl.constexpr):
+    """The softmax scale of kept tile ``t``: times its k block's scale in FP8."""
+    scale = qk_scale
+    if FP8:
+        block = gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1)
+        scale = qk_scale * gl.load(K_DESCALE + block)
+    return scale
+
+
+@gluon.jit
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """The probabilities as the A operand of ``P V``: float8 of ``p * P_MULT`` in FP8."""
+    if FP8:
+        p = p * P_MULT
+    return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _v_operand(v_smem, slot, FP8: gl.constexpr):
+    """The B operand of ``P V``: the v tile, seen as ``[keys, D]`` (FP8 stores it ``[D, keys]``)."""
+    if FP8:
+        tile = v_smem.index(slot).permute((1, 0))
+    else:
+        tile = v_smem.index(slot)
+    return tile
+
+
+@gluon.jit
+def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n,
+              n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              FP8: gl.constexpr):
+    """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
+
+    FP8 (``rainfusion_core.precision``): q is rounded here with one power-of-two scale for the
+    warpgroup's rows; each k tile brings its block's scale (``K_DESCALE``), folded into the
+    softmax scale of that tile; P is stored as ``p * P_MULT`` and v (transposed) has one scale
+    per channel (``V_DESCALE``), both undone in the epilogue.
+    """
+    MMA_K: gl.constexpr = 32 if FP8 else 16  # the tensor-core instruction's depth: 32 bytes
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, MMA_K])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, MMA_K])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if FP8 else 2)
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = q_smem.dtype  # of the tensor-core operands
+    out_dtype: gl.constexpr = Out.dtype.element_ty
 
     # -- this warpgroup's query rows, gathered through the permutation into shared memory
     offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
@@ -105,7 +164,13 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
     rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
     q = gl.load(Q + q_off + rows[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     q_tile = q_smem.index(WG)
-    q_tile.store(q)
+    if FP8:
+        q = q.to(gl.float32)
+        q_mult, q_descale = _power_of_two_scale(gl.max(gl.max(gl.abs(q), 1), 0))
+        q_tile.store((q * q_mult).to(dtype))
+        qk_scale = qk_scale * q_descale
+    else:
+        q_tile.store(q)
     fence_async_shared()
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -119,8 +184,8 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, 0, n_blocks, BLOCK_N), kv_len, qk_scale,
-                                      s_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, 0, n_blocks, BLOCK_N), kv_len,
+                                      _tile_scale(qk_scale, K_DESCALE, kept, 0, n_blocks, FP8), s_layout, BLOCK_N)
 
         for t in range(0, n - 1):
             # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
@@ -131,13 +196,14 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
                                   is_async=True)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
-            o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, FP8), acc,
                                   is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, t + 1, n_blocks, BLOCK_N), kv_len,
-                                          qk_scale, s_layout, BLOCK_N)
+                                          _tile_scale(qk_scale, K_DESCALE, kept, t + 1, n_blocks, FP8), s_layout,
+                                          BLOCK_N)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(cur), count=1)
 
@@ -145,27 +211,33 @@ def _consumer(Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, 
         last = n - 1
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, FP8), acc,
                               is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
     # -- epilogue: normalise; a row with no kept block stays zero; scatter back through ORDER
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(dtype)
+    if FP8:  # undo v's channel scales and P's multiplier
+        offs_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        acc = acc * (gl.load(V_DESCALE + offs_o) * (1.0 / P_MULT))[None, :]
+    out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(out_dtype)
     out = gl.convert_layout(out, ld_layout)
     gl.store(Out + o_off + rows[:, None] * stride_os + offs_d[None, :], out, mask=m_ok[:, None])
 
 
 @gluon.jit
 def block_sparse_attention_fwd_ws(
-    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER,
+    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
-    HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
 ):
-    """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row."""
+    """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
+
+    FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
+    ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise)."""
     dtype: gl.constexpr = desc_k.dtype
     pid_m = gl.program_id(0)  # query blocks vary fastest: CTAs running together share one head's k and v in L2
     pid_bh = gl.program_id(1)
@@ -178,13 +250,16 @@ def block_sparse_attention_fwd_ws(
     # -- this block's mask row: n kept tiles (clamped to the row's length), their block indices at `kept`
     n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
     kept = KV_INDICES + b64 * stride_ib + h * stride_ih + pid_m * stride_ir
-    row0 = (b * kv_heads + h // GROUP) * kv_len
+    kv_head = b * kv_heads + h // GROUP
+    row0 = kv_head * kv_len
+    k_descale = K_DESCALE + kv_head * n_blocks
+    v_descale = V_DESCALE + kv_head * HEAD_DIM
 
     # -- shared memory: two 64-row query tiles, two-slot k and v rings with their barriers
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -198,16 +273,14 @@ def block_sparse_attention_fwd_ws(
 
     m0 = pid_m * (2 * ROWS)
     gl.warp_specialize([
-        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks,
-                     qk_scale,
-                     q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                     0, HEAD_DIM, BLOCK_N, STAGES)),
-        (_consumer, (Q, Out, ORDER, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n, n_blocks,
-                     qk_scale,
-                     q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                     1, HEAD_DIM, BLOCK_N, STAGES)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
+                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     0, HEAD_DIM, BLOCK_N, STAGES, FP8)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
+                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     1, HEAD_DIM, BLOCK_N, STAGES, FP8)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
-                   STAGES, BLOCK_N)),
+                   kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -223,21 +296,37 @@ def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
     return None
 
 
-def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float) -> None:
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
+
+
+def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
     through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
-    [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride)."""
+    [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
+
+    FP8 (``rainfusion_core.precision``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
+    v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 16) with
+    ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
+    """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
-    desc_k, desc_v = (TensorDescriptor.from_tensor(x.view(-1, head_dim), [BLOCK, head_dim], layout)
-                      for x in (k, v))
+    kv_heads = k.shape[1]
+    kv_len = k.shape[2]
+    fp8 = k.dtype == torch.float8_e4m3fn
+    dtype = _GL_DTYPES[k.dtype]
+    k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
+    desc_k = TensorDescriptor.from_tensor(k.view(-1, head_dim), [BLOCK, head_dim], k_layout)
+    if fp8:  # v8t rows are (head, channel) pairs; the descriptor ends at kv_len, so padding is never read
+        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], dtype)
+        desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, kv_len], [v.shape[-1], 1], [head_dim, BLOCK],
+                                  v_layout)
+    else:
+        k_descale = v_descale = kv_counts  # not read: a placeholder pointer
+        desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
     grid = (-(-q_len // BLOCK), batch * heads)
     block_sparse_attention_fwd_ws[grid](
-        q, out, desc_k, desc_v, kv_counts, kv_indices, order,
+        q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"],
+        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..._checks import check_block_size, check_optional_bool, check_sparsity, describe
+from ...precision import check_precision
 from ...registry import get_backend
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, base_processor, processor_type
@@ -102,6 +103,7 @@ def apply_rainfusion(
     schedule: Schedule = Schedule(),
     layers=None,
     fuse_prologue: bool | None = None,
+    precision: str = "bf16",
 ) -> RainFusionHandle:
     """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
 
@@ -118,6 +120,9 @@ def apply_rainfusion(
             float64). ``None``: in eager mode when the input is on CUDA, Triton is
             installed and autograd is not recording (the pass has no backward);
             ``True``: always, an error where it cannot run; ``False``: never.
+        precision: ``"bf16"`` or ``"fp8"``, as in ``rf.sparse_attention``: the sparse
+            attention's operands in float8 (Hopper GPUs); dense layers, dense steps and
+            padded text rows keep the model's precision.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
@@ -128,8 +133,12 @@ def apply_rainfusion(
     check_optional_bool("fuse_prologue", fuse_prologue)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
+    precision = check_precision(precision)
     if backend is not None:
-        get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
+        chosen = get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here
+        if precision not in chosen.precisions:
+            raise ValueError(f"precision={precision!r}: backend {chosen.name!r} does not offer it (it offers "
+                             f"{', '.join(chosen.precisions)})")
     adapter, _ = _transformers(model)
     shortcut = None
     if adapter.family == "Wan":
@@ -140,7 +149,7 @@ def apply_rainfusion(
     def make_site(state, index, sites):
         if "sparse" not in sites:
             sites["sparse"] = SparseSite(state, sparsity=sparsity, block_size=block_size, backend=backend,
-                                         first_frame_sink=first_frame_sink)
+                                         first_frame_sink=first_frame_sink, precision=precision)
         return sites["sparse"]
 
     return _install(model, schedule, layers, make_site, shortcut)

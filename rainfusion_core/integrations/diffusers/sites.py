@@ -125,10 +125,10 @@ class FunctionalRoute:
 class SparseSite(Site):
     """RainFusion2.0 sparse attention, with the handle's settings."""
 
-    def __init__(self, state: CallState, *, sparsity, block_size, backend, first_frame_sink):
+    def __init__(self, state: CallState, *, sparsity, block_size, backend, first_frame_sink, precision="bf16"):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
-                            first_frame_sink=first_frame_sink)
+                            first_frame_sink=first_frame_sink, precision=precision)
         self._orders: dict = {}  # (length, degree, video length, device) -> gathered_order
 
     def active(self) -> bool:

@@ -1,0 +1,109 @@
+"""Triton pass that prepares k and v for the FP8 Hopper kernel (``rainfusion_core.precision``'s recipe).
+
+One program per (mask block of keys, batch x kv head) reads its rows through the
+permutation and writes
+
+* ``k8 [B, Hkv, S, D]`` float8 e4m3 with one power-of-two scale per block (``k_descale [B, Hkv, NB]``);
+* ``v8t [B, Hkv, D, S_pad]`` float8 e4m3, *transposed*: the FP8 tensor-core product
+  ``P V`` needs v with the keys contiguous; one scale per channel (``v_descale [B, Hkv, D]``),
+  from the channel's largest magnitude over the whole sequence, taken before this pass.
+
+``S_pad`` rounds the sequence up to 16 so every row of ``v8t`` starts 16-byte aligned (TMA);
+the padding columns are never read (the kernel's descriptor ends at ``S``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rainfusion_core.precision import FP8_DTYPE, MIN_AMAX, TOP_EXPONENT, power_of_two_scale
+
+
+@triton.jit
+def power_of_two_scale_kernel(amax, TOP: tl.constexpr, MIN: tl.constexpr):
+    """``(multiplier, descale)``: ``2 ** (TOP - floor(log2 amax))`` and its inverse, exact, from the bits."""
+    bits = tl.maximum(amax, MIN).to(tl.int32, bitcast=True)
+    top = ((bits >> 23) & 0xFF) - 127  # floor(log2 amax) of a normal float32
+    multiplier = ((127 + TOP - top) << 23).to(tl.float32, bitcast=True)
+    descale = ((127 - TOP + top) << 23).to(tl.float32, bitcast=True)
+    return multiplier, descale
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """``x`` (float32, ``|x| < 448``) rounded to the nearest float8 e4m3 value, ties to even, still float32.
+
+    The hardware conversion rounds the same way; rounding first makes the conversion that
+    follows exact everywhere, the Triton CPU interpreter included (its own conversion rounds
+    differently), so CI checks this pass bit for bit against the reference.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    # normal e4m3 (|x| >= 2**-6): keep 3 of float32's 23 mantissa bits, ties to even
+    kept = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+    normal = kept.to(tl.float32, bitcast=True)
+    # subnormal e4m3 (|x| < 2**-6): multiples of 2**-9, by the round-to-nearest-even float addition
+    subnormal = ((x * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def quantize_kv_kernel(
+    K, V, ORDER, K8, V8T, K_DESCALE, V_MULT,
+    stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+    heads, length, n_blocks, v8t_row,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr, MIN: tl.constexpr,
+):
+    """One program: permuted key rows ``[BLOCK * pid, BLOCK * (pid + 1))`` of one (batch, kv head)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs < length
+    rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+
+    # -- k: one power-of-two scale for the block
+    k = tl.load(K + b64 * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    multiplier, descale = power_of_two_scale_kernel(tl.max(tl.max(tl.abs(k), 1), 0), TOP, MIN)
+    k8 = K8 + pid_bh.to(tl.int64) * length * HEAD_DIM
+    tl.store(k8 + offs[:, None] * HEAD_DIM + offs_d[None, :], round_to_e4m3(k * multiplier).to(K8.dtype.element_ty),
+             mask=ok[:, None])
+    tl.store(K_DESCALE + pid_bh * n_blocks + pid_n, descale)
+
+    # -- v: the channel multipliers of this (batch, head), written transposed (keys contiguous)
+    v = tl.load(V + b64 * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    v_mult = tl.load(V_MULT + pid_bh * HEAD_DIM + offs_d)
+    v8t = V8T + pid_bh.to(tl.int64) * HEAD_DIM * v8t_row
+    tl.store(v8t + offs_d[None, :] * v8t_row + offs[:, None], round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty),
+             mask=ok[:, None])
+
+
+def padded_length(length: int) -> int:
+    """Row length of ``v8t``: ``length`` rounded up to 16 elements (16 bytes of float8)."""
+    return -(-length // 16) * 16
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: int):
+    """``(k8, k_descale, v8t, v_descale)`` of ``k, v [B, Hkv, S, D]`` (any strides) read through ``order``.
+
+    No host synchronisation: the channel maxima of v are one device reduction.
+    """
+    batch, heads, length, head_dim = k.shape
+    n_blocks = -(-length // block)
+    row = padded_length(length)
+    k8 = torch.empty((batch, heads, length, head_dim), dtype=FP8_DTYPE, device=k.device)
+    v8t = torch.empty((batch, heads, head_dim, row), dtype=FP8_DTYPE, device=k.device)
+    k_descale = torch.empty((batch, heads, n_blocks), dtype=torch.float32, device=k.device)
+    # the largest magnitude of each channel, in one pass without a copy of |v|
+    amax = torch.linalg.vector_norm(v, float("inf"), dim=2).float()
+    v_mult, v_descale = power_of_two_scale(amax)
+    quantize_kv_kernel[(n_blocks, batch * heads)](
+        k, v, order, k8, v8t, k_descale, v_mult.contiguous(),
+        *k.stride(), *v.stride(), heads, length, n_blocks, row,
+        HEAD_DIM=head_dim, BLOCK=block, TOP=TOP_EXPONENT, MIN=MIN_AMAX, num_warps=8,
+    )
+    return k8, k_descale, v8t, v_descale.contiguous()
