@@ -192,6 +192,8 @@ def test_triton_quantiser_equals_the_reference_rounding(length, head_dim, bsnd):
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     k[0, 1, :128] *= 1e-6  # tiny values: float8 subnormals after scaling against a larger block
     k[0, 1, 0] = 3.0
+    v[0, 1, :, 5] *= 1e-6  # float8 subnormals in v too
+    v[0, 1, 0, 5] = 1.0
     k[1, 0, 128:] = 0.0  # an all-zero block
     v[..., :3] *= 1e-3
     order = torch.randperm(length)

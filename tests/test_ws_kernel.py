@@ -197,8 +197,8 @@ def test_fp8_kernel_meets_the_fp8_rule_through_the_permutation(name, bsnd, dtype
     order = rf.build_permutation(layout, DEVICE).indices
     got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, precision="fp8")
     permuted = [x.index_select(2, order).cpu() for x in (q, k, v, got)]
-    golden = masked_attention(*(x.double() for x in permuted[:3]), mask.cpu(), 0.09)
-    reference = fp8_reference_attention(*permuted[:3], mask.cpu(), 0.09)
+    golden = masked_attention(*(x.double() for x in permuted[:3]), mask.to("cpu"), 0.09)
+    reference = fp8_reference_attention(*permuted[:3], mask.to("cpu"), 0.09)
     result = parity(permuted[3], golden, reference)
     assert result.passed, result
     assert (got[0, 0, order[128:256]] == 0).all()  # mask row 1 of (0, 0) keeps nothing: its rows are zero

@@ -146,6 +146,14 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
     warpgroup's rows; each k tile brings its block's scale (``K_DESCALE``), folded into the
     softmax scale of that tile; P is stored as ``p * P_MULT`` and v (transposed) has one scale
     per channel (``V_DESCALE``), both undone in the epilogue.
+
+    In FP8, O accumulates inside the tensor cores across tiles, as FlashAttention-3 does. Hopper's
+    FP8 products add into that accumulator with fewer bits than float32, which at the
+    Wan2.1-1.3B shape raises the error against bf16 from relative L2 0.041 (the roundings alone)
+    to 0.068 (still within the conformance rule's twice the reference). Adding each tile's P V to
+    O in float32 instead measured 0.041 but ran slower than the bf16 kernel: 0.97x with Triton's
+    own promotion (``max_num_imprecise_acc``), 0.84x with a half-width split; both spill
+    registers beside the score tile (BENCHMARKS.md).
     """
     MMA_K: gl.constexpr = 32 if FP8 else 16  # the tensor-core instruction's depth: 32 bytes
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
