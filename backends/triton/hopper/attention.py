@@ -14,8 +14,10 @@ and runs three partitions:
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
-rows on Hopper). Covers 16-bit inputs, head dims 64 and 128 (``TUNING``) and
-128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
+rows on Hopper). In FP8 (``precision="fp8"``, ``rainfusion_core.precision``) the same
+program runs both products on the 8-bit tensor cores: k is float8, v float8 and transposed
+(written by ``quantize.py``), q and P are rounded in the kernel. Covers 16-bit inputs, head dims 64
+and 128 (``TUNING``) and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 TOP_EXPONENT: gl.constexpr = gl.constexpr(precision.TOP_EXPONENT)
 MIN_AMAX: gl.constexpr = gl.constexpr(precision.MIN_AMAX)
 P_MULT: gl.constexpr = gl.constexpr(precision.P_MULTIPLIER)
+# FP8: kept tiles O accumulates inside the tensor cores before it is added to its float32 total (_consumer).
+# H100, Wan2.1-1.3B shape: every 4 tiles 1.00x the bf16 kernel, every 8 tiles 1.08x; the error is the
+# roundings' alone at both (cosine 0.9992 against bf16), against 0.998 with no flush at 1.17x.
+FLUSH_EVERY: gl.constexpr = gl.constexpr(8)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
 
 
@@ -137,7 +143,7 @@ def _v_operand(v_smem, slot, FP8: gl.constexpr):
 
 @gluon.jit
 def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n,
-              n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+              n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               FP8: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
@@ -147,13 +153,14 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
     softmax scale of that tile; P is stored as ``p * P_MULT`` and v (transposed) has one scale
     per channel (``V_DESCALE``), both undone in the epilogue.
 
-    In FP8, O accumulates inside the tensor cores across tiles, as FlashAttention-3 does. Hopper's
-    FP8 products add into that accumulator with fewer bits than float32, which at the
-    Wan2.1-1.3B shape raises the error against bf16 from relative L2 0.041 (the roundings alone)
-    to 0.068 (still within the conformance rule's twice the reference). Adding each tile's P V to
-    O in float32 instead measured 0.041 but ran slower than the bf16 kernel: 0.97x with Triton's
-    own promotion (``max_num_imprecise_acc``), 0.84x with a half-width split; both spill
-    registers beside the score tile (BENCHMARKS.md).
+    Hopper's FP8 products add into the tensor cores' accumulator with fewer bits than float32.
+    Left there across every kept tile (as FlashAttention-3 does), that raised the error against
+    bf16 at the Wan2.1-1.3B shape from relative L2 0.041 (the roundings alone) to 0.068, and to
+    0.098 at Wan2.1-14B's 75600 tokens. So every ``FLUSH_EVERY`` tiles the accumulator is added
+    to a float32 total kept in shared memory (``o_smem``; ``beta`` is the rescaling the
+    accumulator has had since), and O is ``total * beta + acc``. Adding every tile's product in
+    registers instead spilled beside the score tile and ran slower than the bf16 kernel
+    (BENCHMARKS.md).
     """
     MMA_K: gl.constexpr = 32 if FP8 else 16  # the tensor-core instruction's depth: 32 bytes
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -185,6 +192,10 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    if FP8:  # O = total * beta + acc: total in float32 in shared memory, beta the rescaling acc has had since
+        total_smem = o_smem.index(WG)
+        total_smem.store(gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout))
+        beta = gl.full([ROWS], 1.0, gl.float32, layout=gl.SliceLayout(1, o_layout))
 
     if n > 0:
         # -- tile 0: scores and probabilities; nothing to accumulate yet
@@ -202,7 +213,10 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
             mbarrier.wait(k_ready.index(nxt), ((t + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                   is_async=True)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+            acc = acc * alpha_o[:, None]
+            if FP8:
+                beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
             o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, FP8), acc,
                                   is_async=True)
@@ -214,10 +228,18 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
                                           BLOCK_N)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(cur), count=1)
+            if FP8:
+                if t % FLUSH_EVERY == FLUSH_EVERY - 1:  # -- move O out of the tensor cores' accumulator
+                    total_smem.store(total_smem.load(o_layout) * beta[:, None] + acc)
+                    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+                    beta = gl.full([ROWS], 1.0, gl.float32, layout=gl.SliceLayout(1, o_layout))
 
         # -- the last tile's P V
         last = n - 1
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        acc = acc * alpha_o[:, None]
+        if FP8:
+            beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, FP8), acc,
                               is_async=True)
@@ -226,7 +248,8 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
 
     # -- epilogue: normalise; a row with no kept block stays zero; scatter back through ORDER
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    if FP8:  # undo v's channel scales and P's multiplier
+    if FP8:  # the float32 total; undo v's channel scales and P's multiplier
+        acc = total_smem.load(o_layout) * beta[:, None] + acc
         offs_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         acc = acc * (gl.load(V_DESCALE + offs_o) * (1.0 / P_MULT))[None, :]
     out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(out_dtype)
@@ -268,6 +291,11 @@ def block_sparse_attention_fwd_ws(
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
+    if FP8:  # each consumer's float32 running total of O (see _consumer)
+        o_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, HEAD_DIM],
+                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.float32))
+    else:
+        o_smem = q_smem  # not read
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -282,10 +310,10 @@ def block_sparse_attention_fwd_ws(
     m0 = pid_m * (2 * ROWS)
     gl.warp_specialize([
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
-                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
                      0, HEAD_DIM, BLOCK_N, STAGES, FP8)),
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
-                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
                      1, HEAD_DIM, BLOCK_N, STAGES, FP8)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
