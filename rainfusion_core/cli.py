@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mask)
 
     p = sub.add_parser("evaluate", help="recall and error of the mask variants on captured or synthetic q/k/v",
-                       description="Compare rainfusion, no_permutation, no_sink, oracle and random masks: "
-                                   "density, attention recall, output error against dense attention.",
+                       description="Compare rainfusion, no_permutation, no_sink, oracle and random masks, and "
+                                   "rainfusion and dense attention in FP8 (fp8, fp8_dense): density, attention "
+                                   "recall, output error against dense attention.",
                        formatter_class=fmt)
     p.add_argument("--qkv", metavar="FILE", help="a file written by rainfusion_core.quality.save_qkv")
     p.add_argument("--synthetic", type=_ints(3, "F,H,W"), metavar="F,H,W",

@@ -3,7 +3,9 @@
 * :func:`attention_recall` -- softmax mass that falls in kept blocks, exactly.
 * :func:`oracle_block_mask` -- the best mask with the same kept count per row.
 * :func:`evaluate` -- compares ``rainfusion``, ``no_permutation``, ``no_sink``,
-  ``oracle`` and ``random`` across sparsities: density, recall, output error.
+  ``oracle`` and ``random`` across sparsities: density, recall, output error; and
+  ``fp8`` / ``fp8_dense``, what ``precision="fp8"`` adds to the error with and
+  without sparsity.
 
 Everything runs blockwise over query rows (memory ``O(rows x S)``, never
 ``O(S^2)``) on the inputs' device.
@@ -18,15 +20,18 @@ import torch
 
 from ._checks import check_block_size, check_qkv, default_scale, describe
 from .api import block_sparse_attention
+from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches, num_blocks, query_chunks
 from .dtypes import accumulation_dtype
 from .layout import VideoLayout
 from .permutation import build_permutation
+from .precision import fp8_reference_attention
 from .prediction import predict_block_mask
 from .progress import progress
+from .registry import get_backend
 from .selection import block_means, pooled_scores
 
-VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random")
+VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random", "fp8", "fp8_dense")
 CHUNK_ELEMENTS = 1 << 25
 
 
@@ -193,7 +198,11 @@ def evaluate(
     first frame; its blocks' budget goes to the next best predicted blocks, so
     each row keeps as many blocks as rainfusion's), ``oracle`` (true top
     blocks at rainfusion's kept count per row), ``random`` (random blocks at
-    that count). Columns: tile density,
+    that count). ``fp8``: rainfusion's mask with ``precision="fp8"``; ``fp8_dense``: every
+    block kept, in FP8 (one row, at sparsity 0), so the error of each of sparsity and
+    precision can be read apart. FP8 runs on ``backend``'s FP8 kernel when it offers one,
+    else through :func:`~rainfusion_core.precision.fp8_reference_attention` (same
+    roundings; the report says so). Columns: tile density,
     attention recall, relative L2 error and cosine similarity of the output
     against dense attention.
     """
@@ -223,12 +232,17 @@ def evaluate(
         bar.update()
         gen = torch.Generator().manual_seed(seed)
         report = QualityReport()
+        fp8_attention = _fp8_attention(backend, q.device, report) if {"fp8", "fp8_dense"} & set(variants) else None
+        if "fp8_dense" in variants:
+            bar.set_postfix_str("fp8_dense")
+            out = fp8_attention(qp, kp, vp, full, scale).double()
+            report.rows.append(QualityRow("fp8_dense", 0.0, 1.0, 1.0, *_errors(out, dense)))
         for sparsity in sparsities:
             predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-            for variant in variants:
+            for variant in (v for v in variants if v != "fp8_dense"):
                 bar.set_postfix_str(f"sparsity {sparsity:g} {variant}")
                 order_q, order_k, order_v, ref = qp, kp, vp, dense
-                if variant == "rainfusion":
+                if variant in ("rainfusion", "fp8"):
                     mask = predicted
                 elif variant == "no_sink":
                     mask = _predicted_top(qp, kp, layout, predicted, scale)
@@ -240,21 +254,44 @@ def evaluate(
                     order_q, order_k, order_v = q, k, v
                     ref = dense_model_order
                     mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-                out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale, backend=backend).double()
+                if variant == "fp8":
+                    out = fp8_attention(qp, kp, vp, mask, scale).double()
+                else:
+                    out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale,
+                                                 backend=backend).double()
                 recall = float(attention_recall(order_q, order_k, mask, scale=scale).mean())
-                rel = float((out - ref).norm() / ref.norm())
-                cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
-                report.rows.append(QualityRow(variant, sparsity, mask.density, recall, rel, cos))
+                report.rows.append(QualityRow(variant, sparsity, mask.density, recall, *_errors(out, ref)))
                 bar.update()
     _add_findings(report, sparsities, variants)
     return report
 
 
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Relative L2 error and cosine similarity of ``out`` against ``ref``."""
+    rel = float((out - ref).norm() / ref.norm())
+    return rel, float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+
+
+def _fp8_attention(backend, device: torch.device, report: QualityReport):
+    """``run(q, k, v, mask, scale)`` in FP8: the backend's kernel when it offers FP8, else the reference."""
+    chosen = backend if isinstance(backend, Backend) else get_backend(str(device) if backend is None else backend)
+    if "fp8" in chosen.precisions:
+        return lambda q, k, v, mask, scale: block_sparse_attention(q, k, v, mask, scale=scale, backend=backend,
+                                                                   precision="fp8")
+    report.notes.append(f"fp8 rows: backend {chosen.name!r} has no FP8 kernel; they come from the FP8 reference "
+                        "(rainfusion_core.precision), which rounds q, k, v and P as the Hopper kernel does")
+    return fp8_reference_attention
+
+
 def _add_findings(report: QualityReport, sparsities, variants) -> None:
-    """Say in words what the permutation and the sink bought on this data (or that they did not)."""
+    """Say in words what the permutation, the sink and FP8 did on this data (or that they did not)."""
     for sparsity in sparsities:
         if "rainfusion" not in variants:
             return
+        if "fp8" in variants:
+            bf16, fp8 = report.get("rainfusion", sparsity), report.get("fp8", sparsity)
+            report.notes.append(f"sparsity {sparsity:.2f}: FP8 moves the error against dense attention from rel L2 "
+                                f"{bf16.rel_l2:.4f} to {fp8.rel_l2:.4f} (cosine {bf16.cosine:.4f} to {fp8.cosine:.4f})")
         rf_row = report.get("rainfusion", sparsity)
         if "oracle" in variants:
             ratio = rf_row.recall / max(report.get("oracle", sparsity).recall, 1e-12)

@@ -61,7 +61,7 @@ def test_evaluate_reports_every_variant_and_says_what_each_idea_buys(tmp_path):
     layout = rf.VideoLayout(8, 16, 24)
     q, k, v = video_dit_qkv(layout, 2, 64, seed=0)
     report = evaluate(q, k, v, layout, sparsities=(0.5, 0.8), block_size=64, backend="cpu")
-    assert len(report.rows) == 10
+    assert len(report.rows) == 1 + 2 * 6  # fp8_dense once, the rest per sparsity
     for row in report.rows:
         assert 0 < row.density <= 1 and 0 < row.recall <= 1 + 1e-6 and row.rel_l2 >= 0 and -1 <= row.cosine <= 1
     assert report.get("oracle", 0.8).recall >= report.get("rainfusion", 0.8).recall
@@ -70,6 +70,7 @@ def test_evaluate_reports_every_variant_and_says_what_each_idea_buys(tmp_path):
         assert report.get("no_sink", sparsity).density == report.get("rainfusion", sparsity).density
     text = report.table()
     assert "x the oracle's" in text and "the permutation" in text and "the first-frame sink" in text
+    assert "FP8 moves the error" in text
     report.plot(tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -125,3 +126,20 @@ def test_no_sink_ablation_keeps_rainfusion_counts_and_text_blocks():
     assert torch.equal(ablated.kv_counts, predicted.kv_counts)
     assert ablated.dense[..., -2:].all()  # the text's two blocks are still kept in every row
     assert not torch.equal(ablated.dense, predicted.dense)
+
+
+def test_fp8_rows_say_what_precision_costs_apart_from_sparsity():
+    from helpers import Fp8Emulation
+    from rainfusion_core.synthetic import video_dit_qkv
+
+    layout = rf.VideoLayout(4, 16, 16)
+    q, k, v = video_dit_qkv(layout, 2, 64, seed=0)
+    report = evaluate(q, k, v, layout, sparsities=(0.8,), variants=("rainfusion", "fp8", "fp8_dense"))
+    dense_fp8, sparse, sparse_fp8 = report.get("fp8_dense", 0.0), report.get("rainfusion", 0.8), report.get("fp8", 0.8)
+    assert 0 < dense_fp8.rel_l2 < 0.1 and dense_fp8.density == 1.0  # FP8 alone: small, never zero
+    assert sparse_fp8.density == sparse.density and sparse_fp8.recall == sparse.recall  # the same mask
+    assert sparse_fp8.rel_l2 != sparse.rel_l2 and abs(sparse_fp8.rel_l2 - sparse.rel_l2) < dense_fp8.rel_l2 * 2
+    assert any("FP8 reference" in note for note in report.notes)  # the torch backend has no FP8 kernel
+    with rf.scoped_backends(Fp8Emulation()) as (plugin,):
+        report = evaluate(q, k, v, layout, sparsities=(0.8,), variants=("fp8",), backend="fp8_emulation")
+    assert ("forward", "fp8") in plugin.seen and not any("FP8 reference" in note for note in report.notes)

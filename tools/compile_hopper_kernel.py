@@ -1,0 +1,95 @@
+"""Compile the Hopper (sm_90a) attention kernel on any machine and count what it became.
+
+    python tools/compile_hopper_kernel.py [--head-dim 128] [--fp8] [--json]
+
+No GPU is needed: Triton compiles Gluon for a named target and ships ``ptxas`` and
+``cuobjdump``. Prints the shared memory the kernel takes and how many of each
+instruction of interest its machine code holds: tensor-core products (``HGMMA`` for
+16-bit, ``QGMMA`` for FP8), float8/bf16 packing (``F2FP``), local-memory spills
+(``LDL``/``STL``) and quarter-rate conversions (``I2F``). ``tests/test_ws_kernel.py``
+runs it to prove the kernel still builds where no Hopper GPU is present. Exits 3 when
+this Triton cannot compile Gluon ahead of time. Run it without ``TRITON_INTERPRET``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+INSTRUCTIONS = ("HGMMA", "QGMMA", "F2FP", "LDL", "STL", "I2F")
+
+
+def compile_kernel(head_dim: int, fp8: bool) -> tuple[int, str]:
+    """``(shared memory bytes, SASS)`` of the kernel for one head dim and precision."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from rainfusion_core.backends.triton.hopper import attention as ws
+
+    k_dtype, gl_dtype = (torch.float8_e4m3fn, gl.float8e4nv) if fp8 else (torch.bfloat16, gl.bfloat16)
+    block = ws.BLOCK
+    layout = gl.NVMMASharedLayout.get_default_for([block, head_dim], gl_dtype)
+    desc_k = TensorDescriptor.from_tensor(torch.empty(8 * block, head_dim, dtype=k_dtype), [block, head_dim], layout)
+    desc_v = desc_k
+    if fp8:  # v transposed: [heads * D, S]
+        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block], gl_dtype)
+        desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block - 5],
+                                  [8 * block, 1], [head_dim, block], v_layout)
+    kernel = ws.block_sparse_attention_fwd_ws
+    types = {"Q": "*bf16", "Out": "*bf16", "desc_k": desc_k.__mangle__(), "desc_v": desc_v.__mangle__(),
+             "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
+             "V_DESCALE": "*fp32", "qk_scale": "fp32"}
+    constants = {"HEAD_DIM": head_dim, "GROUP": 1, "BLOCK_N": block, "STAGES": ws.TUNING[head_dim]["stages"],
+                 "FP8": fp8}
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+    source = GluonASTSource(kernel, signature,
+                            constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, maxnreg=(2 * ws.CONSUMER_REGS + ws.LOADER_REGS) // 3))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    return compiled.metadata.shared, sass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    parser.add_argument("--fp8", action="store_true", help="the FP8 build (precision='fp8')")
+    parser.add_argument("--json", action="store_true", help="print the counts as one JSON line")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+        return 2
+    try:
+        import triton
+        from triton.experimental.gluon._runtime import GluonASTSource  # noqa: F401
+    except ImportError as exc:
+        print(f"this Triton cannot compile Gluon kernels ahead of time ({exc})")
+        return 3
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        print("this Triton ships no cuobjdump to read the compiled kernel")
+        return 3
+    shared, sass = compile_kernel(args.head_dim, args.fp8)
+    counts = {name: sass.count(name) for name in INSTRUCTIONS}
+    counts["shared_bytes"] = shared
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"head dim {args.head_dim}, {'FP8' if args.fp8 else '16-bit'}: " +
+              ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
