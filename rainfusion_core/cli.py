@@ -119,11 +119,11 @@ def _output_png(option: str, path: str) -> str:
     return path
 
 
-def _backend_line(spec, q, k, v, mask) -> str:
+def _backend_line(spec, q, k, v, mask, precision: str = "bf16") -> str:
     """Which backend runs this call, and for the C++ one what it runs with."""
     from .registry import select_backend
 
-    chosen = select_backend(spec, q, k, v, mask)
+    chosen = select_backend(spec, q, k, v, mask, precision)
     if chosen.name == "cpu":
         from .backends.cpu import kernel_description
 
@@ -180,7 +180,7 @@ def cmd_parity(args) -> int:
         backend = registry.get_backend(name=name)
         cases = default_cases(tuple(backend.head_dims or (32, 64, 128)), long=not args.quick)
         print(f"== {name} ==", flush=True)
-        report = check_backend(backend, device=device, dtypes=dtypes, cases=cases)
+        report = check_backend(backend, device=device, dtypes=dtypes, cases=cases, precision=args.precision)
         print(report.table(), flush=True)
         if args.all and all(r.verdict == "refused" for r in report.rows):
             print(f"({name} refuses every case with these dtypes: not compared)")
@@ -209,11 +209,11 @@ def cmd_bench(args) -> int:
     print(f"  dense SDPA: {dense_ms:.2f} ms", flush=True)
     results = []
     for i, sparsity in enumerate(args.sparsity, 1):
-        plan = plan_sparse_attention(q, k, layout, sparsity=sparsity, backend=args.backend)
+        plan = plan_sparse_attention(q, k, layout, sparsity=sparsity, backend=args.backend, precision=args.precision)
         if i == 1:
-            print(f"  {_backend_line(args.backend, q, k, v, plan.block_mask)}", flush=True)
-        ms = median_ms(lambda: sparse_attention(q, k, v, layout, sparsity=sparsity, backend=args.backend),
-                       device, repeats=args.repeats)
+            print(f"  {_backend_line(args.backend, q, k, v, plan.block_mask, args.precision)}", flush=True)
+        ms = median_ms(lambda: sparse_attention(q, k, v, layout, sparsity=sparsity, backend=args.backend,
+                                                precision=args.precision), device, repeats=args.repeats)
         results.append(ms)
         print(f"  [{i}/{len(args.sparsity)}] sparsity {sparsity:.2f}: density {plan.density:.3f} (kept tiles, "
               f"first-frame sink included), {ms:.2f} ms ({dense_ms / ms:.2f}x dense)", flush=True)
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_dtypes, metavar="LIST",
                    help="comma-separated dtypes to check (default: " + ",".join(DTYPE_NAMES) + ")")
     p.add_argument("--quick", action="store_true", help="skip the cases above 4K tokens")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: check the backend's FP8 path against the FP8 reference")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="time sparse against dense attention on a video shape",
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",
                    help="comma-separated sparsities in [0, 1)")
     p.add_argument("--repeats", type=POSITIVE, default=5, help="timed calls per measurement")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="precision of the sparse attention (fp8 needs an NVIDIA Hopper GPU)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of time against sparsity here")
     p.set_defaults(func=cmd_bench)
 

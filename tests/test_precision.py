@@ -205,3 +205,15 @@ def test_triton_quantiser_equals_the_reference_rounding(length, head_dim, bsnd):
     assert torch.equal(v8t[..., :length].cpu().float().transpose(2, 3), want_v)
     assert torch.equal(v_descale.cpu(), want_vd)
     assert math.isfinite(float(k_descale.max()))
+
+
+def test_cli_fp8_where_it_cannot_run_is_one_line_and_status_2(capsys):
+    from rainfusion_core.cli import main
+
+    assert main(["bench", "--device", "cpu", "--shape", "1,1,2,8,8,16", "--sparsity", "0.5", "--repeats", "1",
+                 "--precision", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "precision 'fp8'" in err
+    # the torch backend refuses every FP8 case, with its reason; nothing proved is a failed check
+    assert main(["parity", "--backend", "torch", "--dtypes", "bfloat16", "--quick", "--precision", "fp8"]) == 1
+    assert "does not compute in precision 'fp8'" in capsys.readouterr().out
