@@ -1,0 +1,103 @@
+"""Our Hopper kernel beside the kernels a user would pick instead, on the same RainFusion masks.
+
+    python benchmarks/peers_bench.py [--shapes wan-1.3b,wan-14b,hunyuanvideo,cogvideox-5b]   # NVIDIA Hopper GPU
+
+Per shape (batch 1, bf16, random q/k/v, the mask predicted at sparsity 0.8, all inputs already in
+permuted order): dense cuDNN and dense FlashAttention-2 through SDPA; FlexAttention on the same mask,
+compiled, with its default Triton kernels and with its FlashAttention-4 backend
+(``kernel_options={"BACKEND": "FLASH"}``, needs the ``flash-attn-4`` package); our Hopper kernel and
+the whole ``rf.sparse_attention`` call (from model order). A peer that cannot run prints one line
+saying why. Times are ``triton.testing.do_bench`` medians; TFLOP/s count the kept blocks for the
+sparse rows and every block for the dense ones.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import rainfusion_core as rf
+from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
+from rainfusion_core.benchmarking import median_ms
+
+SHAPES = {  # heads, head dim, layout
+    "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
+    "wan-14b": (40, 128, rf.VideoLayout(21, 45, 80)),
+    "hunyuanvideo": (24, 128, rf.VideoLayout(33, 45, 80, text_len=256, text_position="tail")),
+    "cogvideox-5b": (48, 64, rf.VideoLayout(13, 30, 45, text_len=226)),
+}
+
+
+def _flex(qp, kp, vp, mask, scale, backend: str | None):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+    flex_mask = mask.to_flex_block_mask()
+    options = {"BACKEND": backend} if backend else None
+    return lambda: compiled(qp, kp, vp, block_mask=flex_mask, scale=scale, kernel_options=options)
+
+
+def measure(name: str) -> list[str]:
+    heads, head_dim, layout = SHAPES[name]
+    seq = layout.seq_len
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    perm = rf.build_permutation(layout, "cuda")
+    qp, kp, vp = (perm.apply(x, 2).contiguous() for x in (q, k, v))
+    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
+    density, scale = mask.token_density(), head_dim ** -0.5
+    flops = 4 * heads * seq * seq * head_dim
+    runs = [
+        ("dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("dense FlashAttention-2 (SDPA)", 1.0, SDPBackend.FLASH_ATTENTION,
+         lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("FlexAttention, Triton kernels", density, None, lambda: _flex(qp, kp, vp, mask, scale, None)),
+        ("FlexAttention, FlashAttention-4 backend", density, None, lambda: _flex(qp, kp, vp, mask, scale, "FLASH")),
+        ("ours: Hopper kernel", density, None,
+         lambda: lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))),
+        ("ours: whole rf.sparse_attention", density, None,
+         lambda: lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),
+    ]
+    rows, times = [], {}
+    print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
+    for what, fraction, sdpa, make in runs:
+        try:
+            if sdpa is not None:
+                with sdpa_kernel(sdpa):
+                    fn = make
+                    ms = median_ms(fn, "cuda", repeats=10)
+            else:
+                fn = make()
+                ms = median_ms(fn, "cuda", repeats=10)
+        except Exception as exc:  # a peer missing here (package, backend) is reported, not fatal
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            rows.append(f"| {name} | {what} | cannot run here: {type(exc).__name__}: {reason} | | |")
+            print(rows[-1], flush=True)
+            continue
+        times[what] = ms
+        cudnn = times.get("dense cuDNN (SDPA)", ms)
+        rows.append(f"| {name} | {what} | {ms:.2f} ms | {flops * fraction / ms / 1e9:.0f} | {cudnn / ms:.2f}× |")
+        print(rows[-1], flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    args = parser.parse_args()
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = [row for name in names for row in measure(name)]
+    print("\n==== summary ====")
+    print("| shape | what | time | TFLOP/s (kept blocks; dense: all) | × dense cuDNN |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
