@@ -187,6 +187,11 @@ def _parse_device(spec: str) -> str | None:
     return None
 
 
+def device_type_of(spec: str) -> str | None:
+    """The device type a device string names (``"cuda:1"`` -> ``"cuda"``); ``None`` for a backend name."""
+    return _parse_device(spec)
+
+
 def _registered() -> list[Backend]:
     """The registered backends now (a snapshot taken under the lock)."""
     with _lock:

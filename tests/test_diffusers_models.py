@@ -264,13 +264,17 @@ def test_capture_refuses_context_parallelism(tmp_path):
 
 def test_precision_reaches_the_sparse_calls_of_a_model():
     from helpers import Fp8Emulation
-    from rainfusion_core import scoped_backends
+    from rainfusion_core import get_backend, scoped_backends
 
     tiny = next(m for m in MODELS if m.family == "HunyuanVideo")  # padded text: the padding path too
     model = tiny.build(0)
     kwargs = tiny.inputs(grids(tiny)[0], 2, tiny.text_mask, 500)
-    with pytest.raises(ValueError, match="precision='fp8': backend 'torch' does not offer it"):
+    with pytest.raises(ValueError, match="precision='fp8' is not offered by backend 'torch'"):
         apply_rainfusion(model, backend="torch", precision="fp8")
+    with pytest.raises(ValueError, match="not offered by any available backend for cpu"):
+        apply_rainfusion(model, precision="fp8")  # the weights are on the CPU: refused before any forward
+    with pytest.raises(ValueError, match="precision='fp8' is not offered by backend 'torch'"):
+        apply_rainfusion(model, backend=get_backend("torch"), precision="fp8")  # a Backend object too
     with scoped_backends(Fp8Emulation()) as (emulation,):
         handle = apply_rainfusion(model, sparsity=0.5, block_size=16, backend="fp8_emulation", precision="fp8")
         fp8_out = forward(model, kwargs)

@@ -18,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..._checks import check_block_size, check_optional_bool, check_sparsity, describe
-from ...precision import check_precision
-from ...registry import get_backend
+from ...backend import Backend
+from ...precision import DEFAULT_PRECISION, check_precision
+from ...registry import device_type_of, get_backend, registered_backends, unavailable_reason
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
@@ -135,11 +136,9 @@ def apply_rainfusion(
         raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
     precision = check_precision(precision)
     if backend is not None:
-        chosen = get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here
-        if precision not in chosen.precisions:
-            raise ValueError(f"precision={precision!r}: backend {chosen.name!r} does not offer it (it offers "
-                             f"{', '.join(chosen.precisions)})")
-    adapter, _ = _transformers(model)
+        get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
+    adapter, transformers = _transformers(model)
+    _check_precision_offered(precision, backend, transformers)
     shortcut = None
     if adapter.family == "Wan":
         shortcut = WanFusedPrologue(fuse_prologue)
@@ -153,6 +152,30 @@ def apply_rainfusion(
         return sites["sparse"]
 
     return _install(model, schedule, layers, make_site, shortcut)
+
+
+def _check_precision_offered(precision: str, backend, transformers) -> None:
+    """Refuse, before any forward, a precision that no backend could run for this model.
+
+    With ``backend`` named: that backend must list it. Otherwise some available backend for
+    the device the model's weights are on must. (Whether the call itself suits the backend,
+    a Hopper GPU for FP8 say, is still decided per call, with the reason.)
+    """
+    if precision == DEFAULT_PRECISION:
+        return
+    if isinstance(backend, Backend) or (backend is not None and device_type_of(backend) is None):
+        chosen = get_backend(backend)
+        candidates, where = [chosen], f"backend {chosen.name!r}"
+    else:
+        parameter = next((p for t in transformers for p in t.parameters()), None)
+        device_type = device_type_of(backend) if backend is not None else (
+            parameter.device.type if parameter is not None else "cpu")
+        candidates = [b for b in registered_backends()
+                      if ("*" in b.device_types or device_type in b.device_types) and unavailable_reason(b) is None]
+        where = f"any available backend for {device_type} (the device of the model's weights)"
+    if not any(precision in b.precisions for b in candidates):
+        offered = "; ".join(f"{b.name}: {', '.join(b.precisions)}" for b in candidates) or "none"
+        raise ValueError(f"precision={precision!r} is not offered by {where} ({offered})")
 
 
 class _CountSteps(Schedule):
