@@ -123,7 +123,8 @@ def apply_rainfusion(
             ``True``: always, an error where it cannot run; ``False``: never.
         precision: ``"bf16"`` or ``"fp8"``, as in ``rf.sparse_attention``: the sparse
             attention's operands in float8 (Hopper GPUs); dense layers, dense steps and
-            padded text rows keep the model's precision.
+            padded text rows keep the model's precision. Refused here when neither the named
+            backend nor any backend for the device of the model's weights offers it.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
