@@ -14,8 +14,9 @@ float8 e4m3 and accumulates in float32, as the Hopper kernel does:
 
 Every scale is a power of two, ``2 ** (floor(log2(amax)) - 7)``: the largest value of a
 group lands in [128, 256), inside e4m3's range (448), and scaling and unscaling are
-exact, so kernel and reference round the same numbers to the same float8 values. The
-mask is predicted from the unquantised inputs: it never changes with the precision.
+exact, so kernel and reference round q, k and v to the same float8 values (P differs:
+the kernel rounds it against the running maximum of its online softmax). The mask is
+predicted from the unquantised inputs: it never changes with the precision.
 """
 from __future__ import annotations
 
