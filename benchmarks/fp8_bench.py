@@ -26,7 +26,7 @@ import rainfusion_core as rf
 from rainfusion_core.backends.triton.hopper import attention as ws
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.backends.triton.quantize import quantize_kv
-from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.benchmarking import comma_choices, median_ms
 from rainfusion_core.synthetic import video_dit_qkv
 
 MODELS = {  # heads, latent grid of a 81-frame video (480p / 720p), no text in self-attention
@@ -99,10 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     args = parser.parse_args()
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    names = comma_choices(parser, "--models", args.models, MODELS)
     rows = []
     for name in names:
         rows += measure(name)

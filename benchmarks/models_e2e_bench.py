@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import event_median_ms
+from rainfusion_core.benchmarking import comma_choices, event_median_ms
 from rainfusion_core.integrations.diffusers import apply_rainfusion, attention_layers
 
 DENSE = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -198,13 +198,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", default="bf16", help="comma-separated RainFusion precisions: bf16, fp8")
     args = parser.parse_args()
-    precisions = args.precisions.split(",")
-    if not set(precisions) <= {"bf16", "fp8"}:
-        parser.error(f"--precisions: expected bf16 and/or fp8, got {args.precisions}")
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    precisions = comma_choices(parser, "--precisions", args.precisions, ("bf16", "fp8"))
+    names = comma_choices(parser, "--models", args.models, MODELS)
     modes = args.modes.split(",")
     rows = []
     for name in names:

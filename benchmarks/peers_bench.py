@@ -13,6 +13,7 @@ sparse rows and every block for the dense ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
-from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.benchmarking import comma_choices, median_ms
 
 SHAPES = {  # heads, head dim, layout
     "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
@@ -48,10 +49,11 @@ def measure(name: str) -> list[str]:
     mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
     density, scale = mask.token_density(), head_dim ** -0.5
     flops = 4 * heads * seq * seq * head_dim
+    # (what, fraction of blocks computed, SDPA backend to pin or None, build: -> the call to time)
     runs = [
-        ("dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION, lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
         ("dense FlashAttention-2 (SDPA)", 1.0, SDPBackend.FLASH_ATTENTION,
-         lambda: F.scaled_dot_product_attention(q, k, v)),
+         lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
         ("FlexAttention, Triton kernels", density, None, lambda: _flex(qp, kp, vp, mask, scale, None)),
         ("FlexAttention, FlashAttention-4 backend", density, None, lambda: _flex(qp, kp, vp, mask, scale, "FLASH")),
         ("ours: Hopper kernel", density, None,
@@ -61,15 +63,10 @@ def measure(name: str) -> list[str]:
     ]
     rows, times = [], {}
     print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
-    for what, fraction, sdpa, make in runs:
+    for what, fraction, sdpa, build in runs:
         try:
-            if sdpa is not None:
-                with sdpa_kernel(sdpa):
-                    fn = make
-                    ms = median_ms(fn, "cuda", repeats=10)
-            else:
-                fn = make()
-                ms = median_ms(fn, "cuda", repeats=10)
+            with sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext():
+                ms = median_ms(build(), "cuda", repeats=10)
         except Exception as exc:  # a peer missing here (package, backend) is reported, not fatal
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
             rows.append(f"| {name} | {what} | cannot run here: {type(exc).__name__}: {reason} | | |")
@@ -87,10 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
     args = parser.parse_args()
-    names = args.shapes.split(",")
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        parser.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    names = comma_choices(parser, "--shapes", args.shapes, SHAPES)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = [row for name in names for row in measure(name)]
     print("\n==== summary ====")

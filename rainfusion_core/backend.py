@@ -187,10 +187,10 @@ def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
 
 
 def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
-                           out: torch.Tensor, **precision) -> None:
+                           out: torch.Tensor, **extra) -> None:
     """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
     permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``.
-    ``precision=`` (only when not the default) is passed on to ``forward``."""
+    ``extra`` (``precision=``, only when not the default) is passed on to ``forward``."""
     permuted = [x.index_select(2, order) for x in (q, k, v)]
-    result = backend.forward(*permuted, block_mask, scale, **precision)
+    result = backend.forward(*permuted, block_mask, scale, **extra)
     out.index_copy_(2, order, checked_output(backend, result, permuted[0]))

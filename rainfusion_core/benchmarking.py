@@ -49,3 +49,13 @@ def event_median_ms(fn, *, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return statistics.median(times)
+
+
+def comma_choices(parser, option: str, value: str, choices) -> list[str]:
+    """The comma-separated names in ``value`` (the benchmark scripts' ``option``), each one of
+    ``choices``; an unknown name is the parser's one-line error naming the option."""
+    names = value.split(",")
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return names
