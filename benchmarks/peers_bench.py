@@ -1,14 +1,17 @@
 """Our Hopper kernel beside the kernels a user would pick instead, on the same RainFusion masks.
 
-    python benchmarks/peers_bench.py [--shapes wan-1.3b,wan-14b,hunyuanvideo,cogvideox-5b]   # NVIDIA Hopper GPU
+    python benchmarks/peers_bench.py [--shapes wan-1.3b,...] [--peers cudnn,flashinfer-fa3,ours,...]   # Hopper GPU
 
 Per shape (batch 1, bf16, random q/k/v, the mask predicted at sparsity 0.8, all inputs already in
 permuted order): dense cuDNN and dense FlashAttention-2 through SDPA; FlexAttention on the same mask,
 compiled, with its default Triton kernels and with its FlashAttention-4 backend
-(``kernel_options={"BACKEND": "FLASH"}``, needs the ``flash-attn-4`` package); our Hopper kernel and
-the whole ``rf.sparse_attention`` call (from model order). A peer that cannot run prints one line
-saying why. Times are ``triton.testing.do_bench`` medians; TFLOP/s count the kept blocks for the
-sparse rows and every block for the dense ones.
+(``kernel_options={"BACKEND": "FLASH"}``, needs the ``flash-attn-4`` package); FlashInfer's
+``VariableBlockSparseAttentionWrapper`` (per-head masks; ``flashinfer-python``, its kernels compiled on
+first use) with its FlashAttention-3 and FlashAttention-2 kernels, planned once outside the timing;
+our Hopper kernel and the whole ``rf.sparse_attention`` call (from model order). Every sparse peer's
+output is compared with ours (largest difference printed), so a timing is never of a different mask.
+A peer that cannot run prints one line saying why. Times are ``triton.testing.do_bench`` medians;
+TFLOP/s count the kept blocks for the sparse rows and every block for the dense ones.
 """
 from __future__ import annotations
 
@@ -40,7 +43,27 @@ def _flex(qp, kp, vp, mask, scale, backend: str | None):
     return lambda: compiled(qp, kp, vp, block_mask=flex_mask, scale=scale, kernel_options=options)
 
 
-def measure(name: str) -> list[str]:
+def _flashinfer(qp, kp, vp, mask, scale, backend: str):
+    """FlashInfer's per-head block-sparse wrapper on our mask; planned here, once (host work, untimed)."""
+    import flashinfer
+
+    _, heads, seq, head_dim = qp.shape
+    block = mask.block_size
+    n_blocks = mask.dense.shape[-1]
+    sizes = torch.full((heads, n_blocks), block, dtype=torch.int32, device=qp.device)
+    sizes[:, -1] = seq - block * (n_blocks - 1)  # the last block holds what is left
+    workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=qp.device)
+    wrapper = flashinfer.sparse.VariableBlockSparseAttentionWrapper(workspace, backend=backend)
+    wrapper.plan(mask.dense[0], sizes, sizes, heads, heads, head_dim, sm_scale=scale,
+                 q_data_type=qp.dtype, kv_data_type=kp.dtype)
+    q, k, v = qp[0], kp[0], vp[0]
+    return lambda: wrapper.run(q, k, v)
+
+
+PEERS = ("cudnn", "fa2", "flex", "flex-fa4", "flashinfer-fa3", "flashinfer-fa2", "ours", "whole")
+
+
+def measure(name: str, peers=PEERS) -> list[str]:
     heads, head_dim, layout = SHAPES[name]
     seq = layout.seq_len
     q, k, v = (torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -50,23 +73,34 @@ def measure(name: str) -> list[str]:
     density, scale = mask.token_density(), head_dim ** -0.5
     flops = 4 * heads * seq * seq * head_dim
     # (what, fraction of blocks computed, SDPA backend to pin or None, build: -> the call to time)
-    runs = [
-        ("dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION, lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
-        ("dense FlashAttention-2 (SDPA)", 1.0, SDPBackend.FLASH_ATTENTION,
+    runs = [  # (key, what, fraction of blocks computed, SDPA backend to pin or None, build: -> the call to time)
+        ("cudnn", "dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION,
          lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
-        ("FlexAttention, Triton kernels", density, None, lambda: _flex(qp, kp, vp, mask, scale, None)),
-        ("FlexAttention, FlashAttention-4 backend", density, None, lambda: _flex(qp, kp, vp, mask, scale, "FLASH")),
-        ("ours: Hopper kernel", density, None,
+        ("fa2", "dense FlashAttention-2 (SDPA)", 1.0, SDPBackend.FLASH_ATTENTION,
+         lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("flex", "FlexAttention, Triton kernels", density, None, lambda: _flex(qp, kp, vp, mask, scale, None)),
+        ("flex-fa4", "FlexAttention, FlashAttention-4 backend", density, None,
+         lambda: _flex(qp, kp, vp, mask, scale, "FLASH")),
+        ("flashinfer-fa3", "FlashInfer block-sparse, FA3 kernels", density, None,
+         lambda: _flashinfer(qp, kp, vp, mask, scale, "fa3")),
+        ("flashinfer-fa2", "FlashInfer block-sparse, FA2 kernels", density, None,
+         lambda: _flashinfer(qp, kp, vp, mask, scale, "fa2")),
+        ("ours", "ours: Hopper kernel", density, None,
          lambda: lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))),
-        ("ours: whole rf.sparse_attention", density, None,
+        ("whole", "ours: whole rf.sparse_attention", density, None,
          lambda: lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),
     ]
+    ours = block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))
     rows, times = [], {}
     print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
-    for what, fraction, sdpa, build in runs:
+    for key, what, fraction, sdpa, build in runs:
+        if key not in peers:
+            continue
         try:
             with sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext():
-                ms = median_ms(build(), "cuda", repeats=10)
+                call = build()
+                note = "" if sdpa is not None or "whole" in what else _difference(call(), ours)
+                ms = median_ms(call, "cuda", repeats=10)
         except Exception as exc:  # a peer missing here (package, backend) is reported, not fatal
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
             rows.append(f"| {name} | {what} | cannot run here: {type(exc).__name__}: {reason} | | |")
@@ -74,22 +108,29 @@ def measure(name: str) -> list[str]:
             continue
         times[what] = ms
         cudnn = times.get("dense cuDNN (SDPA)", ms)
-        rows.append(f"| {name} | {what} | {ms:.2f} ms | {flops * fraction / ms / 1e9:.0f} | {cudnn / ms:.2f}× |")
+        rows.append(f"| {name} | {what} | {ms:.2f} ms | {flops * fraction / ms / 1e9:.0f} | {cudnn / ms:.2f}× |{note}")
         print(rows[-1], flush=True)
     torch.cuda.empty_cache()
     return rows
 
 
+def _difference(out: torch.Tensor, ours: torch.Tensor) -> str:
+    """The largest absolute difference from our kernel's output (peers may return [H, S, D])."""
+    return f" {(out.reshape(ours.shape).float() - ours.float()).abs().max().item():.1e} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of: {', '.join(PEERS)}")
     args = parser.parse_args()
     names = comma_choices(parser, "--shapes", args.shapes, SHAPES)
+    peers = comma_choices(parser, "--peers", args.peers, PEERS)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = [row for name in names for row in measure(name)]
+    rows = [row for name in names for row in measure(name, peers)]
     print("\n==== summary ====")
-    print("| shape | what | time | TFLOP/s (kept blocks; dense: all) | × dense cuDNN |")
-    print("|---|---|---|---|---|")
+    print("| shape | what | time | TFLOP/s (kept blocks; dense: all) | × dense cuDNN | max abs difference from ours |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

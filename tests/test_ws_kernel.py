@@ -24,7 +24,7 @@ ON_HOPPER = needs_hopper
 LAYOUTS = {
     "ragged-7x11": (2, 4, 2, 3, 7, 11, 0),  # 231 tokens: a partial last block, GQA 2
     "gqa4-text": (1, 4, 1, 2, 9, 15, 37),  # text tokens, every q head on one kv head
-    "tiled-16x24": (1, 6, 6, 3, 16, 24, 0),  # whole blocks; 6 kv heads run in two chunks
+    "tiled-16x24": (1, 6, 6, 3, 16, 24, 0),  # whole blocks; 6 kv heads: two chunks when chunked
 }
 
 
@@ -54,6 +54,22 @@ def test_ws_equals_triton_kernel_through_the_permutation(name, bsnd, dtype, head
     got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert (got[0, 0, order[128:256]] == 0).all()  # mask row 1 of (0, 0) keeps nothing: its rows are zero
+
+
+@ON_HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_ws_in_several_head_chunks_equals_triton_kernel(monkeypatch, name, head_dim):
+    # Small calls copy k and v in one chunk; long ones in several, each its own launch on head slices.
+    monkeypatch.setattr(triton_launch, "ONE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(triton_launch, "_PLANS", {})
+    layout, q, k, v, mask = _problem(name, torch.bfloat16, head_dim=head_dim)
+    order = rf.build_permutation(layout, DEVICE).indices
+    plan = triton_launch.plan_launch(q, k, v, q, mask, order, WS)
+    assert plan.kernel == "ws" and (plan.head_step < k.shape[1] or k.shape[1] == 1), plan
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @ON_HOPPER
@@ -105,7 +121,8 @@ def test_ws_is_the_default_on_hopper_and_its_copies_stay_small():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
     qkv = sum(x.numel() * x.element_size() for x in (q, k, v))
-    assert extra <= qkv / 3, (extra, qkv)  # one head chunk of k and v copies at a time
+    # one head chunk of k and v copies at a time: a third of q + k + v, or all of them when that is small
+    assert extra <= max(qkv / 3, triton_launch.ONE_CHUNK_BYTES), (extra, qkv)
     torch.testing.assert_close(out, block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS),
                                rtol=0, atol=0)
 
@@ -128,6 +145,14 @@ def test_head_chunks_keep_copies_within_a_third_of_qkv(q_heads, kv_heads):
     assert 1 <= step <= kv_heads
     copies = 2 * step  # k and v rows of one chunk, in units of one head's [S, D]
     assert copies * 3 <= q_heads + 2 * kv_heads or step == 1, (step, copies)
+
+
+def test_small_copies_are_made_in_one_chunk():
+    head_bytes = 17776 * 64 * 2  # CogVideoX-5B: 48 heads of 17776 x 64 bf16, 218 MB of k and v copies
+    assert triton_launch._ws_head_chunks(48, 48, head_bytes) == 48
+    big = 75600 * 128 * 2  # Wan2.1-14B: 40 heads, 1.5 GB of copies: chunks of a third of q + k + v
+    assert triton_launch._ws_head_chunks(40, 40, big) == triton_launch._ws_head_chunks(40, 40) == 20
+    assert triton_launch._ws_head_chunks(40, 40, big) * 2 * big > triton_launch.ONE_CHUNK_BYTES
 
 
 def test_explicit_ws_refuses_what_it_cannot_run():

@@ -74,8 +74,12 @@ def main() -> int:
     try:
         import triton
         from triton.experimental.gluon._runtime import GluonASTSource  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     except ImportError as exc:
         print(f"this Triton cannot compile Gluon kernels ahead of time ({exc})")
+        return 3
+    if not hasattr(TensorDescriptor, "__mangle__"):  # older Triton: no ahead-of-time signature for descriptors
+        print(f"Triton {triton.__version__} cannot compile Gluon kernels with tensor descriptors ahead of time")
         return 3
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         print("this Triton ships no cuobjdump to read the compiled kernel")

@@ -148,7 +148,8 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
             reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
         if reason is None:
             contiguous = order is None and k.is_contiguous() and v.is_contiguous()
-            return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1]))
+            head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
+            return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
             raise ValueError(f"kernel='ws' cannot run this call: {reason}")
     from . import attention as kernels
@@ -202,13 +203,22 @@ def _ws_min_tokens(head_dim: int) -> int:
     return ws.TUNING.get(head_dim, {}).get("min_tokens", 0)
 
 
-def _ws_head_chunks(q_heads: int, kv_heads: int) -> int:
+# Copies up to this size are made in one chunk: each further chunk is another launch whose last wave
+# runs part-empty. H100, kernel time of the whole call, one chunk against two: CogVideoX-5B (218 MB of
+# copies) 3.13 against 3.17 ms, Wan2.1-1.3B (201 MB) 2.93 against 3.08 ms (BENCHMARKS.md).
+ONE_CHUNK_BYTES = 256 << 20
+
+
+def _ws_head_chunks(q_heads: int, kv_heads: int, head_bytes: int = 0) -> int:
     """kv heads per chunk, so that the k and v copies of one chunk stay within a third of q + k + v.
 
     One kv head's copies are 2 [S, D] rows of q + k + v's ``q_heads + 2 kv_heads``;
-    a single head (step 1) is the floor.
+    a single head (step 1) is the floor. Copies of at most :data:`ONE_CHUNK_BYTES` in all
+    (``head_bytes``: one kv head's k rows, all batch items) are made in one chunk.
     """
-    return max(1, min(kv_heads, (q_heads + 2 * kv_heads) // 6))
+    third = (q_heads + 2 * kv_heads) // 6
+    small = ONE_CHUNK_BYTES // (2 * head_bytes) if head_bytes else 0
+    return max(1, min(kv_heads, max(third, small)))
 
 
 _IDENTITY: dict[tuple[int, torch.device], torch.Tensor] = {}

@@ -13,7 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-_ROWS = 32  # tokens summed per step of the block-means loop
+# Tuned on the H100 (BENCHMARKS.md, head dim 64 and 128): block means read a whole 128-token block in
+# one step (q and k at CogVideoX-5B: 0.104 ms, against 0.154 ms 32 tokens at a time); select_blocks
+# takes a tile of at most 512 scores per program, one warp per 512 (0.027 ms against 0.053 ms).
+_ROWS = 128  # tokens summed per step of the block-means loop
+_WARPS = 4
+_SELECT_TILE = 512  # scores per select_blocks program (one row at least)
 
 
 @triton.jit
@@ -95,8 +100,9 @@ def block_means(x: torch.Tensor, block_size: int, order: torch.Tensor | None) ->
     block = block_size if n_blocks > 1 else length  # one block: the same mean, and work follows S
     block_means_kernel[(n_blocks, batch * heads)](
         x, x if order is None else order, out, *x.stride(), heads, length, n_blocks,
-        HEAD_DIM=head_dim, BLOCK=block, BLOCK_D=triton.next_power_of_2(head_dim), ROWS=_ROWS,
-        GATHER=order is not None, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=block, BLOCK_D=triton.next_power_of_2(head_dim),
+        ROWS=min(_ROWS, triton.next_power_of_2(block)),
+        GATHER=order is not None, num_warps=_WARPS,
     )
     return out
 
@@ -109,10 +115,11 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     counts = torch.empty((batch, heads, n_rows), dtype=torch.int32, device=scores.device)
     indices = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
     cols = triton.next_power_of_2(n_cols)
-    rows = max(1, min(16, 4096 // cols))  # a [rows, cols] tile of at most 4096 scores per program
+    rows = max(1, min(16, _SELECT_TILE // cols))  # a [rows, cols] tile of at most _SELECT_TILE scores per program
+    warps = max(1, min(4, rows * cols // 512))
     total = batch * heads * n_rows
     select_blocks_kernel[(triton.cdiv(total, rows),)](
         scores, dense, counts, indices, total, n_rows, n_cols, keep, scale, sink_blocks, text_blocks,
-        ROWS=rows, COLS=cols, num_warps=4,
+        ROWS=rows, COLS=cols, num_warps=warps,
     )
     return dense.view(torch.bool), counts, indices
