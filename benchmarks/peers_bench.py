@@ -72,7 +72,6 @@ def measure(name: str, peers=PEERS) -> list[str]:
     mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
     density, scale = mask.token_density(), head_dim ** -0.5
     flops = 4 * heads * seq * seq * head_dim
-    # (what, fraction of blocks computed, SDPA backend to pin or None, build: -> the call to time)
     runs = [  # (key, what, fraction of blocks computed, SDPA backend to pin or None, build: -> the call to time)
         ("cudnn", "dense cuDNN (SDPA)", 1.0, SDPBackend.CUDNN_ATTENTION,
          lambda: lambda: F.scaled_dot_product_attention(q, k, v)),
@@ -99,7 +98,7 @@ def measure(name: str, peers=PEERS) -> list[str]:
         try:
             with sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext():
                 call = build()
-                note = "" if sdpa is not None or "whole" in what else _difference(call(), ours)
+                note = "" if sdpa is not None or key == "whole" else _difference(call(), ours)
                 ms = median_ms(call, "cuda", repeats=10)
         except Exception as exc:  # a peer missing here (package, backend) is reported, not fatal
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
