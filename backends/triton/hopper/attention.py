@@ -43,7 +43,10 @@ ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
 # kernel won at 17776 tokens (CogVideoX-5B, 3.06 against 4.20 ms) and lost at 6144 (LTX-Video: its
 # forward 91 -> 124 ms eager, against 86 ms on the portable kernel); the crossover was not measured.
 # The program shape (128 query rows in two 64-row consumer warpgroups, 128-key tiles) is the mask
-# block's and the same for both.
+# block's and the same for both. Head dim 256 does not fit it (compiled for sm_90a with
+# tools/compile_hopper_kernel.py): a 2-slot ring needs 344 KB of shared memory, over the 227 KB a
+# block may use, and with 1 slot (213 KB) the 64 x 256 float32 O tile spills (317 local loads and 294
+# stores); d=256 runs on the portable kernel.
 TUNING = {128: dict(stages=2, min_tokens=0), 64: dict(stages=2, min_tokens=16384)}
 SUPPORTED_HEAD_DIMS = tuple(sorted(TUNING))
 # Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
