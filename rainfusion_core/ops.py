@@ -21,7 +21,7 @@ import torch
 from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
 from .block_mask import BlockMask, num_blocks
 from .call import BackendChoice, MaskSpec
-from .precision import DEFAULT_PRECISION
+from .precision import DEFAULT_PRECISION, backend_keywords
 from .registry import select_backend
 from .selection import compute_block_mask
 
@@ -123,7 +123,7 @@ def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, 
     reads through it, or else the rows are gathered into permuted copies and scattered back.
     A precision other than the default reaches the backend as ``precision=``.
     """
-    extra = {} if precision == DEFAULT_PRECISION else {"precision": precision}
+    extra = backend_keywords(precision)
     if order is None and not bsnd_out:
         return checked_output(chosen, chosen.forward(q, k, v, mask, scale, **extra), q).contiguous()
     out = _empty_out(q, bsnd_out)

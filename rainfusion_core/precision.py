@@ -44,6 +44,12 @@ def check_precision(precision) -> str:
     return precision
 
 
+def backend_keywords(precision: str) -> dict:
+    """How a precision reaches a backend's methods: a non-default one as the keyword ``precision=``,
+    the default as nothing, so backends written before precisions existed are called as before."""
+    return {} if precision == DEFAULT_PRECISION else {"precision": precision}
+
+
 def power_of_two_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(multiplier, descale)`` for groups whose largest magnitude is ``amax``: both powers of two,
     ``multiplier = 2 ** (7 - floor(log2 amax))`` and ``descale = 1 / multiplier``."""

@@ -27,7 +27,7 @@ import torch
 
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
-from .precision import DEFAULT_PRECISION, PRECISIONS
+from .precision import DEFAULT_PRECISION, PRECISIONS, backend_keywords
 
 ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
@@ -360,8 +360,8 @@ class _Call:
         if self.precision not in backend.precisions:
             return [f"it does not compute in precision {self.precision!r} (it offers "
                     f"{', '.join(backend.precisions)})"]
-        extra = {} if self.precision == DEFAULT_PRECISION else {"precision": self.precision}
-        return list(backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask, **extra))
+        return list(backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask,
+                                                **backend_keywords(self.precision)))
 
 
 def _choose(device_type: str, call: _Call | None, spec: str) -> Backend:

@@ -29,7 +29,7 @@ from .backend import Backend
 from .block_mask import BlockMask
 from .errors import UnsupportedInputError
 from .parity import parity
-from .precision import DEFAULT_PRECISION, check_precision, fp8_reference_attention
+from .precision import DEFAULT_PRECISION, backend_keywords, check_precision, fp8_reference_attention
 from .progress import progress
 from .registry import get_backend, select_backend
 
@@ -143,7 +143,7 @@ def _poison(shape, dtype, device) -> None:
 def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: int = 0,
              precision: str = DEFAULT_PRECISION) -> CaseResult:
     precision = check_precision(precision)
-    extra = {} if precision == DEFAULT_PRECISION else {"precision": precision}
+    extra = backend_keywords(precision)
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _inputs(case, gen)
     dense = _mask(case, gen)
