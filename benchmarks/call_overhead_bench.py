@@ -1,6 +1,7 @@
 """Where a sparse call's time goes at the model shapes: GPU time, host time per call, and the GPU-only time.
 
-    python benchmarks/call_overhead_bench.py        # needs a CUDA GPU
+    python benchmarks/call_overhead_bench.py                 # needs a CUDA GPU
+    python benchmarks/call_overhead_bench.py --profile Flux  # where one shape's host time goes (cProfile)
 
 For each shape (Flux 1024², LTX-Video, CogVideoX-5B, Wan2.1-1.3B 480p; batch 1, bf16,
 random q/k/v, sparsity 0.8, Triton backend): dense cuDNN SDPA, the whole
@@ -9,6 +10,9 @@ and the same call replayed in a CUDA graph (no host work: what the GPU alone nee
 """
 from __future__ import annotations
 
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -49,7 +53,36 @@ def graphed_ms(fn) -> float:
     return event_median_ms(graph.replay, repeats=20)
 
 
+def profile(name: str, calls: int = 300) -> None:
+    """cProfile of warm calls at the first shape whose name starts with ``name``: the host time by function."""
+    shape = next((s for s in SHAPES if s.startswith(name)), None)
+    if shape is None:
+        raise SystemExit(f"--profile: no shape starts with {name!r}; expected one of {list(SHAPES)}")
+    layout, heads, dim = SHAPES[shape]
+    q, k, v = (torch.randn(1, layout.seq_len, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    call = lambda: rf.sparse_attention(q, k, v, layout, tensor_layout="BSND", backend="triton")  # noqa: E731
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    print(f"{shape}: {calls} warm calls")
+    stats = pstats.Stats(profiler).strip_dirs()
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(45)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", metavar="SHAPE", help="profile the host time of one shape instead")
+    args = parser.parse_args()
+    if args.profile:
+        profile(args.profile)
+        return
     rows = []
     for name, (layout, heads, dim) in SHAPES.items():
         q, k, v = (torch.randn(1, layout.seq_len, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -28,7 +28,7 @@ from .permutation import build_permutation
 from .precision import fp8_reference_attention
 from .prediction import predict_block_mask
 from .progress import progress
-from .registry import get_backend
+from .registry import get_backend, refusal_reasons
 from .selection import block_means, pooled_scores
 
 VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random", "fp8", "fp8_dense")
@@ -232,7 +232,8 @@ def evaluate(
         bar.update()
         gen = torch.Generator().manual_seed(seed)
         report = QualityReport()
-        fp8_attention = _fp8_attention(backend, q.device, report) if {"fp8", "fp8_dense"} & set(variants) else None
+        fp8_attention = (_fp8_attention(backend, qp, kp, vp, full, report) if {"fp8", "fp8_dense"} & set(variants)
+                         else None)
         if "fp8_dense" in variants:
             bar.set_postfix_str("fp8_dense")
             out = fp8_attention(qp, kp, vp, full, scale).double()
@@ -272,14 +273,21 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
 
 
-def _fp8_attention(backend, device: torch.device, report: QualityReport):
-    """``run(q, k, v, mask, scale)`` in FP8: the backend's kernel when it offers FP8, else the reference."""
-    chosen = backend if isinstance(backend, Backend) else get_backend(str(device) if backend is None else backend)
-    if "fp8" in chosen.precisions:
+def _fp8_attention(backend, q, k, v, full: BlockMask, report: QualityReport):
+    """``run(q, k, v, mask, scale)`` in FP8: the backend's FP8 kernel where it takes these inputs, else the reference.
+
+    The FP8 rows are a measurement of the recipe, so where the kernel cannot run them (no FP8
+    kernel, float32 inputs, a head dim or block size it lacks) they come from the float64 FP8
+    reference, which rounds as the kernel does, and the report says why.
+    """
+    chosen = backend if isinstance(backend, Backend) else get_backend(str(q.device) if backend is None else backend)
+    reasons = refusal_reasons(chosen, q, k, v, full, "fp8")
+    if not reasons:
         return lambda q, k, v, mask, scale: block_sparse_attention(q, k, v, mask, scale=scale, backend=backend,
                                                                    precision="fp8")
-    report.notes.append(f"fp8 rows: backend {chosen.name!r} has no FP8 kernel; they come from the FP8 reference "
-                        "(rainfusion_core.precision), which rounds q, k, v and P as the Hopper kernel does")
+    report.notes.append(f"fp8 rows: backend {chosen.name!r} cannot run them in FP8 ({'; '.join(reasons)}); they come "
+                        "from the FP8 reference (rainfusion_core.precision), which rounds q, k, v and P as the "
+                        "Hopper kernel does")
     return fp8_reference_attention
 
 

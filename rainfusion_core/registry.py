@@ -341,6 +341,20 @@ def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION
     return backend
 
 
+def refusal_reasons(backend: Backend, q, k, v, block_mask, precision: str = DEFAULT_PRECISION) -> list[str]:
+    """Why ``backend`` cannot run attention of these tensors in ``precision`` (empty when it can).
+
+    The same questions :func:`select_backend` asks: availability, the device, the precision, and
+    the backend's own ``unsupported_reasons``.
+    """
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        return [f"it is unavailable: {reason}"]
+    if not backend.runs_on(q.device.type):
+        return [f"it runs on {'/'.join(backend.device_types)} devices, but the inputs are on {q.device}"]
+    return _Call(q, k, v, block_mask, precision).reasons(backend)
+
+
 @dataclass(frozen=True)
 class _Call:
     """What selection asks a backend about: the tensors, the mask and the precision."""

@@ -143,3 +143,44 @@ def test_fp8_rows_say_what_precision_costs_apart_from_sparsity():
     with rf.scoped_backends(Fp8Emulation()) as (plugin,):
         report = evaluate(q, k, v, layout, sparsities=(0.8,), variants=("fp8",), backend="fp8_emulation")
     assert ("forward", "fp8") in plugin.seen and not any("FP8 reference" in note for note in report.notes)
+
+
+def test_fp8_rows_fall_back_to_the_reference_where_the_fp8_kernel_refuses_the_inputs():
+    # On a GPU the Triton backend offers FP8 but only for 16-bit inputs: a float32 capture must still be
+    # evaluated, its fp8 rows from the FP8 reference, and the report must say why.
+    from helpers import Fp8Emulation
+    from rainfusion_core.synthetic import video_dit_qkv
+
+    class Fp8NeedsHalf(Fp8Emulation):
+        name = "fp8_needs_half"
+
+        def unsupported_reasons(self, q, k, v, block_mask, precision="bf16"):
+            self.seen.append(("reasons", precision))
+            return ["FP8 needs float16 or bfloat16"] if precision == "fp8" and q.dtype == torch.float32 else []
+
+    layout = rf.VideoLayout(4, 16, 16)
+    q, k, v = video_dit_qkv(layout, 2, 64, seed=0)
+    with rf.scoped_backends(Fp8NeedsHalf()) as (plugin,):
+        report = evaluate(q, k, v, layout, sparsities=(0.8,), variants=("rainfusion", "fp8", "fp8_dense"),
+                          backend="fp8_needs_half")
+        reference = evaluate(q, k, v, layout, sparsities=(0.8,), variants=("fp8",), backend="torch")
+    assert ("forward", "fp8") not in plugin.seen and ("forward", "bf16") in plugin.seen
+    (note,) = [n for n in report.notes if "FP8 reference" in n]
+    assert "fp8_needs_half" in note and "FP8 needs float16 or bfloat16" in note
+    assert report.get("fp8", 0.8).rel_l2 == reference.get("fp8", 0.8).rel_l2  # the reference's numbers
+    assert 0 < report.get("fp8_dense", 0.0).rel_l2 < 0.1
+
+
+def test_fp8_rows_on_the_triton_backend_where_its_fp8_kernel_cannot_run():
+    # float32 inputs: on a GPU the Hopper FP8 kernel needs 16-bit inputs, under the interpreter no Gluon
+    # kernel runs at all. Either way the fp8 rows come from the reference and the report says why.
+    from helpers import triton_device
+
+    device = triton_device(module_level=False)
+    layout = rf.VideoLayout(2, 8, 16)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 64, device=device) for _ in range(3))
+    report = evaluate(q, k, v, layout, sparsities=(0.5,), variants=("rainfusion", "fp8"), block_size=128,
+                      backend="triton")
+    (note,) = [n for n in report.notes if "FP8 reference" in n]
+    assert "'triton'" in note and ("interpreter" in note if device == "cpu" else "FP8 runs on the Hopper kernel" in note)
+    assert 0 < report.get("fp8", 0.5).rel_l2 < 0.2

@@ -102,24 +102,33 @@ def build(out_dir: Path) -> Path:
     return target
 
 
-def asan_preload() -> str:
-    """The sanitizer runtime, and the C++ runtime after it (so exceptions thrown by the kernel are intercepted)."""
+def missing_runtime() -> str | None:
+    """Why the sanitized kernel cannot be built and run here (no compiler, no runtime), or None when it can."""
     cxx = os.environ.get("CXX", "g++")
-    found = []
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler {cxx!r} found (set CXX)"
     for name in ("libasan.so", "libstdc++.so"):
         path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
         if not path or not os.path.isabs(path):
-            raise SystemExit(f"{cxx} has no {name}: install the compiler's AddressSanitizer runtime")
-        found.append(os.path.realpath(path))
-    return " ".join(found)
+            return f"{cxx} has no {name}: install the compiler's AddressSanitizer runtime"
+    return None
+
+
+def asan_preload() -> str:
+    """The sanitizer runtime, and the C++ runtime after it (so exceptions thrown by the kernel are intercepted)."""
+    cxx = os.environ.get("CXX", "g++")
+    paths = (subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+             for name in ("libasan.so", "libstdc++.so"))
+    return " ".join(os.path.realpath(path) for path in paths)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the conformance cases above 4K tokens")
     args = parser.parse_args()
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        raise SystemExit("no C++ compiler found (set CXX)")
+    missing = missing_runtime()
+    if missing is not None:
+        raise SystemExit(missing)
     preload = asan_preload()
     with tempfile.TemporaryDirectory() as tmp:
         print("building the CPU kernel with -fsanitize=address ...", flush=True)
