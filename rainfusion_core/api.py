@@ -15,7 +15,7 @@ from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches
 from .call import model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
-from .ops import attention, predict
+from .ops import attention, predict, sparse_call
 from .permutation import Permutation, build_permutation, cached_permutation
 from .precision import check_precision
 
@@ -142,5 +142,4 @@ def sparse_attention(
                                         first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask,
                                         precision=precision)
     order = cached_permutation(layout, q.device).indices  # never leaves this call
-    mask = predict(call.backend, q, k, order, call.mask, call.precision)
-    return attention(call.backend, q, k, v, mask, call.scale, order, tensor_layout == "BSND", call.precision)
+    return sparse_call(call.backend, q, k, v, order, call.mask, call.scale, tensor_layout == "BSND", call.precision)

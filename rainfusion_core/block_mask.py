@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int, describe
+from .caching import may_cache
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -32,6 +33,9 @@ _TRUSTED = object()
 #: Marks a mask rebuilt from :meth:`BlockMask.as_tuple` parts on the far side of an op boundary: nothing is re-checked.
 _UNPACKED = object()
 _FIELDS = ("dense", "kv_counts", "kv_indices")
+
+
+_STAND_INS: dict = {}  # stand-in masks by (batch, heads, q_len, kv_len, block_size, device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,10 +159,18 @@ class BlockMask:
         What a backend's ``unsupported_reasons`` sees when it is asked before a mask
         exists; its tensors are one-element expansions (nothing is allocated or written).
         """
-        shape = (batch, heads, num_blocks(q_len, block_size), num_blocks(kv_len, block_size))
-        flag, index = (torch.empty((), dtype=dtype, device=device) for dtype in (torch.bool, torch.int32))
-        return cls(flag.expand(shape), index.expand(shape[:3]), index.expand(shape), block_size, q_len, kv_len,
-                   _UNPACKED)
+        key = (batch, heads, q_len, kv_len, block_size, torch.device(device))
+        made = _STAND_INS.get(key)
+        if made is None:
+            shape = (batch, heads, num_blocks(q_len, block_size), num_blocks(kv_len, block_size))
+            flag, index = (torch.empty((), dtype=dtype, device=device) for dtype in (torch.bool, torch.int32))
+            made = cls(flag.expand(shape), index.expand(shape[:3]), index.expand(shape), block_size, q_len, kv_len,
+                       _UNPACKED)
+            if may_cache(key[-1]):  # one per class of calls; never one made inside a CUDA-graph capture
+                if len(_STAND_INS) >= 256:
+                    _STAND_INS.clear()
+                _STAND_INS[key] = made
+        return made
 
     # ------------------------------------------------------------------ views
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -1,22 +1,26 @@
-"""The two device-side steps of a sparse call, and the one place that decides how each is run.
+"""The device-side steps of a sparse call, and the one place that decides how each is run.
 
-``torch.compile`` sees ``rainfusion::predict_block_mask`` and
-``rainfusion::block_sparse_attention`` as opaque nodes (each with a fake
-implementation for shapes), so a compiled model that calls
-``sparse_attention`` has no graph break: backend selection, prediction on the
-backend's kernels and the kernel launch run inside the ops at run time.
+``torch.compile`` sees ``rainfusion::sparse_attention`` (a whole call: prediction and
+attention), ``rainfusion::predict_block_mask`` and ``rainfusion::block_sparse_attention``
+as opaque nodes (each with a fake implementation for shapes), so a compiled model that
+calls ``sparse_attention`` has no graph break: backend selection, prediction on the
+backend's kernels and the kernel launch run inside the op at run time, and a whole
+call is one node.
 
-:func:`predict` and :func:`attention` are what the entry points call: they take
-a resolved :class:`~rainfusion_core.call.BackendChoice` and send the work
-through the op, or, for a ``Backend`` object that cannot cross the op boundary,
-run the same body eagerly. A ``BlockMask`` crosses as :meth:`BlockMask.as_tuple`
-and is rebuilt without checks on the other side.
+:func:`sparse_call`, :func:`predict` and :func:`attention` are what the entry points
+call. In plain eager mode (:func:`runs_directly`: no tracing, no dispatch mode, plain
+tensors, nothing for autograd to record) they run the op's body directly, which skips
+the dispatcher's few hundred microseconds per op; otherwise, and for tracing, they go
+through the op. A ``Backend`` object cannot cross the op boundary and always runs
+directly. A ``BlockMask`` crosses as :meth:`BlockMask.as_tuple` and is rebuilt without
+checks on the other side. Each call chooses its backend once.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
 from .block_mask import BlockMask, num_blocks
@@ -27,12 +31,37 @@ from .selection import compute_block_mask
 
 
 # --------------------------------------------------------------------------- choosing
+def runs_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op's body may run as a plain function call instead of through the dispatcher.
+
+    True in plain eager mode only: not under ``torch.compile`` or ``torch.export``, no
+    ``TorchDispatchMode`` (fake tensors, ``make_fx``, FLOP counters), only plain tensors
+    (no subclasses, no functorch wrappers), and nothing autograd would record (the ops have
+    no backward; through the dispatcher such a call keeps torch's own error). The body is
+    the same either way, so the result is too.
+    """
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for x in tensors:
+        if x is None:
+            continue
+        if type(x) is not torch.Tensor or (grad and x.requires_grad) or _is_functorch_wrapped(x):
+            return False
+    return True
+
+
+def _is_functorch_wrapped(x: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
 def prediction_backend(spec, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        precision: str = DEFAULT_PRECISION) -> Backend:
-    """The backend that runs the attention of this call, chosen by the one rule of ``select_backend``.
+    """The backend that runs this call, chosen once by the one rule of ``select_backend``.
 
-    Asked before the mask exists, it sees a stand-in mask of the right shape and block size.
-    The mask itself is always predicted in the inputs' precision.
+    Asked before the mask exists, it sees a stand-in mask of the right shape and block size;
+    the same backend then predicts the mask (in the inputs' precision) and attends.
     """
     stand_in = BlockMask.stand_in(q.shape[0], q.shape[1], q.shape[2], k.shape[2], block_size, q.device)
     return select_backend(spec, q, k, k, stand_in, precision)
@@ -70,18 +99,21 @@ def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend, p
 
 
 def predict(choice: BackendChoice, q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None,
-            spec: MaskSpec, precision: str = DEFAULT_PRECISION) -> BlockMask:
+            spec: MaskSpec, precision: str = DEFAULT_PRECISION, chosen: Backend | None = None) -> BlockMask:
     """The RainFusion2.0 mask of ``q``, ``k`` (read through ``order``, or as they are) for a resolved call.
 
     ``precision`` only picks the backend (the one that will attend); the mask does not depend on it.
+    ``chosen``: the backend this call already chose (then nothing is selected again).
     """
     batch, length = q.shape[0], q.shape[2]
     if spec.share_batch_mask:
         q, k = q[:1], k[:1]
     params = dict(block_size=spec.block_size, scale=spec.scale, keep=spec.keep, sink_blocks=spec.sink_blocks,
                   text_blocks=spec.text_blocks)
-    if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
-        predictor = _predictor(choice.obj, q, k, spec.block_size, precision)
+    if chosen is not None:
+        parts = compute_block_mask(q, k, order, predictor=chosen.mask_predictor(q.dtype), **params)
+    elif choice.obj is not None or runs_directly(q, k, order):  # the op's body, without the dispatcher
+        predictor = _predictor(choice.obj or choice.spec, q, k, spec.block_size, precision)
         parts = compute_block_mask(q, k, order, predictor=predictor, **params)
     else:
         parts = predict_block_mask_op(q, k, order, backend=choice.spec, precision=precision, **params)
@@ -141,9 +173,9 @@ def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, 
 
 def attention(choice: BackendChoice, q, k, v, mask: BlockMask, scale: float, order=None,
               bsnd_out: bool = False, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
-    """Attention of a resolved call: through the op, or eagerly for a ``Backend`` object."""
-    if choice.obj is not None:  # a Backend object cannot cross the op boundary: the op's body, eagerly
-        chosen = select_backend(choice.obj, q, k, v, mask, precision)
+    """Attention of a resolved call: through the op, or its body directly (eager mode, a ``Backend`` object)."""
+    if choice.obj is not None or runs_directly(q, k, v, order, mask.dense, mask.kv_counts, mask.kv_indices):
+        chosen = select_backend(choice.obj or choice.spec, q, k, v, mask, precision)
         return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
     return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out, precision)
 
@@ -158,3 +190,49 @@ def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:
 def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=None, bsnd_out=False,
       precision=DEFAULT_PRECISION):
     return _empty_out(q, bsnd_out)
+
+
+# --------------------------------------------------------------------------- a whole call
+@torch.library.custom_op("rainfusion::sparse_attention", mutates_args=())
+def sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    order: Optional[torch.Tensor],
+    block_size: int,
+    mask_scale: float,
+    keep: int,
+    sink_blocks: int,
+    text_blocks: int,
+    share_batch_mask: bool,
+    scale: float,
+    backend: Optional[str],
+    bsnd_out: bool = False,
+    precision: str = DEFAULT_PRECISION,
+) -> torch.Tensor:
+    """A whole ``sparse_attention`` call after its checks: one backend chosen, the mask predicted, attention."""
+    spec = MaskSpec(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
+    return _sparse_call_body(backend, q, k, v, order, spec, scale, bsnd_out, precision)
+
+
+@sparse_attention_op.register_fake
+def _(q, k, v, order, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
+      bsnd_out=False, precision=DEFAULT_PRECISION):
+    return _empty_out(q, bsnd_out)
+
+
+def _sparse_call_body(spec, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
+                      precision: str) -> torch.Tensor:
+    chosen = prediction_backend(spec, q, k, mask_spec.block_size, precision)  # the one choice of this call
+    mask = predict(BackendChoice(), q, k, order, mask_spec, precision, chosen=chosen)
+    return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
+
+
+def sparse_call(choice: BackendChoice, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool = False,
+                precision: str = DEFAULT_PRECISION) -> torch.Tensor:
+    """Prediction and attention of a resolved call, with one backend choice: the op, or its body directly."""
+    if choice.obj is not None or runs_directly(q, k, v, order):
+        return _sparse_call_body(choice.obj or choice.spec, q, k, v, order, mask_spec, scale, bsnd_out, precision)
+    return sparse_attention_op(q, k, v, order, mask_spec.block_size, mask_spec.scale, mask_spec.keep,
+                               mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
+                               choice.spec, bsnd_out, precision)

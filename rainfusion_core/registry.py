@@ -45,6 +45,7 @@ _backends: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
 _loaded = False
 _warned: set[tuple[str, str]] = set()
+_device_specs: dict[str, str | None] = {}  # spec -> its device type, for the registered backends of now
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def _ensure_loaded() -> None:
             except Exception as exc:  # a broken plugin must never break the registry
                 errors[ep.name] = f"failed to load entry point {ep.value!r}: {type(exc).__name__}: {exc}"
         _backends.update(backends)
+        _device_specs.clear()
         for name, error in errors.items():
             _load_errors.setdefault(name, error)
         _loaded = True
@@ -133,6 +135,7 @@ def register_backend(backend: Backend | type[Backend], *, replace: bool = False)
     with _lock:
         _add(_backends, backend, replace)
         _load_errors.pop(backend.name, None)
+        _device_specs.clear()
     return backend
 
 
@@ -142,6 +145,7 @@ def unregister_backend(name: str) -> None:
     with _lock:
         if _backends.pop(name, None) is None:
             raise UnknownBackendError(f"no backend named {name!r} is registered")
+        _device_specs.clear()
 
 
 def list_backends() -> list[BackendInfo]:
@@ -176,15 +180,24 @@ def _parse_device(spec: str) -> str | None:
 
     A device string is a known device type (torch's, or one a registered
     backend runs on), optionally with ``:index``; any ``word:index`` counts too.
+    Answers are remembered until the registry changes.
     """
     _ensure_loaded()
-    match = _DEVICE_RE.match(spec)
-    if match is None:
-        return None
-    known = _DEVICE_TYPES.union(*(b.device_types for b in _registered())) - {"*"}
-    if match.group(1) in known or match.group(2) is not None:
-        return match.group(1)
-    return None
+    try:
+        return _device_specs[spec]
+    except KeyError:
+        pass
+    with _lock:  # the answer and the table it came from belong to one moment
+        match = _DEVICE_RE.match(spec)
+        found = None
+        if match is not None:
+            known = _DEVICE_TYPES.union(*(b.device_types for b in _registered())) - {"*"}
+            if match.group(1) in known or match.group(2) is not None:
+                found = match.group(1)
+        if len(_device_specs) >= 256:
+            _device_specs.clear()
+        _device_specs[spec] = found
+    return found
 
 
 def device_type_of(spec: str) -> str | None:
@@ -228,6 +241,7 @@ def scoped_backends(*backends: Backend | type[Backend], replace: bool = False):
             _load_errors.update(saved[1])
             _warned.clear()
             _warned.update(saved[2])
+            _device_specs.clear()
 
 
 def require_device(spec: str) -> None:

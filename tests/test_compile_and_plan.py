@@ -4,7 +4,7 @@ import torch
 
 import rainfusion_core as rf
 from helpers import needs_cuda
-from rainfusion_core.ops import block_sparse_attention_op
+from rainfusion_core.ops import block_sparse_attention_op, runs_directly, sparse_attention_op
 
 LAYOUT = rf.VideoLayout(3, 8, 16)  # 384 tokens
 
@@ -20,6 +20,48 @@ def test_custom_op_passes_opcheck():
     mask = rf.predict_block_mask(q, k, LAYOUT, sparsity=0.5, block_size=64)
     args = (q, k, v, mask.dense, mask.kv_counts, mask.kv_indices, 64, 0.2, "torch")
     torch.library.opcheck(block_sparse_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_whole_call_op_passes_opcheck():
+    q, k, v = _qkv(heads=(4, 2))
+    order = rf.build_permutation(LAYOUT).indices
+    args = (q, k, v, order, 64, 0.2, 3, 1, 0, False, 0.2, "torch")
+    torch.library.opcheck(sparse_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_calls_skip_the_dispatcher_and_give_the_ops_result():
+    q, k, v = _qkv(heads=(4, 2))
+    assert runs_directly(q, k, v, None)
+    order = rf.build_permutation(LAYOUT).indices
+    # 12 blocks of 32: keep 6 per row; the first frame (128 tokens) is 4 sink blocks
+    through_op = sparse_attention_op(q, k, v, order, 32, 32 ** -0.5, 6, 4, 0, False, 32 ** -0.5, "torch")
+    torch.testing.assert_close(rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend="torch"),
+                               through_op, rtol=0, atol=0)
+    # What must see the op: tracing modes, tensor subclasses, and anything autograd records.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not runs_directly(torch.empty(2))
+    assert not runs_directly(q.requires_grad_())
+    with torch.no_grad():
+        assert runs_directly(q)
+    assert not runs_directly(torch.nn.Parameter(torch.ones(1)).detach().as_subclass(torch.nn.Parameter))
+
+
+def test_a_compiled_call_is_one_op_node():
+    q, k, v = _qkv(heads=(4, 2))
+    seen = []
+
+    def count_ops(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "rainfusion" in str(n.target))
+        return gm
+
+    def layer(q, k, v):
+        return rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend="torch")
+
+    out = torch.compile(layer, fullgraph=True, backend=count_ops)(q, k, v)
+    assert seen == ["rainfusion.sparse_attention.default"], seen
+    torch.testing.assert_close(out, layer(q, k, v), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
