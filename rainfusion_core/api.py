@@ -13,9 +13,9 @@ import torch
 from ._checks import check_qkv, default_scale
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches
-from .call import model_order_views, resolve_backend, resolve_sparse_call
+from .call import SparseCall, model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
-from .ops import attention, predict, sparse_call
+from .ops import attention, dense_attention, predict, sparse_call
 from .permutation import Permutation, build_permutation, cached_permutation
 from .precision import check_precision
 
@@ -123,6 +123,7 @@ def sparse_attention(
     first_frame_sink: bool | None = None,
     share_batch_mask: bool = False,
     precision: str = "bf16",
+    min_tokens: int | None = None,
 ) -> torch.Tensor:
     """RainFusion2.0 self-attention of a video sequence in the model's token order.
 
@@ -136,10 +137,29 @@ def sparse_attention(
     ``precision="fp8"`` runs the attention with float8 operands (``rainfusion_core.precision``)
     where the chosen backend offers it (the ``triton`` backend on Hopper GPUs) and raises
     elsewhere; the mask is predicted from the unquantised q and k either way.
+
+    Below the measured crossover (``rainfusion_core.crossover``: too few latent tokens for
+    the device, or a mask that would keep nearly every tile) the call runs dense attention
+    (``torch.nn.functional.scaled_dot_product_attention``) instead, because it is faster
+    there. ``min_tokens``: ``None`` uses the measured crossover of q's device (or
+    ``$RAINFUSION_MIN_TOKENS``); a number replaces its token count; ``0`` always runs sparse.
+    FP8 calls always run sparse.
     """
     call, q, k, v = resolve_sparse_call(q, k, v, layout, sparsity=sparsity, block_size=block_size,
                                         tensor_layout=tensor_layout, backend=backend, scale=scale,
                                         first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask,
-                                        precision=precision)
-    order = cached_permutation(layout, q.device).indices  # never leaves this call
-    return sparse_call(call.backend, q, k, v, order, call.mask, call.scale, tensor_layout == "BSND", call.precision)
+                                        precision=precision, min_tokens=min_tokens)
+    return run_sparse_call(call, q, k, v)
+
+
+def run_sparse_call(call: SparseCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    on_mask=None) -> torch.Tensor:
+    """A resolved call on ``[B, H, S, D]`` views of model-order q, k, v: dense below the crossover, else sparse.
+
+    ``on_mask(mask)`` is called with the predicted mask on eager calls (the integration's density tally).
+    """
+    bsnd = call.tensor_layout == "BSND"
+    if call.dense is not None:
+        return dense_attention(q, k, v, call.scale, bsnd)
+    order = cached_permutation(call.layout, q.device).indices  # never leaves this call
+    return sparse_call(call.backend, q, k, v, order, call.mask, call.scale, bsnd, call.precision, on_mask)

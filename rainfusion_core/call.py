@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
-    check_block_size, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
+    check_block_size, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
 )
 from .backend import Backend
 from .block_mask import num_blocks
+from .crossover import dense_reason, expected_density
 from .layout import VideoLayout
 from .precision import DEFAULT_PRECISION, check_precision
 
@@ -62,6 +63,7 @@ class SparseCall:
     scale: float  # softmax scale of the attention
     backend: BackendChoice
     precision: str = DEFAULT_PRECISION  # of the attention; the mask is predicted in the inputs' precision
+    dense: str | None = None  # why this call runs dense attention instead (crossover.py); None: sparse
 
 
 def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
@@ -86,17 +88,37 @@ def _mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale, s
     """The prediction parameters, for q and k already checked against ``layout``."""
     sparsity = check_sparsity(sparsity)
     block_size = check_block_size(block_size)
-    if check_optional_bool("first_frame_sink", first_frame_sink) is None:
-        first_frame_sink = layout.frames > 1
-    nk = num_blocks(k.shape[2], block_size)
+    keep, sink_blocks, text_blocks = mask_budget(layout, k.shape[2], sparsity, block_size, first_frame_sink)
     return MaskSpec(
         block_size=block_size,
         scale=default_scale(scale, q.shape[-1]),
-        keep=min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
-        sink_blocks=num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
-        text_blocks=num_blocks(layout.text_len, block_size),
+        keep=keep,
+        sink_blocks=sink_blocks,
+        text_blocks=text_blocks,
         share_batch_mask=bool(share_batch_mask),
     )
+
+
+def mask_budget(layout: VideoLayout, kv_len: int, sparsity: float, block_size: int,
+                first_frame_sink: bool | None) -> tuple[int, int, int]:
+    """``(keep, sink_blocks, text_blocks)`` of a RainFusion2.0 mask: key blocks kept per row before the
+    forced ones, and the forced first-frame and text blocks (the sink is on by default for videos)."""
+    if check_optional_bool("first_frame_sink", first_frame_sink) is None:
+        first_frame_sink = layout.frames > 1
+    nk = num_blocks(kv_len, block_size)
+    return (min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
+            num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
+            num_blocks(layout.text_len, block_size))
+
+
+def crossover_reason(device_type: str, layout: VideoLayout, sparsity: float, block_size: int,
+                     first_frame_sink: bool | None, min_tokens: int | None) -> str | None:
+    """Why a call of this grid runs dense attention on ``device_type`` (``crossover.py``); ``None``: sparse."""
+    if min_tokens == 0:
+        return None
+    keep, sink_blocks, text_blocks = mask_budget(layout, layout.seq_len, sparsity, block_size, first_frame_sink)
+    density = expected_density(layout.seq_len, block_size, keep, sink_blocks + text_blocks)
+    return dense_reason(device_type, layout.video_len, density, min_tokens)
 
 
 def model_order_views(q, k, v, layout, tensor_layout: str):
@@ -119,11 +141,21 @@ def model_order_views(q, k, v, layout, tensor_layout: str):
 
 
 def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                        share_batch_mask, precision=DEFAULT_PRECISION):
-    """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs."""
+                        share_batch_mask, precision=DEFAULT_PRECISION, min_tokens=0):
+    """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs.
+
+    ``min_tokens``: the dense crossover (``crossover.py``): ``None`` the measured one for q's
+    device, ``0`` never dense. FP8 calls never run dense: FP8 is asked for by name.
+    """
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
     mask = _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
                       first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
+    precision = check_precision(precision)
+    if min_tokens is not None:
+        check_int("min_tokens", min_tokens, minimum=0)
+    dense = None
+    if precision == DEFAULT_PRECISION:  # FP8 is asked for by name: never replaced by dense attention
+        dense = crossover_reason(q.device.type, layout, sparsity, mask.block_size, first_frame_sink, min_tokens)
     call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend),  # one scale for both steps
-                      check_precision(precision))
+                      precision, dense)
     return call, q, k, v

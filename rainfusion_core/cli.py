@@ -195,6 +195,7 @@ def cmd_bench(args) -> int:
 
     from .api import plan_sparse_attention, sparse_attention
     from .benchmarking import median_ms
+    from .call import crossover_reason
     from .layout import VideoLayout
     from .synthetic import video_like_qkv
 
@@ -213,10 +214,13 @@ def cmd_bench(args) -> int:
         if i == 1:
             print(f"  {_backend_line(args.backend, q, k, v, plan.block_mask, args.precision)}", flush=True)
         ms = median_ms(lambda: sparse_attention(q, k, v, layout, sparsity=sparsity, backend=args.backend,
-                                                precision=args.precision), device, repeats=args.repeats)
+                                                precision=args.precision, min_tokens=0), device, repeats=args.repeats)
         results.append(ms)
+        dense_why = None if args.precision != "bf16" else crossover_reason(device.type, layout, sparsity, 128, None,
+                                                                             None)
+        rule = f"runs dense by default ({dense_why})" if dense_why else "runs sparse by default"
         print(f"  [{i}/{len(args.sparsity)}] sparsity {sparsity:.2f}: density {plan.density:.3f} (kept tiles, "
-              f"first-frame sink included), {ms:.2f} ms ({dense_ms / ms:.2f}x dense)", flush=True)
+              f"first-frame sink included), sparse {ms:.2f} ms ({dense_ms / ms:.2f}x dense); {rule}", flush=True)
     if args.plot:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -338,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="time sparse against dense attention on a video shape",
-                       description="Median time of dense SDPA and of rf.sparse_attention on synthetic video-like "
-                                   "q/k/v, with the backend that runs and the mask density of each sparsity.",
+                       description="Median time of dense SDPA and of rf.sparse_attention (forced sparse) on "
+                                   "synthetic video-like q/k/v, with the backend that runs, the mask density of "
+                                   "each sparsity, and whether the dense crossover would run the call dense "
+                                   "by default.",
                        formatter_class=fmt)
     p.add_argument("--shape", type=_ints(6, "B,H,T,Hh,W,D"), metavar="B,H,T,Hh,W,D",
                    help="batch, heads, frames, height, width, head dim (default: "

@@ -44,12 +44,15 @@ class Crossover:
 # (NPUs, plugins' devices) have none measured: their calls always run sparse.
 CROSSOVER = {
     # H200, one compiled forward of random-weight models (models_e2e_bench.py, bf16, sparsity 0.8):
-    # Flux.1-dev 1024² (4096 image tokens) ran 0.92x dense, LTX-Video (6144 tokens) 1.15x. At Wan2.1's
-    # shape the sparse whole call is 0.25 ms + 10.5 ms x density against 11.6 ms dense: even at density
-    # 0.9 it only ties, so denser masks run dense.
+    # Flux.1-dev 1024² (4096 image tokens) ran 0.92x dense, LTX-Video (6144 tokens) 1.15x. max_density is
+    # an estimate, not a measurement: at Wan2.1-1.3B 480p the sparse call needs 3.1 ms of GPU time at
+    # density 0.28 against 11.7 ms dense (call_overhead_bench.py); scaled with the density it ties near 1.
     "cuda": Crossover(min_tokens=6144, max_density=0.9, source="NVIDIA H200, bf16, head dim 64 and 128"),
-    # 2-core x86 CPUs, float32, 4 heads of 64, sparsity 0.8 (crossover_bench.py).
-    "cpu": Crossover(min_tokens=4096, max_density=0.75, source="2-core Intel Xeon (AVX-512), float32, head dim 64"),
+    # A 2-core Intel Xeon with AVX-512, 2 threads, float32, 4 heads of 64 (crossover_bench.py): sparse won
+    # from 2048 latent tokens on (1.12x at 2048 with density 0.63) and lost at 1024 and below (0.4-0.98x);
+    # masks keeping 0.72 of the tiles or more lost at every size measured up to 4096 (0.88-0.97x), 0.67 won.
+    "cpu": Crossover(min_tokens=2048, max_density=0.7,
+                     source="2-core Intel Xeon (AVX-512), float32, head dim 64"),
 }
 
 NO_CROSSOVER = Crossover(min_tokens=0, max_density=1.0, source="not measured: always sparse")

@@ -192,6 +192,13 @@ def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=N
     return _empty_out(q, bsnd_out)
 
 
+# --------------------------------------------------------------------------- below the crossover
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bsnd_out: bool) -> torch.Tensor:
+    """Dense attention of ``[B, H, S, D]`` views, as a call below the crossover runs it; output like the sparse path."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous() if bsnd_out else out
+
+
 # --------------------------------------------------------------------------- a whole call
 @torch.library.custom_op("rainfusion::sparse_attention", mutates_args=())
 def sparse_attention_op(
@@ -222,17 +229,23 @@ def _(q, k, v, order, block_size, mask_scale, keep, sink_blocks, text_blocks, sh
 
 
 def _sparse_call_body(spec, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
-                      precision: str) -> torch.Tensor:
+                      precision: str, on_mask=None) -> torch.Tensor:
     chosen = prediction_backend(spec, q, k, mask_spec.block_size, precision)  # the one choice of this call
     mask = predict(BackendChoice(), q, k, order, mask_spec, precision, chosen=chosen)
+    if on_mask is not None:
+        on_mask(mask)
     return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
 
 
 def sparse_call(choice: BackendChoice, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool = False,
-                precision: str = DEFAULT_PRECISION) -> torch.Tensor:
-    """Prediction and attention of a resolved call, with one backend choice: the op, or its body directly."""
+                precision: str = DEFAULT_PRECISION, on_mask=None) -> torch.Tensor:
+    """Prediction and attention of a resolved call, with one backend choice: the op, or its body directly.
+
+    ``on_mask(mask)`` sees the predicted mask when the body runs directly (never through the op).
+    """
     if choice.obj is not None or runs_directly(q, k, v, order):
-        return _sparse_call_body(choice.obj or choice.spec, q, k, v, order, mask_spec, scale, bsnd_out, precision)
+        return _sparse_call_body(choice.obj or choice.spec, q, k, v, order, mask_spec, scale, bsnd_out, precision,
+                                 on_mask)
     return sparse_attention_op(q, k, v, order, mask_spec.block_size, mask_spec.scale, mask_spec.keep,
                                mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
                                choice.spec, bsnd_out, precision)

@@ -14,6 +14,11 @@ from helpers import seed_for
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests check the sparse kernels at small shapes, below the measured dense crossover
+# (rainfusion_core/crossover.py), so by default every call runs sparse here. The tests of the
+# crossover itself remove this (tests/test_crossover.py); subprocesses inherit it.
+os.environ.setdefault("RAINFUSION_MIN_TOKENS", "0")
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

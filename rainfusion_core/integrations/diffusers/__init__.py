@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..._checks import check_block_size, check_optional_bool, check_sparsity, describe
+from ..._checks import check_block_size, check_int, check_optional_bool, check_sparsity, describe
+from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
 from ...registry import device_type_of, get_backend, registered_backends, unavailable_reason
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
-from .processor import RainFusionAttnProcessor, RainFusionHandle, base_processor, processor_type
+from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
 from .state import CallState, Schedule
 from .wan_fused import WanFusedPrologue
 
 __all__ = ["apply_rainfusion", "capture_qkv", "attention_layers", "supported_models", "Schedule",
-           "RainFusionHandle", "RainFusionAttnProcessor"]
+           "RainFusionHandle", "RainFusionStats", "RainFusionAttnProcessor"]
 
 
 def supported_models() -> dict[str, tuple[str, ...]]:
@@ -59,7 +60,7 @@ def attention_layers(model) -> list[str]:
     return [name for name, _ in adapter.attention_modules(transformers[0])]
 
 
-def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> RainFusionHandle:
+def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None) -> RainFusionHandle:
     """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
     adapter, transformers = _transformers(model)
     plan = []
@@ -79,7 +80,7 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None) -> Rai
                 raise TypeError(f"{name} runs {type(base).__name__}; RainFusion routes the attention of "
                                 f"{', '.join(adapter.processors)} in {adapter.family} models")
             plan.append((index, attn, call_site, base))
-    state = CallState(schedule, adapter)
+    state = CallState(schedule, adapter, crossover=crossover)
     handle = RainFusionHandle(state)
     sites = {}
     chosen = [make_site(state, index, sites) for index, _, _, _ in plan]
@@ -105,6 +106,7 @@ def apply_rainfusion(
     layers=None,
     fuse_prologue: bool | None = None,
     precision: str = "bf16",
+    min_tokens: int | None = None,
 ) -> RainFusionHandle:
     """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
 
@@ -125,6 +127,12 @@ def apply_rainfusion(
             attention's operands in float8 (Hopper GPUs); dense layers, dense steps and
             padded text rows keep the model's precision. Refused here when neither the named
             backend nor any backend for the device of the model's weights offers it.
+        min_tokens: the dense crossover, as in ``rf.sparse_attention``: a transformer call whose
+            latent grid has fewer tokens than the measured crossover of its device (or whose
+            sparsity leaves a mask that keeps nearly every tile) runs its attention dense, as the
+            model would, because that is faster there. ``None``: the measured crossover
+            (``rainfusion_core.crossover``); ``0``: always sparse. FP8 handles never run dense.
+            ``handle.stats()`` counts the calls each way.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
@@ -136,6 +144,8 @@ def apply_rainfusion(
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a rainfusion_core.integrations.diffusers.Schedule, got {describe(schedule)}")
     precision = check_precision(precision)
+    if min_tokens is not None:
+        check_int("min_tokens", min_tokens, minimum=0)
     if backend is not None:
         get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
     adapter, transformers = _transformers(model)
@@ -152,7 +162,12 @@ def apply_rainfusion(
                                          first_frame_sink=first_frame_sink, precision=precision)
         return sites["sparse"]
 
-    return _install(model, schedule, layers, make_site, shortcut)
+    def crossover(device_type, layout):
+        if precision != DEFAULT_PRECISION:
+            return None
+        return crossover_reason(device_type, layout, sparsity, block_size, first_frame_sink, min_tokens)
+
+    return _install(model, schedule, layers, make_site, shortcut, crossover)
 
 
 def _check_precision_offered(precision: str, backend, transformers) -> None:

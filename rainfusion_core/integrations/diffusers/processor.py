@@ -88,6 +88,32 @@ def base_processor(processor):
     return processor
 
 
+@dataclass(frozen=True)
+class RainFusionStats:
+    """What :meth:`RainFusionHandle.stats` reports.
+
+    Attributes:
+        sparse_calls: transformer calls whose patched layers ran sparse.
+        dense_by_schedule: transformer calls the :class:`Schedule` kept dense.
+        dense_by_crossover: transformer calls that ran dense because sparse attention would be
+            slower there (``min_tokens``, ``rainfusion_core.crossover``).
+        dense_reason: why the last of those ran dense (``None`` if none did).
+        masks: sparse attention calls whose masks were tallied (eager calls only).
+        mean_density: the mean kept fraction of those masks' tiles (``None`` before any).
+    """
+
+    sparse_calls: int
+    dense_by_schedule: int
+    dense_by_crossover: int
+    dense_reason: str | None
+    masks: int
+    mean_density: float | None
+
+    @property
+    def dense_calls(self) -> int:
+        return self.dense_by_schedule + self.dense_by_crossover
+
+
 @dataclass
 class RainFusionHandle:
     """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`.
@@ -104,6 +130,18 @@ class RainFusionHandle:
     @property
     def step(self) -> int:
         return self.state.step
+
+    def stats(self) -> "RainFusionStats":
+        """How this handle's transformer calls ran so far, and the mean density of its sparse masks.
+
+        Reading the density synchronises with the device once (the kept tiles add up there).
+        """
+        tally = self.state.tally
+        density = None
+        if tally.masks and tally.kept is not None:
+            density = int(tally.kept) / tally.tiles
+        return RainFusionStats(tally.sparse, tally.dense_by_schedule, tally.dense_by_crossover,
+                               tally.last_dense_reason, tally.masks, density)
 
     @property
     def layout(self):

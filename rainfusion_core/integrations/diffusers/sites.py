@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ...api import sparse_attention
+from ...api import run_sparse_call
+from ...call import resolve_sparse_call
 from ...layout import VideoLayout
 from ...quality import save_qkv
 from . import routing
@@ -161,13 +162,20 @@ class SparseSite(Site):
         self._refuse_foreign_mask(attn_mask)
         options = dict(self.options, tensor_layout=tensor_layout, scale=scale)
         if padding is None:  # every text token real: the mask, if any, masks nothing
-            return sparse_attention(q, k, v, layout, **options)
+            return self._sparse(q, k, v, layout, options)
         if padding.text_len != layout.text_len:
             raise ValueError(f"self-attention has {layout.text_len} text tokens but the transformer input has "
                              f"{padding.text_len}")
         if attn_mask is None and not exchanged:
             raise ValueError("the transformer input has padded text but the layer got no attention mask")
-        return _attend_with_padding(q, k, v, attn_mask, layout, padding, seq, dense, options)
+        return _attend_with_padding(q, k, v, attn_mask, layout, padding, seq, dense,
+                                    lambda q, k, v, real: self._sparse(q, k, v, real, options))
+
+    def _sparse(self, q, k, v, layout: VideoLayout, options: dict):
+        """``rf.sparse_attention`` as the handle runs it: the pre-hook already applied the crossover,
+        and the mask of each eager call is tallied (``handle.stats()``)."""
+        call, q, k, v = resolve_sparse_call(q, k, v, layout, share_batch_mask=False, min_tokens=0, **options)
+        return run_sparse_call(call, q, k, v, on_mask=self.state.tally.add_mask)
 
     def _attend_ulysses(self, q, k, v, attn_mask, scale, tensor_layout, dense, call, cp):
         """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out.
@@ -208,7 +216,7 @@ def _refuse_unsupported(call: dict) -> None:
         raise ValueError(f"RainFusion attention takes no attention_kwargs: got {sorted(call['attention_kwargs'])}")
 
 
-def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: int, dense, options):
+def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: int, dense, sparse):
     """Sparse attention over video and real text per group of batch items; padded text rows run dense.
 
     Padded text tokens are never keys of the sparse call and never counted in its mask;
@@ -223,7 +231,7 @@ def _attend_with_padding(q, k, v, attn_mask, layout: VideoLayout, padding, seq: 
         part = q.new_empty(qb.shape[:-1] + v.shape[-1:])
         real = VideoLayout(layout.frames, layout.height, layout.width, text_len=group.text_len,
                            text_position=layout.text_position)
-        kept = sparse_attention(*(x.index_select(seq, group.keep) for x in (qb, kb, vb)), real, **options)
+        kept = sparse(*(x.index_select(seq, group.keep) for x in (qb, kb, vb)), real)
         part.index_copy_(seq, group.keep, kept)
         if group.pad.numel():
             padded_q = qb.index_select(seq, group.pad)

@@ -109,7 +109,10 @@ class CallState:
 
     ``layout`` is the latent grid (``text_len`` 0: each layer adds the text it sees),
     ``text`` the padding of the text tokens (``None``: all real), ``sparse`` whether the
-    schedule lets this call run sparse.
+    schedule and the dense crossover let this call run sparse. ``crossover(device_type,
+    layout)`` gives the reason a call of that grid runs dense, or ``None`` (``None`` itself:
+    no crossover, as for captures). ``tally`` counts the calls by how they ran and the kept
+    tiles of the eager sparse calls.
     """
 
     schedule: Schedule
@@ -121,6 +124,8 @@ class CallState:
     sparse: bool = True
     calls: int = 0
     angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call (Wan's fused prologue)
+    crossover: object = None
+    tally: "Tally" = field(default_factory=lambda: Tally())
 
     @property
     def reads_host(self) -> bool:
@@ -141,8 +146,20 @@ class CallState:
         self.calls += 1
         self.sparse = True
         self.angle_tables.clear()
-        if not self.schedule.reads_timestep:
+        if self.schedule.reads_timestep:
+            self._apply_schedule(bound)
+        if not self.sparse:
+            self.tally.dense_by_schedule += 1
             return
+        reason = self.crossover(_device_type(bound), self.layout) if self.crossover is not None else None
+        if reason is not None:
+            self.sparse = False
+            self.tally.dense_by_crossover += 1
+            self.tally.last_dense_reason = reason
+        else:
+            self.tally.sparse += 1
+
+    def _apply_schedule(self, bound) -> None:
         # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
         # the rest the step's noise level; CogVideoX also takes a plain number.
         t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
@@ -155,6 +172,37 @@ class CallState:
             self.sparse = False
         if self.schedule.dense_above_timestep is not None and t > self.schedule.dense_above_timestep:
             self.sparse = False
+
+
+@dataclass
+class Tally:
+    """How a handle's transformer calls ran, and the kept tiles of its sparse attention calls.
+
+    Kept tiles add up on the device (no host synchronisation per call); they are counted
+    for calls that run eagerly (not inside a ``torch.compile`` graph or a CUDA-graph replay).
+    """
+
+    sparse: int = 0
+    dense_by_schedule: int = 0
+    dense_by_crossover: int = 0
+    last_dense_reason: str | None = None
+    masks: int = 0
+    tiles: int = 0
+    kept: torch.Tensor | None = None
+
+    def add_mask(self, mask) -> None:
+        kept = mask.kv_counts.sum(dtype=torch.int64)
+        self.kept = kept if self.kept is None or self.kept.device != kept.device else self.kept.add_(kept)
+        self.masks += 1
+        self.tiles += mask.kv_indices.numel()
+
+
+def _device_type(bound: dict) -> str:
+    """The device type of the transformer call's first tensor argument (the latents)."""
+    for value in bound.values():
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def _bind(module, args, kwargs) -> dict:
