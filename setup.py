@@ -88,7 +88,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "triton>=3.0", "diffusers>=0.33", "pybind11>=2.10"],
+        "test": ["pytest>=7", "pytest-xdist", "matplotlib", "triton>=3.0", "diffusers>=0.33", "pybind11>=2.10"],
         "diffusers": ["diffusers>=0.33", "transformers"],
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],

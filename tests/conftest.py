@@ -19,6 +19,16 @@ if not torch.cuda.is_available():
 # crossover itself remove this (tests/test_crossover.py); subprocesses inherit it.
 os.environ.setdefault("RAINFUSION_MIN_TOKENS", "0")
 
+# Under pytest-xdist (tools/gpu_suite.py) each worker compiles into its own Inductor cache, so no two
+# processes write one cache entry at the same time. Triton's own cache is safe to share (it renames
+# finished files into place) and sharing it saves each worker the Gluon and Triton compiles.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"rainfusion-tests-inductor-{os.getpid()}-{_WORKER}"))
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

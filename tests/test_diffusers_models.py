@@ -197,6 +197,7 @@ def test_attention_layers_name_what_layers_indexes():
         apply_rainfusion(model, layers=[1, 1])
 
 
+@pytest.mark.xdist_group("compile")  # tools/gpu_suite.py: never beside another Inductor compile of the same blocks
 def test_inductor_compiles_the_sparse_blocks():
     """The real compiler (Inductor, CPU) on Wan's repeated blocks: same output as eager within rounding."""
     tiny = MODELS[0]

@@ -16,6 +16,8 @@ from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_a
 from rainfusion_core.parity import parity
 
 DEVICE = triton_device()
+# tools/gpu_suite.py runs these in one worker, one after another: some take gigabytes of GPU memory.
+pytestmark = pytest.mark.xdist_group("gpu_heavy")
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 WS, PORTABLE = TritonOptions(kernel="ws"), TritonOptions(kernel="triton")
 ON_HOPPER = needs_hopper

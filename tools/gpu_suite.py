@@ -7,8 +7,10 @@ CI has no GPU, so this is how a change that touches the GPU path is checked befo
 The tests run in ``--workers`` pytest-xdist processes (default: 8, at most the CPU count);
 tests that must not share the GPU with others at the same time (large allocations, timing,
 CUDA-graph capture of a whole model) carry ``pytest.mark.xdist_group("gpu_heavy")`` and run
-one after another in one worker. Each worker gets its own Triton and Inductor cache folders
-(``tests/conftest.py``), so no two processes compile into the same files.
+one after another in one worker. Each worker gets its own Inductor cache folder
+(``tests/conftest.py``), so no two processes compile into the same files, and a share of the
+CPU threads (``OMP_NUM_THREADS``, and one Inductor compile thread), so eight workers do not
+each start one thread per core.
 
 The last line printed is ``N passed, N failed, N skipped in T s (device)``; the exit status
 is non-zero when anything failed or errored, or when no test ran.
@@ -61,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("gpu_suite: needs pytest-xdist (pip install pytest-xdist)", file=sys.stderr)
         return 2
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         run = subprocess.run([sys.executable, "-m", "pytest", "-n", str(args.workers), "--dist", "loadgroup",
-                              "-q", f"--junitxml={report}", "--durations=15", *pytest_args], cwd=ROOT)
+                              "-q", "-rfE", f"--junitxml={report}", "--durations=15", *pytest_args], cwd=ROOT,
+                             env=env)
         if not report.exists():
             print(f"gpu suite: pytest wrote no report (exit status {run.returncode})")
             return run.returncode or 1
