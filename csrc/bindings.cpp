@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "block_sparse_attention.h"
 
@@ -73,10 +74,14 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
   if (kv_counts.size() != a.batch * a.q_heads * nq || kv_indices.size() != a.batch * a.q_heads * nq * nk)
     throw std::invalid_argument("kv_counts/kv_indices do not match [B, Hq, NQ(, NK)] for this block_size");
   if (!out.writeable()) throw std::invalid_argument("out must be writeable");
-  check_mask(kv_counts.data(), kv_indices.data(), a.batch, a.q_heads, nq, nk);
+  // The kernel reads private copies of the mask, the copies that were checked: the caller's tensors may
+  // change while the threads run (another thread editing the mask) without ever steering a read out of bounds.
+  const std::vector<int32_t> counts(kv_counts.data(), kv_counts.data() + kv_counts.size());
+  const std::vector<int32_t> indices(kv_indices.data(), kv_indices.data() + kv_indices.size());
+  check_mask(counts.data(), indices.data(), a.batch, a.q_heads, nq, nk);
   a.q = reinterpret_cast<const S*>(q.data()), a.k = reinterpret_cast<const S*>(k.data());
   a.v = reinterpret_cast<const S*>(v.data()), a.out = reinterpret_cast<S*>(out.mutable_data());
-  a.kv_counts = kv_counts.data(), a.kv_indices = kv_indices.data();
+  a.kv_counts = counts.data(), a.kv_indices = indices.data();
   a.block_size = block_size, a.scale = scale, a.num_threads = num_threads;
   py::gil_scoped_release release;
   rainfusion::block_sparse_attention_forward(a, path);

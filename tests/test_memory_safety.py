@@ -134,6 +134,52 @@ REPRODUCER = textwrap.dedent("""
 """)
 
 
+MUTATED_MID_CALL = textwrap.dedent("""
+    import sys, threading, torch
+    import rainfusion_core as rf
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 2048, 64)
+    mask = rf.BlockMask.from_dense(torch.rand(1, 4, 32, 32) < 0.5, block_size=64, q_len=2048, kv_len=2048)
+    good_counts, good_indices = mask.kv_counts.clone(), mask.kv_indices.clone()
+    stop = threading.Event()
+
+    def vandal():  # another thread edits the mask in place while the kernel runs
+        values = (-10 ** 6, 2 ** 30, -1, 32)
+        i = 0
+        while not stop.is_set():
+            mask.kv_indices.fill_(values[i % 4])
+            mask.kv_counts.fill_(values[(i + 1) % 4])
+            mask.kv_indices.copy_(good_indices)
+            mask.kv_counts.copy_(good_counts)
+            i += 1
+
+    thread = threading.Thread(target=vandal)
+    thread.start()
+    ran = refused = 0
+    try:
+        for _ in range(int(sys.argv[1])):
+            try:
+                rf.block_sparse_attention(q, q, q, mask, backend="cpu")
+                ran += 1
+            except ValueError:
+                refused += 1
+    finally:
+        stop.set()
+        thread.join()
+    print("SURVIVED", ran, refused)
+""")
+
+
+@needs_cpp
+def test_a_mask_edited_by_another_thread_mid_call_never_crashes_the_cpu_kernel():
+    # The binding checks the mask, then the kernel reads the checked copy, never the caller's tensors.
+    run = subprocess.run([sys.executable, "-c", MUTATED_MID_CALL, "200"], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, RAINFUSION_PROGRESS="0", OMP_NUM_THREADS="2"))
+    assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-3000:]}"
+    ran, refused = map(int, run.stdout.split()[1:3])
+    assert ran + refused == 200 and ran > 0, run.stdout
+
+
 def _where(backend):
     """Device and environment of a subprocess: Triton on the GPU when there is one, else its interpreter."""
     env = dict(os.environ, RAINFUSION_PROGRESS="0")
