@@ -45,14 +45,18 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     """The RainFusion2.0 block choice of each row of ``scores [B, H, NQ, NK]``.
 
     ``P = softmax(scale * scores)`` per row; a block is kept when its ``P`` is
-    ``>=`` the row's ``keep``-th largest (ties keep more). Then the first
+    ``>=`` the row's ``keep``-th largest (ties keep more); a row whose scaled scores hold
+    a NaN or an infinity (NaN or infinite q or k) keeps every block. Then the first
     ``sink_blocks`` and the last ``text_blocks`` blocks are kept as whole rows
     and whole columns (``NQ == NK``). Returns ``(dense, kv_counts, kv_indices)``
     as :class:`~rainfusion_core.BlockMask` holds them.
     """
-    probs = torch.softmax(scores * scale, dim=-1)
+    scaled = scores * scale
+    probs = torch.softmax(scaled, dim=-1)
     threshold = probs.topk(keep, dim=-1, sorted=True).values[..., keep - 1 :]
-    mask = probs >= threshold
+    # A row whose scores hold a NaN or an infinity (a NaN or infinite value in q or k) keeps every block,
+    # so the attention propagates it exactly as dense attention does instead of dropping poisoned blocks.
+    mask = (probs >= threshold) | ~scaled.isfinite().all(dim=-1, keepdim=True)
     nk = mask.shape[-1]
     for blocks in (slice(0, sink_blocks), slice(nk - text_blocks, nk)):
         if blocks.start < blocks.stop:

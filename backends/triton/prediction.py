@@ -63,7 +63,10 @@ def select_blocks_kernel(
     ok = (rows < total_rows)[:, None] & (offs < n_cols)[None, :]
     at = rows.to(tl.int64)[:, None] * n_cols + offs[None, :]
     # -- softmax of the scaled scores, as torch.softmax computes it
-    x = tl.where(ok, tl.load(SCORES + at, mask=ok, other=0.0) * scale, float("-inf"))
+    raw = tl.load(SCORES + at, mask=ok, other=0.0) * scale
+    # a row with a NaN or infinite score (NaN or infinite q or k) keeps every block, as in selection.py
+    poisoned = tl.sum((ok & ((raw != raw) | (tl.abs(raw) == float("inf")))).to(tl.int32), 1) > 0
+    x = tl.where(ok, raw, float("-inf"))
     row_max = tl.max(x, 1)
     e = tl.where(ok, tl.exp(x - tl.where(rows < total_rows, row_max, 0.0)[:, None]), 0.0)
     p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]  # padding rows (past total_rows) stay 0
@@ -77,7 +80,7 @@ def select_blocks_kernel(
         enough = tl.sum((bits >= mid[:, None]).to(tl.int32), 1) >= keep
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    kept = bits >= lo[:, None]  # ties with the keep-th kept too
+    kept = (bits >= lo[:, None]) | poisoned[:, None]  # ties with the keep-th kept too
     # -- forced blocks: the first-frame sink and the text, as whole rows and whole columns
     i = rows % n_rows
     forced_row = (i < sink_blocks) | (i >= n_rows - text_blocks)

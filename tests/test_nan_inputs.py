@@ -1,0 +1,43 @@
+"""NaN and infinite inputs: every backend propagates them exactly where dense attention does.
+
+A NaN or infinite value in q or k makes the pooled scores of its rows non-finite; those rows
+keep every block, so no backend drops the poisoned keys and returns plausible values (or zeros)
+where dense attention returns NaN.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rainfusion_core as rf
+from helpers import needs_cpp, triton_device
+
+LAYOUT = rf.VideoLayout(4, 8, 16)  # 512 tokens, 8 blocks of 64; the first frame (2 blocks) is the sink
+POISON = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def _device(backend):
+    return triton_device(module_level=False) if backend == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpp), "triton"])
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("value", list(POISON))
+@pytest.mark.parametrize("token", [300, 500], ids=["mid", "last-block"])  # outside the sink blocks
+def test_poisoned_inputs_give_nan_exactly_where_dense_attention_does(backend, where, value, token):
+    device = _device(backend)
+    q, k, v = (torch.randn(1, 2, LAYOUT.seq_len, 32, device=device) for _ in range(3))
+    (q if where == "q" else k)[0, 1, token, 5] = POISON[value]
+    dense = F.scaled_dot_product_attention(q, k, v)
+    out = rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.9, block_size=64, backend=backend, min_tokens=0)
+    dense_nan, out_nan = dense.isnan().any(-1), out.isnan().any(-1)
+    assert dense_nan.any()  # the case is a real one: dense attention is poisoned somewhere
+    assert torch.equal(out_nan, dense_nan), (int(dense_nan.sum()), int(out_nan.sum()))
+    assert not (out[~out_nan] == 0).all(-1).any()  # no row of plausible zeros
+
+
+def test_the_predicted_mask_keeps_every_block_of_a_poisoned_row():
+    q, k = torch.randn(1, 2, LAYOUT.seq_len, 32), torch.randn(1, 2, LAYOUT.seq_len, 32)
+    q[0, 0, 300, 0] = float("nan")  # query block 4 of head 0
+    mask = rf.predict_block_mask(q, k, LAYOUT, sparsity=0.9, block_size=64)
+    assert mask.dense[0, 0, 4].all() and int(mask.kv_counts[0, 0, 4]) == 8
+    assert not mask.dense[0, 0, 5].all() and not mask.dense[0, 1, 4].all()  # other rows stay sparse
