@@ -196,6 +196,7 @@ def cmd_bench(args) -> int:
     from .api import plan_sparse_attention, sparse_attention
     from .benchmarking import median_ms
     from .call import crossover_reason
+    from .files import save_figure
     from .layout import VideoLayout
     from .synthetic import video_like_qkv
 
@@ -229,7 +230,7 @@ def cmd_bench(args) -> int:
         ax.set(xlabel="sparsity", ylabel="ms (median)", title=f"S={layout.seq_len} H={heads} D={dim} on {device}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        save_figure(fig, args.plot, dpi=120)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -238,6 +239,7 @@ def cmd_mask(args) -> int:
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
+    from .files import save_figure
     from .layout import VideoLayout
     from .permutation import build_permutation
     from .prediction import predict_block_mask
@@ -262,7 +264,7 @@ def cmd_mask(args) -> int:
               loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
     fig.text(0.5, 0.01, "q and k are synthetic video-like activations, not a model's", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out, dpi=120)
     plt.close(fig)
     print(f"{mask.shape[2]}x{mask.shape[3]} blocks of {args.block_size} tokens, density {mask.density:.3f} "
           f"(black = kept); written to {args.out}")

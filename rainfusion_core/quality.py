@@ -13,6 +13,7 @@ Everything runs blockwise over query rows (memory ``O(rows x S)``, never
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from .api import block_sparse_attention
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches, num_blocks, query_chunks
 from .dtypes import accumulation_dtype
+from .files import atomic_file, save_figure
 from .layout import VideoLayout
 from .permutation import build_permutation
 from .precision import fp8_reference_attention
@@ -174,7 +176,7 @@ class QualityReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
 
 
@@ -322,8 +324,16 @@ def _verdict(gain: float) -> str:
 
 def save_qkv(path, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, **meta) -> None:
     """Save BNSD activations and their layout for ``rainfusion evaluate --qkv FILE``."""
-    torch.save({"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu(),
-                "layout": dataclasses.asdict(layout), "meta": meta}, path)
+    data = {"q": q.detach().cpu(), "k": k.detach().cpu(), "v": v.detach().cpu(),
+            "layout": dataclasses.asdict(layout), "meta": meta}
+    try:
+        with atomic_file(path) as handle:  # a failed write leaves an earlier capture at path intact
+            torch.save(data, handle)
+    except RuntimeError as exc:  # torch.save wraps the failed write (a full disk, a size limit)
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
+        why = cause.strerror if cause is not None else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OSError(cause.errno if cause is not None else errno.EIO,
+                      f"writing the capture {path} failed ({why}); what was there is unchanged") from exc
 
 
 def load_qkv(path):

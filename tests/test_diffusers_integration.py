@@ -153,3 +153,18 @@ def test_stacked_handles_can_be_removed_in_any_order(order):
     remaining.remove()
     assert [b.attn1.processor for b in model.blocks] == originals
     assert torch.equal(run(model, latent, text, 500), dense)
+
+
+def test_capture_refuses_a_folder_it_cannot_write_when_called(tmp_path):
+    model = tiny_wan()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=f"capture_qkv: cannot create the folder {blocker / 'sub'}"):
+        capture_qkv(model, blocker / "sub", layers=(0,))
+    import os
+
+    if os.geteuid() != 0:  # root may write anywhere: the permission check is real only for other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(PermissionError, match=f"capture_qkv: the folder {locked} is not writable"):
+            capture_qkv(model, locked, layers=(0,))

@@ -184,3 +184,37 @@ def test_fp8_rows_on_the_triton_backend_where_its_fp8_kernel_cannot_run():
     (note,) = [n for n in report.notes if "FP8 reference" in n]
     assert "'triton'" in note and ("interpreter" in note if device == "cpu" else "FP8 runs on the Hopper kernel" in note)
     assert 0 < report.get("fp8", 0.5).rel_l2 < 0.2
+
+
+FAILED_WRITE = '''
+import os, resource, signal, sys, torch
+import rainfusion_core as rf
+from rainfusion_core.quality import load_qkv, save_qkv
+path = sys.argv[1]
+layout = rf.VideoLayout(4, 16, 16)
+q = torch.randn(1, 2, layout.seq_len, 64)
+save_qkv(path, q, q, q, layout, step=1)                      # an earlier capture, about 800 KB
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                # past the limit, a write fails with EFBIG
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))   # a disk that fills up part way
+try:
+    save_qkv(path, q * 2, q, q, layout, step=2)
+    print("WROTE")
+except OSError as exc:
+    print("FAILED", exc.errno)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+q2, _, _, _, meta = load_qkv(path)
+print("INTACT", bool(torch.equal(q2, q)), meta["step"], sorted(os.listdir(os.path.dirname(path))))
+'''
+
+
+def test_a_failed_capture_write_leaves_the_earlier_capture_intact(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource", reason="needs POSIX resource limits to simulate a full disk")
+    path = tmp_path / "qkv.pt"
+    run = subprocess.run([sys.executable, "-c", FAILED_WRITE, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "FAILED 27" in run.stdout  # EFBIG
+    assert "INTACT True 1 ['qkv.pt']" in run.stdout, run.stdout  # the old capture, and no temporary file left

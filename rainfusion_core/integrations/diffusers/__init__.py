@@ -15,6 +15,8 @@ forward pre-hook, so any resolution and frame count works.
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 from ..._checks import check_block_size, check_int, check_optional_bool, check_sparsity, describe
@@ -210,7 +212,12 @@ def capture_qkv(model, directory, *, layers=(0,), steps=(0,)) -> RainFusionHandl
     with the same real text, holding those tokens only); the model's outputs are unchanged.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"capture_qkv: cannot create the folder {directory} ({exc.strerror})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):  # refuse now, not at the first forward
+        raise PermissionError(errno.EACCES, f"capture_qkv: the folder {directory} is not writable")
 
     def make_site(state, index, sites):
         sites[index] = CaptureSite(state, directory=directory, steps=steps, layer=index)
