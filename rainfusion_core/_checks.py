@@ -65,6 +65,32 @@ def check_optional_bool(name: str, value) -> bool | None:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``True`` or ``False``; anything else (``1``, ``"False"``) is refused naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_indices(name: str, values) -> list[int] | None:
+    """``None``, or a list or tuple of distinct non-negative ints (not bools, floats or strings), naming ``name``."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple, range)):
+        raise TypeError(f"{name} must be None or a list of ints, got {describe(values)}")
+    values = list(values)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {value!r} in {values!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}: {values} names a layer twice")
+    return values
+
+
+#: Largest accepted block size: the kernels index blocks with 32-bit integers.
+MAX_BLOCK_SIZE = 2 ** 30
+
+
 def check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}")
@@ -74,7 +100,10 @@ def check_sparsity(sparsity) -> float:
 
 
 def check_block_size(block_size) -> int:
-    return check_int("block_size", block_size)
+    block_size = check_int("block_size", block_size)
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be at most 2**30 ({MAX_BLOCK_SIZE}), got {block_size}")
+    return block_size
 
 
 def check_tensor_layout(tensor_layout) -> str:

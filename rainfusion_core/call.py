@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
-    check_block_size, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
+    check_block_size, check_bool, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
 )
 from .backend import Backend
 from .block_mask import num_blocks
@@ -95,7 +95,7 @@ def _mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale, s
         keep=keep,
         sink_blocks=sink_blocks,
         text_blocks=text_blocks,
-        share_batch_mask=bool(share_batch_mask),
+        share_batch_mask=check_bool("share_batch_mask", share_batch_mask),
     )
 
 

@@ -388,8 +388,15 @@ class _Call:
         if self.precision not in backend.precisions:
             return [f"it does not compute in precision {self.precision!r} (it offers "
                     f"{', '.join(backend.precisions)})"]
-        return list(backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask,
-                                                **backend_keywords(self.precision)))
+        try:  # a plugin's hook is guarded as its availability check is: it names the plugin, never breaks selection
+            reasons = backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask,
+                                                  **backend_keywords(self.precision))
+        except Exception as exc:
+            return [f"its unsupported_reasons() raised {type(exc).__name__}: {exc}"]
+        if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
+            return [f"its unsupported_reasons() returned {type(reasons).__name__} {reasons!r:.80}, not a list of "
+                    "reason strings"]
+        return list(reasons)
 
 
 def _choose(device_type: str, call: _Call | None, spec: str) -> Backend:

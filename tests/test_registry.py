@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,29 @@ def test_scoped_backends_restores_the_registry():
         assert "torch" not in [b.name for b in rf.registered_backends()]
     assert [b.name for b in rf.registered_backends()] == before
     assert rf.get_backend("cpu").name != "scoped_cpu"
+
+
+@pytest.mark.parametrize("hook, reason", [
+    (lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("reasons exploded")),
+     "its unsupported_reasons() raised RuntimeError: reasons exploded"),
+    (lambda self, *a, **k: "not a list", "its unsupported_reasons() returned str 'not a list'"),
+    (lambda self, *a, **k: None, "its unsupported_reasons() returned NoneType None"),
+])
+def test_a_broken_unsupported_reasons_hook_is_a_named_refusal(hook, reason):
+    from rainfusion_core.backends.torch_backend import TorchBackend
+
+    class Broken(TorchBackend):
+        name = "broken_hook"
+        device_types = ("cpu",)
+        priority = 1000
+        unsupported_reasons = hook
+
+    q = torch.randn(1, 2, 64, 16)
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=64, q_len=64, kv_len=64)
+    with rf.scoped_backends(Broken()):
+        with pytest.warns(RuntimeWarning, match="backend 'broken_hook' skipped"):
+            out = rf.block_sparse_attention(q, q, q, mask)  # automatic selection goes on to the next backend
+        torch.testing.assert_close(out, rf.block_sparse_attention(q, q, q, mask, backend="torch"))
+        expected = re.escape(f"backend 'broken_hook' cannot run this call: {reason}")
+        with pytest.raises(rf.UnsupportedInputError, match=expected):
+            rf.block_sparse_attention(q, q, q, mask, backend="broken_hook")

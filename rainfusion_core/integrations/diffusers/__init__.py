@@ -19,7 +19,7 @@ import errno
 import os
 from pathlib import Path
 
-from ..._checks import check_block_size, check_int, check_optional_bool, check_sparsity, describe
+from ..._checks import check_block_size, check_indices, check_int, check_optional_bool, check_sparsity, describe
 from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
@@ -64,10 +64,9 @@ def attention_layers(model) -> list[str]:
 
 def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None) -> RainFusionHandle:
     """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
+    layers = check_indices("layers", layers)
     adapter, transformers = _transformers(model)
     plan = []
-    if layers is not None and len(set(layers)) != len(layers):
-        raise ValueError(f"layers: {list(layers)} names a layer twice")
     for transformer in transformers:
         modules = adapter.attention_modules(transformer)
         for index in layers or ():
