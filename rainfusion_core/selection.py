@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import describe
 from .backend import MaskPredictor
 from .block_mask import BlockMask
 from .dtypes import accumulation_dtype
+from .errors import BackendError
 
 
 def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype, order: torch.Tensor | None = None):
@@ -83,4 +85,22 @@ def compute_block_mask(
         q_mean, k_mean = predictor.block_means(q, block_size, order), predictor.block_means(k, block_size, order)
         select = predictor.select_blocks
     scores = pooled_scores(q_mean, k_mean)
-    return select(scores, scale=scale, keep=keep, sink_blocks=sink_blocks, text_blocks=text_blocks)
+    parts = select(scores, scale=scale, keep=keep, sink_blocks=sink_blocks, text_blocks=text_blocks)
+    if predictor is not None:
+        _check_predicted(predictor, parts, scores)
+    return parts
+
+
+def _check_predicted(predictor: MaskPredictor, parts, scores: torch.Tensor) -> None:
+    """A backend's ``select_blocks`` must return both mask views with the scores' shape: else an error naming it."""
+    shape = tuple(scores.shape)
+    expected = (("dense", torch.bool, shape), ("kv_counts", torch.int32, shape[:3]), ("kv_indices", torch.int32, shape))
+    if not isinstance(parts, tuple) or len(parts) != 3:
+        raise BackendError(f"mask predictor {type(predictor).__name__} returned {type(parts).__name__} from "
+                           "select_blocks(); expected (dense, kv_counts, kv_indices)")
+    for (name, dtype, want), got in zip(expected, parts):
+        if (not isinstance(got, torch.Tensor) or got.dtype != dtype or tuple(got.shape) != want
+                or got.device != scores.device):
+            raise BackendError(f"mask predictor {type(predictor).__name__} returned {name} as {describe(got)}"
+                               f"{' on ' + str(got.device) if isinstance(got, torch.Tensor) else ''}; expected a "
+                               f"{dtype} tensor of shape {want} on {scores.device}")

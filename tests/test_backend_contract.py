@@ -1,4 +1,5 @@
 """The Backend contract: required and optional parts, and the deprecated spellings of the optional hooks."""
+import re
 import warnings
 
 import pytest
@@ -90,6 +91,45 @@ def test_model_order_attention_is_used_when_offered():
     assert seen == [torch.Size([LAYOUT.seq_len])]
     torch.testing.assert_close(got, rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32,
                                                         backend="torch"), rtol=0, atol=0)
+
+
+def test_a_model_order_function_that_leaves_rows_unwritten_gives_nan_not_stale_memory():
+    class WritesHalf(Minimal):
+        name = "contract_writes_half"
+
+        def model_order_attention(self):
+            def run(q, k, v, block_mask, scale, order, out):
+                out[:, :, : out.shape[2] // 2] = 0.5  # the rest never written
+            return run
+
+    q, k, v = _qkv()
+    got = rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend=WritesHalf())
+    half = LAYOUT.seq_len // 2
+    assert (got[:, :, :half] == 0.5).all() and got[:, :, half:].isnan().all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda d, c, i: (d[..., :-1], c, i), "returned dense as a 4-D torch.bool tensor of shape"),
+    (lambda d, c, i: (d, c.long(), i), "returned kv_counts as a 3-D torch.int64 tensor"),
+    (lambda d, c, i: (d, c), "returned tuple from select_blocks(); expected (dense, kv_counts, kv_indices)"),
+])
+def test_a_mask_predictor_returning_the_wrong_shape_is_named(bad, message):
+    class Predictor(MaskPredictor):
+        def block_means(self, x, block_size, order):
+            return block_means(x, block_size, torch.float32, order)
+
+        def select_blocks(self, scores, **kw):
+            return bad(*select_blocks(scores, **kw))
+
+    class Predicts(Minimal):
+        name = "contract_bad_predictor"
+
+        def mask_predictor(self, dtype):
+            return Predictor()
+
+    q, k, v = _qkv()
+    with pytest.raises(rf.BackendError, match=re.escape("mask predictor Predictor " + message)):
+        rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend=Predicts())
 
 
 def test_the_deprecated_spellings_still_work_and_warn():
