@@ -72,6 +72,9 @@ class CpuBackend(Backend):
         kernel, reason = _load_kernel()
         if kernel is None:
             raise RuntimeError(reason)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise RuntimeError("the cpu backend has no backward (an inference kernel), but q, k or v requires grad: "
+                               "run it under torch.no_grad() or torch.inference_mode(), or detach them")
         out = torch.empty(q.shape, dtype=q.dtype)
         mask = (block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
                 block_mask.block_size, float(scale), torch.get_num_threads(), requested_isa())

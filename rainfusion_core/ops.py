@@ -251,3 +251,17 @@ def sparse_call(choice: BackendChoice, q, k, v, order, mask_spec: MaskSpec, scal
     return sparse_attention_op(q, k, v, order, mask_spec.block_size, mask_spec.scale, mask_spec.keep,
                                mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
                                choice.spec, bsnd_out, precision)
+
+
+# --------------------------------------------------------------------------- no backward
+NO_BACKWARD = ("RainFusion sparse attention has no backward: it is an inference kernel. To train or fine-tune, "
+               "run attention dense there (handle.remove(), or keep those steps dense with a Schedule); for "
+               "inference, run the model under torch.no_grad() or torch.inference_mode()")
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError(NO_BACKWARD)
+
+
+for _op in (sparse_attention_op, block_sparse_attention_op, predict_block_mask_op):
+    _op.register_autograd(_no_backward)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rainfusion_core as rf
-from helpers import needs_cuda
+from helpers import needs_cpp, needs_cuda
 from rainfusion_core.ops import block_sparse_attention_op, runs_directly, sparse_attention_op
 
 LAYOUT = rf.VideoLayout(3, 8, 16)  # 384 tokens
@@ -159,3 +159,22 @@ def test_compiled_fullgraph_on_gpu_with_triton():
     compiled = torch.compile(lambda q, k, v: rf.sparse_attention(q, k, v, WAN_SMALL, backend="triton"), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), rf.sparse_attention(q, k, v, WAN_SMALL, backend="triton"),
                                rtol=0, atol=0)
+
+
+def test_backward_says_there_is_none_and_what_to_do():
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    out = rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend="torch")
+    with pytest.raises(RuntimeError, match="RainFusion sparse attention has no backward: it is an inference kernel"):
+        out.sum().backward()
+    mask = rf.predict_block_mask(q.detach(), k.detach(), LAYOUT, sparsity=0.5, block_size=32)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        rf.block_sparse_attention(q, k, v, mask, backend="torch").sum().backward()
+
+
+@needs_cpp
+def test_the_cpu_backend_object_refuses_inputs_that_require_grad():
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    with pytest.raises(RuntimeError, match="the cpu backend has no backward"):
+        rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend=rf.get_backend(name="cpu"))
+    with torch.no_grad():
+        rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend=rf.get_backend(name="cpu"))
