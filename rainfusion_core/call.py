@@ -18,6 +18,7 @@ from .block_mask import num_blocks
 from .crossover import dense_reason, expected_density
 from .layout import VideoLayout
 from .precision import DEFAULT_PRECISION, check_precision
+from .registry import check_device_matches, is_automatic
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
     """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs.
 
     ``min_tokens``: the dense crossover (``crossover.py``): ``None`` the measured one for q's
-    device, ``0`` never dense. FP8 calls never run dense: FP8 is asked for by name.
+    device, ``0`` never dense. It applies under automatic selection only (``backend`` ``None`` or
+    a device string): FP8 and a backend named explicitly are asked for by name and never run dense.
     """
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
     mask = _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
@@ -154,8 +156,11 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
     if min_tokens is not None:
         check_int("min_tokens", min_tokens, minimum=0)
     dense = None
-    if precision == DEFAULT_PRECISION:  # FP8 is asked for by name: never replaced by dense attention
+    # FP8, and a backend named explicitly, are asked for by name: never replaced by dense attention.
+    if precision == DEFAULT_PRECISION and is_automatic(backend):
         dense = crossover_reason(q.device.type, layout, sparsity, mask.block_size, first_frame_sink, min_tokens)
+        if dense is not None and backend is not None:
+            check_device_matches(backend, q.device)  # a wrong device string is an error on either path
     call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend),  # one scale for both steps
                       precision, dense)
     return call, q, k, v

@@ -328,6 +328,20 @@ def _require_available(backend: Backend) -> None:
         raise BackendUnavailableError(f"backend {backend.name!r} is unavailable: {reason}")
 
 
+def check_device_matches(spec: str, device: torch.device) -> None:
+    """Refuse a device string (``backend="cuda:1"``) that does not name the device the inputs are on."""
+    spec_type = _parse_device(spec)
+    index = _DEVICE_RE.match(spec).group(2)
+    if spec_type != device.type or (index is not None and (device.index or 0) != int(index)):
+        raise ValueError(f"backend={spec!r} names the device {spec}, but the inputs are on {device}; pass "
+                         f"backend={str(device)!r}, a backend name, or None for the inputs' device")
+
+
+def is_automatic(spec) -> bool:
+    """Whether ``backend=spec`` leaves the choice to the registry (``None`` or a device string), not a name."""
+    return spec is None or (isinstance(spec, str) and _parse_device(spec) is not None)
+
+
 def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION) -> Backend:
     """The backend that runs this call; ``spec`` as in :func:`get_backend`, ``None`` = q's device.
 
@@ -338,10 +352,8 @@ def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION
     call = _Call(q, k, v, block_mask, precision)
     if spec is None:
         return _choose(device_type, call, str(q.device))
-    if isinstance(spec, str) and (spec_type := _parse_device(spec)) is not None:
-        index = _DEVICE_RE.match(spec).group(2)
-        if spec_type != device_type or (index is not None and (q.device.index or 0) != int(index)):
-            raise ValueError(f"backend={spec!r} names a {spec_type} device but the inputs are on {q.device}")
+    if isinstance(spec, str) and _parse_device(spec) is not None:
+        check_device_matches(spec, q.device)
         return _choose(device_type, call, spec)
     backend = get_backend(spec)  # a name or a Backend; raises when it is unavailable
     if not backend.runs_on(device_type):

@@ -77,16 +77,28 @@ def test_above_the_crossover_a_call_is_sparse_and_a_dense_mask_is_not():
     layout = rf.VideoLayout(4, 32, 40)  # 5120 latent tokens: above the CPU crossover
     q, k, v = _qkv(layout, dim=16)
     assert layout.video_len >= CROSSOVER["cpu"].min_tokens
-    sparse = rf.sparse_attention(q, k, v, layout, sparsity=0.9, backend="torch")
-    torch.testing.assert_close(sparse, rf.sparse_attention(q, k, v, layout, sparsity=0.9, backend="torch",
+    sparse = rf.sparse_attention(q, k, v, layout, sparsity=0.9, backend="cpu")  # the device: automatic choice
+    torch.testing.assert_close(sparse, rf.sparse_attention(q, k, v, layout, sparsity=0.9, backend="cpu",
                                                            min_tokens=0), rtol=0, atol=0)
     assert (sparse - _dense(q, k, v)).abs().max() > 1e-3
     # sparsity 0 keeps every tile: sparse attention would only add work
-    dense = rf.sparse_attention(q, k, v, layout, sparsity=0.0, backend="torch")
+    dense = rf.sparse_attention(q, k, v, layout, sparsity=0.0)
     torch.testing.assert_close(dense, _dense(q, k, v), rtol=0, atol=0)
     # a token count of the caller's own replaces the table's
-    assert (rf.sparse_attention(q, k, v, layout, sparsity=0.9, backend="torch", min_tokens=10 ** 6)
-            - _dense(q, k, v)).abs().max() == 0
+    assert (rf.sparse_attention(q, k, v, layout, sparsity=0.9, min_tokens=10 ** 6) - _dense(q, k, v)).abs().max() == 0
+
+
+def test_a_backend_named_explicitly_always_runs_and_a_wrong_device_is_an_error():
+    layout = rf.VideoLayout(3, 8, 16)  # below the crossover
+    q, k, v = _qkv(layout)
+    named = rf.sparse_attention(q, k, v, layout, sparsity=0.9, block_size=32, backend="torch")
+    assert (named - _dense(q, k, v)).abs().max() > 1e-3  # sparse: the torch backend was asked for by name
+    torch.testing.assert_close(rf.sparse_attention(q, k, v, layout, sparsity=0.9, block_size=32,
+                                                   backend=rf.get_backend("torch")), named, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backend='cpu:1' names the device cpu:1, but the inputs are on cpu"):
+        rf.sparse_attention(q, k, v, layout, backend="cpu:1")  # dense path: the device is still checked
+    with pytest.raises(rf.UnknownBackendError, match="unknown backend 'no_such_backend'"):
+        rf.sparse_attention(q, k, v, layout, backend="no_such_backend")
 
 
 def test_min_tokens_is_checked_and_fp8_never_turns_dense():
@@ -121,15 +133,14 @@ def test_the_handle_counts_calls_each_way_and_the_mean_density():
 
     dense, dense_first = run(), run(900.0)
     # 240 latent tokens: below the CPU crossover, so the model runs as it would without RainFusion
-    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16)
     assert torch.equal(run(), dense)
     stats = handle.stats()
     assert (stats.sparse_calls, stats.dense_by_crossover, stats.masks) == (0, 1, 0)
     assert "240 latent tokens" in stats.dense_reason and stats.mean_density is None
     handle.remove()
 
-    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch", min_tokens=0,
-                              schedule=Schedule(dense_steps=1))
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, schedule=Schedule(dense_steps=1))
     assert torch.equal(run(900.0), dense_first)  # step 0: dense by the schedule, exactly the model
     assert (run(500.0) - dense).abs().max() > 1e-4  # step 1: sparse
     stats = handle.stats()
@@ -139,6 +150,9 @@ def test_the_handle_counts_calls_each_way_and_the_mean_density():
     mask = rf.predict_block_mask(torch.randn(1, 2, 240, 16), torch.randn(1, 2, 240, 16), rf.VideoLayout(3, 8, 10),
                                  sparsity=0.8, block_size=16)
     assert 0 < stats.mean_density < 1 and abs(stats.mean_density - mask.density) < 0.25
+    handle.remove()
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")  # named: always sparse
+    assert (run() - dense).abs().max() > 1e-4 and handle.stats().sparse_calls == 1
     handle.remove()
     with pytest.raises(ValueError, match="min_tokens must be a non-negative int"):
         apply_rainfusion(model, min_tokens=-5)

@@ -23,7 +23,7 @@ from ..._checks import check_block_size, check_indices, check_int, check_optiona
 from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
-from ...registry import device_type_of, get_backend, registered_backends, unavailable_reason
+from ...registry import device_type_of, get_backend, is_automatic, registered_backends, unavailable_reason
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
@@ -132,7 +132,8 @@ def apply_rainfusion(
             latent grid has fewer tokens than the measured crossover of its device (or whose
             sparsity leaves a mask that keeps nearly every tile) runs its attention dense, as the
             model would, because that is faster there. ``None``: the measured crossover
-            (``rainfusion_core.crossover``); ``0``: always sparse. FP8 handles never run dense.
+            (``rainfusion_core.crossover``); ``0``: always sparse. FP8 handles, and handles with a
+            backend named explicitly (not ``None`` or a device string), never run dense.
             ``handle.stats()`` counts the calls each way.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
@@ -164,7 +165,7 @@ def apply_rainfusion(
         return sites["sparse"]
 
     def crossover(device_type, layout):
-        if precision != DEFAULT_PRECISION:
+        if precision != DEFAULT_PRECISION or not is_automatic(backend):  # asked for by name: never dense
             return None
         return crossover_reason(device_type, layout, sparsity, block_size, first_frame_sink, min_tokens)
 
