@@ -76,8 +76,14 @@ class CpuBackend(Backend):
             raise RuntimeError("the cpu backend has no backward (an inference kernel), but q, k or v requires grad: "
                                "run it under torch.no_grad() or torch.inference_mode(), or detach them")
         out = torch.empty(q.shape, dtype=q.dtype)
+        isa = requested_isa()
+        if isa:
+            try:  # name the variable when it asks for a path that does not exist or this CPU lacks
+                kernel.isa_description(isa)
+            except ValueError as exc:
+                raise ValueError(f"{ISA_VARIABLE}={isa!r}: {exc}") from None
         mask = (block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
-                block_mask.block_size, float(scale), torch.get_num_threads(), requested_isa())
+                block_mask.block_size, float(scale), torch.get_num_threads(), isa)
         if q.dtype in _NATIVE:
             kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *mask)
         else:  # float16 / bfloat16 bits, converted by the kernel as it packs tiles: no float32 copies

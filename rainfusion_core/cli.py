@@ -197,6 +197,7 @@ def cmd_bench(args) -> int:
     from .benchmarking import median_ms
     from .call import crossover_reason
     from .files import save_figure
+    from .registry import is_automatic
     from .layout import VideoLayout
     from .synthetic import video_like_qkv
 
@@ -217,8 +218,9 @@ def cmd_bench(args) -> int:
         ms = median_ms(lambda: sparse_attention(q, k, v, layout, sparsity=sparsity, backend=args.backend,
                                                 precision=args.precision, min_tokens=0), device, repeats=args.repeats)
         results.append(ms)
-        dense_why = None if args.precision != "bf16" else crossover_reason(device.type, layout, sparsity, 128, None,
-                                                                             None)
+        dense_why = None
+        if args.precision == "bf16" and is_automatic(args.backend):  # a named backend always runs
+            dense_why = crossover_reason(device.type, layout, sparsity, 128, None, None)
         rule = f"runs dense by default ({dense_why})" if dense_why else "runs sparse by default"
         print(f"  [{i}/{len(args.sparsity)}] sparsity {sparsity:.2f}: density {plan.density:.3f} (kept tiles, "
               f"first-frame sink included), sparse {ms:.2f} ms ({dense_ms / ms:.2f}x dense); {rule}", flush=True)

@@ -84,7 +84,8 @@ def test_the_portable_path_always_exists_and_an_unknown_path_is_refused(monkeypa
     q = torch.randn(1, 1, 128, 16)
     mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=128, q_len=128, kv_len=128)
     monkeypatch.setenv("RAINFUSION_CPU_ISA", "neon512")
-    with pytest.raises(ValueError, match="unknown instruction set 'neon512'; expected one of: .*generic"):
+    expected = "RAINFUSION_CPU_ISA='neon512': unknown instruction set 'neon512'; expected one of: .*generic"
+    with pytest.raises(ValueError, match=expected):
         rf.block_sparse_attention(q, q, q, mask, backend=rf.get_backend(name="cpu"))
     assert "RAINFUSION_CPU_ISA" in cpu_module.kernel_description()
 
