@@ -192,6 +192,8 @@ class BlockMask:
 
         Reading it synchronises with the device; do not use it in a hot path.
         """
+        if self.dense.device.type == "meta":
+            raise ValueError("BlockMask.density: the mask is on the meta device, which holds no values")
         return float(self.dense.float().mean())
 
     def token_density(self) -> float:
@@ -266,6 +268,9 @@ def _first(bad: torch.Tensor) -> tuple[int, ...]:
 
 def _check_contents(dense: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
     """Refuse an index view that is out of range, not strictly ascending, or not the ``dense`` view."""
+    if dense.device.type == "meta":
+        raise ValueError("BlockMask(...) checks the mask's contents, but its tensors are on the meta device, which "
+                         "holds none: build the mask on a real device (BlockMask.from_dense accepts meta tensors)")
     nk = dense.shape[-1]
     counts, indices = kv_counts.long(), kv_indices.long()
     bad = (counts < 0) | (counts > nk)

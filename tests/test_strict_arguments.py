@@ -43,3 +43,13 @@ def test_layers_are_checked_strictly(layers, message):
     with pytest.raises((TypeError, ValueError), match=message):
         apply_rainfusion(model, layers=layers)
     assert [block.attn1.processor for block in model.blocks] == before  # nothing installed
+
+
+def test_a_mask_on_the_meta_device_gets_a_clear_error():
+    meta = dict(dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="its tensors are on the meta device, which holds none"):
+        rf.BlockMask(torch.ones(1, 2, 3, 3, **meta), torch.ones(1, 2, 3, dtype=torch.int32, device="meta"),
+                     torch.ones(1, 2, 3, 3, dtype=torch.int32, device="meta"), 128, 384, 384)
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 3, 3, **meta), block_size=128, q_len=384, kv_len=384)
+    with pytest.raises(ValueError, match="BlockMask.density: the mask is on the meta device"):
+        mask.density
