@@ -76,6 +76,13 @@ def _dtypes(text: str) -> list[str]:
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _seed(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
 def _wan_preset() -> tuple[int, ...]:
     from .shapes import REFERENCE_HEAD_DIM, REFERENCE_SHAPES
 
@@ -83,6 +90,25 @@ def _wan_preset() -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- run-time checks
+def _check_memory(options: str, elements: int, device) -> None:
+    """Refuse, before allocating, tensors of ``elements`` float32 values that ``device`` cannot hold."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[1]
+        where = f"{device} has {available / 2**30:.1f} GiB"
+    else:
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no such query on this system: let the allocator decide
+            return
+        where = f"this machine has {available / 2**30:.1f} GiB"
+    needed = elements * 4
+    if needed > available:
+        raise UsageError(f"{options}: this shape needs at least {needed / 2**30:.3g} GiB of tensors and {where}; "
+                         "give a smaller one")
+
 def _device(option: str, spec: str | None, default: str | None = None) -> str:
     """``spec`` (or ``default``, else the best device present) after checking that the device exists."""
     import torch
@@ -102,6 +128,8 @@ def _input_file(option: str, path: str) -> str:
         raise UsageError(f"{option} {path}: no such file")
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a directory, expected a file written by save_qkv")
+    if not os.path.isfile(path):  # a named pipe, a device: reading it could block forever
+        raise UsageError(f"{option} {path}: is not a regular file, expected a file written by save_qkv")
     return path
 
 
@@ -205,6 +233,7 @@ def cmd_bench(args) -> int:
     batch, heads, frames, height, width, dim = args.shape or (_wan_preset() if device.type == "cuda" else CPU_PRESET)
     layout = VideoLayout(frames, height, width)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _check_memory("--shape", 4 * batch * heads * layout.seq_len * dim, device)  # q, k, v and an output
     q, k, v = video_like_qkv(layout, heads, dim, batch=batch, device=device, dtype=dtype, seed=0)
     print(f"bench on {device}: B={batch} H={heads} {frames}x{height}x{width} (S={layout.seq_len}) D={dim} {dtype}, "
           "synthetic video-like q/k/v", flush=True)
@@ -249,6 +278,7 @@ def cmd_mask(args) -> int:
 
     plt = _pyplot()
     layout = VideoLayout(args.frames, args.height, args.width, text_len=args.text_len)
+    _check_memory("--frames/--height/--width/--head", 4 * (args.head + 1) * layout.seq_len * 64, "cpu")
     q, k, _ = video_like_qkv(layout, args.head + 1, 64, seed=0)
     perm = build_permutation(layout)
     mask = predict_block_mask(perm.apply(q, 2), perm.apply(k, 2), layout, sparsity=args.sparsity,
@@ -288,6 +318,7 @@ def cmd_evaluate(args) -> int:
         source = f"{args.qkv} {meta or ''}".strip()
     else:
         layout = VideoLayout(*args.synthetic)
+        _check_memory("--synthetic/--heads/--head-dim", 4 * args.heads * layout.seq_len * args.head_dim, "cpu")
         q, k, v = video_dit_qkv(layout, args.heads, args.head_dim, seed=args.seed)
         source = f"synthetic video-DiT q/k/v, seed {args.seed}"
     device = _device("--device", args.device)
@@ -388,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on synthetic video-DiT activations of this latent grid")
     p.add_argument("--heads", type=POSITIVE, default=2, help="heads of the synthetic activations")
     p.add_argument("--head-dim", type=POSITIVE, default=64, help="head dim of the synthetic activations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic activations")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the synthetic activations (0 to 2**63 - 1)")
     p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",
                    help="comma-separated sparsities in [0, 1)")
     p.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per block")
@@ -417,6 +448,12 @@ def main(argv=None) -> int:
         return args.func(args)
     except (UsageError, BackendError, ValueError, TypeError, OSError) as exc:
         return _fail(args.command, exc)
+    except RuntimeError as exc:  # an allocation the up-front size check did not foresee: one line, not a traceback
+        text = str(exc)
+        if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return _fail(args.command, UsageError(f"not enough memory for this shape ({first}); give a smaller one"))
 
 
 def _fail(command: str, exc: Exception) -> int:

@@ -351,4 +351,15 @@ def load_qkv(path):
     missing = {"q", "k", "v", "layout"} - set(data)
     if missing:
         raise ValueError(f"{path}: not a rainfusion q/k/v capture (missing {sorted(missing)})")
-    return data["q"], data["k"], data["v"], VideoLayout(**data["layout"]), data.get("meta", {})
+    for name in ("q", "k", "v"):
+        if not isinstance(data[name], torch.Tensor):
+            raise ValueError(f"{path}: not a rainfusion q/k/v capture ({name} is {describe(data[name])}, not a tensor)")
+    if not isinstance(data["layout"], dict):
+        raise ValueError(f"{path}: not a rainfusion q/k/v capture (layout is {describe(data['layout'])}, not the "
+                         "dict save_qkv writes)")
+    try:
+        layout = VideoLayout(**data["layout"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a rainfusion q/k/v capture (its layout: {exc})") from None
+    meta = data.get("meta", {})
+    return data["q"], data["k"], data["v"], layout, meta if isinstance(meta, dict) else {}

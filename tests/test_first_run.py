@@ -147,3 +147,28 @@ def test_long_commands_show_progress_on_stderr_unless_hidden():
     assert "parity torch:" not in shown.stdout  # the table on stdout stays clean
     hidden = subprocess.run(args, capture_output=True, text=True, env=dict(ENV, RAINFUSION_PROGRESS="0"), timeout=300)
     assert hidden.returncode == 0 and hidden.stderr == ""
+
+
+def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path):
+    import torch
+
+    bad_q, bad_layout = tmp_path / "q-is-text.pt", tmp_path / "layout-is-list.pt"
+    ok = {"q": torch.zeros(1, 1, 8, 4), "k": torch.zeros(1, 1, 8, 4), "v": torch.zeros(1, 1, 8, 4),
+          "layout": {"frames": 1, "height": 2, "width": 4}}
+    torch.save(dict(ok, q="not a tensor"), bad_q)
+    torch.save(dict(ok, layout=[1, 2, 4]), bad_layout)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    cases = [
+        (["bench", "--shape", "1,1,100000,100000,100000,64"], "--shape: this shape needs at least"),
+        (["mask", "--frames", "2", "--height", "8", "--width", "8", "--head", "100000000000"], "--head: this shape"),
+        (["evaluate", "--synthetic", "2,8,8", "--head-dim", "100000000000000"], "--head-dim: this shape needs"),
+        (["evaluate", "--synthetic", "2,8,8", "--seed", str(10 ** 30)], "argument --seed: must be below 2**63"),
+        (["evaluate", "--qkv", str(bad_q)], "q is a str, not a tensor"),
+        (["evaluate", "--qkv", str(bad_layout)], "layout is a list, not the dict save_qkv writes"),
+        (["evaluate", "--qkv", str(pipe)], "is not a regular file"),
+    ]
+    for args, expected in cases:
+        run = rainfusion(*args, timeout=120)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, run.stderr[-2000:])
