@@ -135,6 +135,8 @@ def _input_file(option: str, path: str) -> str:
 
 def _output_png(option: str, path: str) -> str:
     """The path a PNG will really be written to: refuse a directory, add ``.png`` when there is no suffix."""
+    if not path.strip() or os.path.basename(path).startswith("."):
+        raise UsageError(f"{option} {path!r}: give a file name such as out.png")
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a directory; give a file name such as {os.path.join(path, 'out.png')}")
     if not os.path.splitext(path)[1]:
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     for option in ("plot", "out"):
         try:
-            if getattr(args, option, None):
+            if getattr(args, option, None) is not None:
                 setattr(args, option, _output_png(f"--{option}", getattr(args, option)))
         except UsageError as exc:
             return _fail(args.command, exc)

@@ -71,6 +71,7 @@ def quantize_rows(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tenso
     ``[B, H, ceil(S / rows)]``; ``values * descale`` (per group) approximates ``x``.
     """
     batch, heads, length, dim = x.shape
+    rows = min(rows, length)  # a group longer than the sequence is the sequence: memory follows S, not rows
     groups = -(-length // rows)
     padded = torch.zeros(batch, heads, groups * rows, dim, dtype=torch.float32, device=x.device)
     padded[:, :, :length] = x.float()
@@ -104,7 +105,8 @@ def fp8_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     v8, v_descale = quantize_channels(v)
     # -- unscaled operands back in float64: q and k per group of rows, v per channel
     q64 = q8.double() * q_descale.double().repeat_interleave(Q_ROWS, dim=2)[:, :, :q_len, None]
-    k64 = k8.double() * k_descale.double().repeat_interleave(block_mask.block_size, dim=2)[:, :, :kv_len, None]
+    k_rows = min(block_mask.block_size, kv_len)  # as quantize_rows groups them
+    k64 = k8.double() * k_descale.double().repeat_interleave(k_rows, dim=2)[:, :, :kv_len, None]
     k64 = k64.repeat_interleave(group, dim=1)
     v8 = v8.double().repeat_interleave(group, dim=1)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -167,6 +167,7 @@ def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path):
         (["evaluate", "--qkv", str(bad_q)], "q is a str, not a tensor"),
         (["evaluate", "--qkv", str(bad_layout)], "layout is a list, not the dict save_qkv writes"),
         (["evaluate", "--qkv", str(pipe)], "is not a regular file"),
+        (["mask", "--frames", "2", "--height", "8", "--width", "8", "--out", ""], "--out '': give a file name"),
     ]
     for args, expected in cases:
         run = rainfusion(*args, timeout=120)

@@ -264,6 +264,36 @@ def test_a_block_size_far_beyond_the_sequence_costs_no_memory(backend):
     assert float(values["GROWN_MB"]) < 64, run.stdout  # 2**22 tokens per block used to take 2.4 GB
 
 
+HUGE_BLOCK_EVALUATE = textwrap.dedent("""
+    import resource, torch
+    import rainfusion_core as rf
+    from rainfusion_core.precision import fp8_reference_attention
+    from rainfusion_core.quality import evaluate
+    layout = rf.VideoLayout(2, 8, 8)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 64) for _ in range(3))
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
+    def both(block):
+        mask = rf.BlockMask.from_dense(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=block, q_len=128,
+                                       kv_len=128)
+        return fp8_reference_attention(q, k, v, mask, 0.1), evaluate(q, k, v, layout, sparsities=(0.5,),
+                                                                    block_size=block)
+    small, _ = both(128)
+    before = peak()
+    huge, _ = both(2 ** 22)
+    print("GROWN_MB", peak() - before)
+    print("SAME", bool(torch.equal(small, huge)))
+""")
+
+
+def test_the_fp8_reference_and_the_evaluator_take_no_memory_from_a_huge_block():
+    run = subprocess.run([sys.executable, "-c", HUGE_BLOCK_EVALUATE], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, RAINFUSION_PROGRESS="0"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    values = dict(line.split() for line in run.stdout.splitlines() if line.split()[0] in ("GROWN_MB", "SAME"))
+    assert values["SAME"] == "True"
+    assert float(values["GROWN_MB"]) < 64, run.stdout  # 2**22 tokens per block took 6.7 GB
+
+
 def test_token_mask_is_built_at_token_scale():
     mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=2 ** 30, q_len=5, kv_len=7)
     assert mask.token_mask().shape == (1, 1, 5, 7)
