@@ -92,8 +92,34 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crosso
         handle._installed.append((attn, attn.processor))
     handle._sites.extend({id(s): s for s in sites.values()}.values())
     for transformer in transformers:
+        handle._hooks.append(transformer.register_forward_pre_hook(handle.check_processors))
         handle._hooks.append(transformer.register_forward_pre_hook(state.hook(), with_kwargs=True))
+    scheduler = getattr(model, "scheduler", None) if not transformers or model is not transformers[0] else None
+    if callable(getattr(scheduler, "set_timesteps", None)):
+        handle._hooks.append(_GenerationStart(scheduler, state))
     return handle
+
+
+class _GenerationStart:
+    """A pipeline starts every generation by setting its scheduler's timesteps: start counting steps anew there.
+
+    Wraps ``scheduler.set_timesteps`` on the instance; ``remove()`` puts the class's method back.
+    """
+
+    def __init__(self, scheduler, state):
+        self.scheduler, self.state = scheduler, state
+        original = scheduler.set_timesteps
+
+        def set_timesteps(*args, **kwargs):
+            state.new_generation()
+            return original(*args, **kwargs)
+
+        self.wrapper = set_timesteps
+        scheduler.set_timesteps = set_timesteps
+
+    def remove(self) -> None:
+        if self.scheduler.__dict__.get("set_timesteps") is self.wrapper:
+            del self.scheduler.set_timesteps
 
 
 def apply_rainfusion(

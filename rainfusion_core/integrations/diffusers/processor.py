@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .adapters import CallSite
 from .sites import Site
-from .state import CallState
+from .state import NO_COPY, CallState
 
 
 class RainFusionAttnProcessor:
@@ -50,6 +50,12 @@ class RainFusionAttnProcessor:
     def _parallel_config(self, value):
         self.site.check_parallel(value, self.heads)  # enable_parallelism with a config RainFusion cannot run
         self.base._parallel_config = value
+
+    def __deepcopy__(self, memo):
+        raise TypeError(NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NO_COPY)
 
     def __call__(self, attn, *args, **kwargs):
         if not self.site.active():
@@ -130,6 +136,43 @@ class RainFusionHandle:
     @property
     def step(self) -> int:
         return self.state.step
+
+    def __deepcopy__(self, memo):
+        raise TypeError(NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NO_COPY)
+
+    def new_generation(self) -> None:
+        """Count denoising steps from 0 again: the next transformer call is step 0 of a new generation.
+
+        ``apply_rainfusion`` on a pipeline does this by itself when the pipeline sets up its
+        scheduler's timesteps (the start of every ``pipe(...)`` call); call it yourself when you
+        drive a transformer directly and start over at a smaller timestep (img2img, a stopped run).
+        """
+        self.state.new_generation()
+
+    def check_processors(self, *_) -> None:
+        """Refuse a forward after something replaced this handle's processors (``set_attn_processor``,
+        ``fuse_qkv_projections``, ``unfuse_qkv_projections``): RainFusion would silently stop running."""
+        for attn, mine in self._installed:
+            node = attn.processor
+            while isinstance(node, RainFusionAttnProcessor) and node is not mine:
+                node = node.original
+            if node is not mine:
+                raise RuntimeError(
+                    f"the attention processors RainFusion installed were replaced after apply_rainfusion (now "
+                    f"{type(attn.processor).__name__}; fuse_qkv_projections, unfuse_qkv_projections and "
+                    "set_attn_processor do this), so RainFusion would no longer run. Call handle.remove() before "
+                    "changing the processors, then apply_rainfusion again")
+
+    def __repr__(self) -> str:
+        layers = len(self._installed)
+        if not layers:
+            return "RainFusionHandle(removed)"
+        stats = self.stats()
+        return (f"RainFusionHandle({self.state.adapter.family}, {layers} attention layers patched, "
+                f"{stats.sparse_calls} calls sparse, {stats.dense_calls} dense)")
 
     def stats(self) -> "RainFusionStats":
         """How this handle's transformer calls ran so far, and the mean density of its sparse masks.

@@ -103,6 +103,11 @@ class TextPadding:
         return cls(text_len, tuple(groups))
 
 
+NO_COPY = ("a model with RainFusion applied cannot be copied or pickled: its attention processors share per-call "
+           "state with the handle that installed them. Call handle.remove() first, copy or save the model, then "
+           "apply_rainfusion to each copy")
+
+
 @dataclass
 class CallState:
     """What the pre-hook learns each transformer call; shared by the layers of one handle.
@@ -158,6 +163,17 @@ class CallState:
             self.tally.last_dense_reason = reason
         else:
             self.tally.sparse += 1
+
+    def __deepcopy__(self, memo):
+        raise TypeError(NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NO_COPY)
+
+    def new_generation(self) -> None:
+        """The next call starts a new generation: step 0, whatever its timestep."""
+        self.step = -1
+        self.last_timestep = None
 
     def _apply_schedule(self, bound) -> None:
         # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
