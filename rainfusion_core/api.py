@@ -143,7 +143,7 @@ def sparse_attention(
     (``torch.nn.functional.scaled_dot_product_attention``) instead, because it is faster
     there. ``min_tokens``: ``None`` uses the measured crossover of q's device (or
     ``$RAINFUSION_MIN_TOKENS``); a number replaces its token count; ``0`` always runs sparse.
-    FP8 calls always run sparse.
+    The rule is part of automatic selection: a backend named explicitly, and FP8, always run.
     """
     call, q, k, v = resolve_sparse_call(q, k, v, layout, sparsity=sparsity, block_size=block_size,
                                         tensor_layout=tensor_layout, backend=backend, scale=scale,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
-    check_block_size, check_bool, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout, default_scale, describe,
+    check_block_size, check_bool, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout,
+    default_scale, describe,
 )
 from .backend import Backend
 from .block_mask import num_blocks

@@ -10,10 +10,10 @@ call is one node.
 :func:`sparse_call`, :func:`predict` and :func:`attention` are what the entry points
 call. In plain eager mode (:func:`runs_directly`: no tracing, no dispatch mode, plain
 tensors, nothing for autograd to record) they run the op's body directly, which skips
-the dispatcher's few hundred microseconds per op; otherwise, and for tracing, they go
-through the op. A ``Backend`` object cannot cross the op boundary and always runs
-directly. A ``BlockMask`` crosses as :meth:`BlockMask.as_tuple` and is rebuilt without
-checks on the other side. Each call chooses its backend once.
+the dispatcher's host cost per op; otherwise, and for tracing, they go through the op.
+A ``Backend`` object cannot cross the op boundary and always runs directly. A
+``BlockMask`` crosses as :meth:`BlockMask.as_tuple` and is rebuilt without checks on
+the other side. Each call chooses its backend once.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def runs_directly(*tensors: torch.Tensor | None) -> bool:
 
     True in plain eager mode only: not under ``torch.compile`` or ``torch.export``, no
     ``TorchDispatchMode`` (fake tensors, ``make_fx``, FLOP counters), only plain tensors
-    (no subclasses, no functorch wrappers), and nothing autograd would record (the ops have
-    no backward; through the dispatcher such a call keeps torch's own error). The body is
-    the same either way, so the result is too.
+    (no subclasses, no functorch wrappers), and nothing autograd would record (through the
+    op such a call gets the op's backward, which says there is none). The body is the same
+    either way, so the result is too.
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False

@@ -77,8 +77,8 @@ LAYOUT = rf.VideoLayout(2, 8, 8)  # 128 tokens
         (lambda q, k, v: (q, k, v), dict(tensor_layout="BHSD"), ValueError, r"tensor_layout must be one of"),
         (lambda q, k, v: (q, k, v), dict(backend="no_such_backend"), rf.UnknownBackendError,
          r"unknown backend 'no_such_backend'; expected one of \[.*'torch'"),
-        (lambda q, k, v: (q, k, v), dict(backend="cuda:0"), ValueError, r"names a cuda device but the inputs are on cpu"),
-        (lambda q, k, v: (q, k, v), dict(backend="mlu:0"), ValueError, r"names a mlu device"),
+        (lambda q, k, v: (q, k, v), dict(backend="cuda:0"), ValueError, r"names the device cuda:0, but the inputs"),
+        (lambda q, k, v: (q, k, v), dict(backend="mlu:0"), ValueError, r"names the device mlu:0"),
     ],
 )
 def test_sparse_attention_errors(mutate, kwargs, error, match):

@@ -124,7 +124,7 @@ def test_a_device_string_for_a_missing_device_is_an_error(spec):
 
 def test_a_device_string_with_another_index_than_the_inputs_is_an_error():
     q = torch.randn(1, 1, 64, 16)
-    with pytest.raises(ValueError, match="names a cpu device but the inputs are on cpu"):
+    with pytest.raises(ValueError, match="names the device cpu:1, but the inputs are on cpu"):
         rf.block_sparse_attention(q, q, q, _mask(1, 1, 64), backend="cpu:1")
 
 
