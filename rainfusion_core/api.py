@@ -42,7 +42,7 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     check_mask_matches(q, k, block_mask)
-    return attention(resolve_backend(backend), q, k, v, block_mask, default_scale(scale, q.shape[-1]),
+    return attention(resolve_backend(backend, q.device), q, k, v, block_mask, default_scale(scale, q.shape[-1]),
                      precision=check_precision(precision))
 
 

@@ -35,11 +35,14 @@ class BackendChoice:
     obj: Backend | None = None
 
 
-def resolve_backend(backend) -> BackendChoice:
+def resolve_backend(backend, device: torch.device | None = None) -> BackendChoice:
+    """``backend=`` checked; a device string is checked against ``device`` (the inputs') here, before any op."""
     if isinstance(backend, Backend):
         return BackendChoice(obj=backend)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be None, a name, a device string or a Backend, got {describe(backend)}")
+    if device is not None and backend is not None and is_automatic(backend) and not torch.compiler.is_compiling():
+        check_device_matches(backend, device)  # an absent or wrong device in one line, not from inside an op
     return BackendChoice(spec=backend)
 
 
@@ -160,8 +163,6 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
     # FP8, and a backend named explicitly, are asked for by name: never replaced by dense attention.
     if precision == DEFAULT_PRECISION and is_automatic(backend):
         dense = crossover_reason(q.device.type, layout, sparsity, mask.block_size, first_frame_sink, min_tokens)
-        if dense is not None and backend is not None:
-            check_device_matches(backend, q.device)  # a wrong device string is an error on either path
-    call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend),  # one scale for both steps
+    call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend, q.device),  # one scale
                       precision, dense)
     return call, q, k, v

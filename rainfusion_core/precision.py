@@ -26,6 +26,9 @@ from ._checks import describe
 
 PRECISIONS = ("bf16", "fp8")
 DEFAULT_PRECISION = "bf16"
+#: What a precision needs, said first when no backend can run a call in it.
+NEEDS = {"fp8": "FP8 needs an NVIDIA Hopper GPU (sm_90) with the triton backend, float16 or bfloat16 inputs, "
+                "head dim 64 or 128 and 128-token blocks"}
 Q_ROWS = 64
 #: the largest value of a quantised group lands in [2 ** TOP_EXPONENT, 2 ** (TOP_EXPONENT + 1))
 TOP_EXPONENT = 7

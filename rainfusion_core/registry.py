@@ -27,7 +27,7 @@ import torch
 
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
-from .precision import DEFAULT_PRECISION, PRECISIONS, backend_keywords
+from .precision import DEFAULT_PRECISION, NEEDS, PRECISIONS, backend_keywords
 
 ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
@@ -46,6 +46,7 @@ _load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
 _loaded = False
 _warned: set[tuple[str, str]] = set()
 _device_specs: dict[str, str | None] = {}  # spec -> its device type, for the registered backends of now
+_UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -183,21 +184,25 @@ def _parse_device(spec: str) -> str | None:
     Answers are remembered until the registry changes.
     """
     _ensure_loaded()
-    try:
-        return _device_specs[spec]
-    except KeyError:
-        pass
+    found = _device_specs.get(spec, _UNKNOWN)
+    if found is not _UNKNOWN:
+        return found
+    if torch.compiler.is_compiling():  # traced code takes no lock and fills no cache
+        return _device_type(spec, list(_backends.values()))
     with _lock:  # the answer and the table it came from belong to one moment
-        match = _DEVICE_RE.match(spec)
-        found = None
-        if match is not None:
-            known = _DEVICE_TYPES.union(*(b.device_types for b in _registered())) - {"*"}
-            if match.group(1) in known or match.group(2) is not None:
-                found = match.group(1)
+        found = _device_type(spec, _backends.values())
         if len(_device_specs) >= 256:
             _device_specs.clear()
         _device_specs[spec] = found
     return found
+
+
+def _device_type(spec: str, backends) -> str | None:
+    match = _DEVICE_RE.match(spec)
+    if match is None:
+        return None
+    known = _DEVICE_TYPES.union(*(b.device_types for b in backends)) - {"*"}
+    return match.group(1) if match.group(1) in known or match.group(2) is not None else None
 
 
 def device_type_of(spec: str) -> str | None:
@@ -329,7 +334,8 @@ def _require_available(backend: Backend) -> None:
 
 
 def check_device_matches(spec: str, device: torch.device) -> None:
-    """Refuse a device string (``backend="cuda:1"``) that does not name the device the inputs are on."""
+    """Refuse a device string (``backend="cuda:1"``) naming a device that is absent or not the inputs' device."""
+    require_device(spec)
     spec_type = _parse_device(spec)
     index = _DEVICE_RE.match(spec).group(2)
     if spec_type != device.type or (index is not None and (device.index or 0) != int(index)):
@@ -432,4 +438,5 @@ def _choose(device_type: str, call: _Call | None, spec: str) -> Backend:
     if not refused:
         raise BackendError(f"no backend is registered for device type {device_type!r} ({spec})")
     lines = "\n".join(f"  - {name}: {why}" for name, why in refused)
-    raise BackendError(f"no backend can run on {spec}:\n{lines}")
+    needs = NEEDS.get(call.precision) if call is not None else None
+    raise BackendError(f"{needs + '; ' if needs else ''}no backend can run on {spec}:\n{lines}")

@@ -77,8 +77,13 @@ LAYOUT = rf.VideoLayout(2, 8, 8)  # 128 tokens
         (lambda q, k, v: (q, k, v), dict(tensor_layout="BHSD"), ValueError, r"tensor_layout must be one of"),
         (lambda q, k, v: (q, k, v), dict(backend="no_such_backend"), rf.UnknownBackendError,
          r"unknown backend 'no_such_backend'; expected one of \[.*'torch'"),
-        (lambda q, k, v: (q, k, v), dict(backend="cuda:0"), ValueError, r"names the device cuda:0, but the inputs"),
-        (lambda q, k, v: (q, k, v), dict(backend="mlu:0"), ValueError, r"names the device mlu:0"),
+        # a GPU machine: cuda:0 is present but not where the inputs are; without one it is absent
+        (lambda q, k, v: (q, k, v), dict(backend="cuda:0"), ValueError, r"names the device cuda:0, but the inputs")
+        if torch.cuda.is_available() else
+        (lambda q, k, v: (q, k, v), dict(backend="cuda:0"), rf.BackendUnavailableError,
+         r"device 'cuda:0' is not present on this machine: torch sees no cuda device"),
+        (lambda q, k, v: (q, k, v), dict(backend="mlu:0"), rf.BackendUnavailableError,
+         r"device 'mlu:0' is not present on this machine"),
     ],
 )
 def test_sparse_attention_errors(mutate, kwargs, error, match):

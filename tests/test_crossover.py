@@ -95,7 +95,7 @@ def test_a_backend_named_explicitly_always_runs_and_a_wrong_device_is_an_error()
     assert (named - _dense(q, k, v)).abs().max() > 1e-3  # sparse: the torch backend was asked for by name
     torch.testing.assert_close(rf.sparse_attention(q, k, v, layout, sparsity=0.9, block_size=32,
                                                    backend=rf.get_backend("torch")), named, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="backend='cpu:1' names the device cpu:1, but the inputs are on cpu"):
+    with pytest.raises(rf.BackendUnavailableError, match="device 'cpu:1' is not present on this machine"):
         rf.sparse_attention(q, k, v, layout, backend="cpu:1")  # dense path: the device is still checked
     with pytest.raises(rf.UnknownBackendError, match="unknown backend 'no_such_backend'"):
         rf.sparse_attention(q, k, v, layout, backend="no_such_backend")

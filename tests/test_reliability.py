@@ -124,8 +124,11 @@ def test_a_device_string_for_a_missing_device_is_an_error(spec):
 
 def test_a_device_string_with_another_index_than_the_inputs_is_an_error():
     q = torch.randn(1, 1, 64, 16)
-    with pytest.raises(ValueError, match="names the device cpu:1, but the inputs are on cpu"):
+    with pytest.raises(rf.BackendUnavailableError, match="device 'cpu:1' is not present on this machine"):
         rf.block_sparse_attention(q, q, q, _mask(1, 1, 64), backend="cpu:1")
+    if torch.cuda.is_available():  # present, but not where the inputs are
+        with pytest.raises(ValueError, match="names the device cuda:0, but the inputs are on cpu"):
+            rf.block_sparse_attention(q, q, q, _mask(1, 1, 64), backend="cuda:0")
 
 
 # --------------------------------------------------------------------------- what a backend returns
