@@ -71,7 +71,14 @@ def test_help_texts_and_defaults_are_shown():
     run = rainfusion("mask", "--help")
     assert "--block-size BLOCK_SIZE" in run.stdout and "tokens per block (default: 128)" in run.stdout
     run = rainfusion("bench", "--help")
-    assert "comma-separated sparsities in [0, 1) (default: [0.5, 0.8, 0.9])" in " ".join(run.stdout.split())
+    text = " ".join(run.stdout.split())
+    assert "comma-separated sparsities in [0, 1) (default: 0.5,0.8,0.9)" in text
+    # a default is said once, and never as "None"
+    assert "(default: None)" not in text and "(default: the best device present)" in text
+    assert text.count("(default:") == len(re.findall(r"\(default: [^)]*\)", text))
+    for command in ("info", "parity", "bench", "mask", "evaluate"):
+        help_text = " ".join(rainfusion(command, "--help").stdout.split())
+        assert "(default: None)" not in help_text and not re.search(r"\(default: [^)]*\) \(default:", help_text)
     run = rainfusion("--help")
     for command in ("info", "parity", "bench", "mask", "evaluate"):
         assert re.search(rf"^\s+{command}\s+\S", run.stdout, re.M), command
