@@ -11,27 +11,14 @@ where the rule picks the slower path is marked ``<-- wrong side``.
 from __future__ import annotations
 
 import argparse
-import platform
-
 import torch
 import torch.nn.functional as F
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.benchmarking import device_name, median_ms
 from rainfusion_core.call import crossover_reason
 
 GRIDS = [(4, 16, 32), (6, 16, 32), (8, 16, 32), (12, 16, 32), (16, 16, 32), (21, 16, 24), (21, 16, 32)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -44,7 +31,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     heads, dim, dtype = (24, 128, torch.bfloat16) if cuda else (4, 64, torch.float32)
-    what = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    what = device_name(device)
     print(f"{what}; {dtype}, {heads} heads of {dim}, block 128, first-frame sink on")
     print(f"{'grid':>12} {'tokens':>7} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>10} {'speed-up':>9}  rule picks")
     grids = [tuple(int(n) for n in g.split("x")) for g in args.grids.split(",")] if args.grids else GRIDS

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.benchmarking import device_name, median_ms
+from rainfusion_core.call import crossover_reason
 from rainfusion_core.progress import progress
 from rainfusion_core.registry import select_backend
 from rainfusion_core.synthetic import video_like_qkv
@@ -69,7 +70,8 @@ def main() -> None:
         dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats=args.repeats)
         bar.update()
         bar.set_postfix_str("rf.sparse_attention")
-        sparse = lambda: rf.sparse_attention(q, k, v, layout, sparsity=args.sparsity, backend=args.backend)  # noqa: E731
+        sparse = lambda: rf.sparse_attention(q, k, v, layout, sparsity=args.sparsity, backend=args.backend,  # noqa: E731
+                                             min_tokens=0)  # the sparse path, even below the dense crossover
         sparse_ms = median_ms(sparse, device, repeats=args.repeats)
         bar.update()
         bar.set_postfix_str("float64 golden")
@@ -80,7 +82,8 @@ def main() -> None:
         bar.update()
 
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    print(f"device  {device}, {dtype}, B=1 H={heads} S={layout.seq_len} D={head_dim}, synthetic video-like q/k/v")
+    print(f"device  {device} ({device_name(device)}), {dtype}, B=1 H={heads} S={layout.seq_len} D={head_dim}, "
+          "synthetic video-like q/k/v")
     print(f"layout  {layout.frames} frames x {layout.height} x {layout.width} latent grid")
     print(f"backend {describe_backend(backend)}")
     print(f"mask    sparsity {args.sparsity}: density {plan.density:.3f} of the tiles kept "
@@ -96,6 +99,9 @@ def main() -> None:
     print(f"relative L2 error vs float64 golden  : {rel(out, golden):.2e}  (kernel numerics, same mask)")
     cos = F.cosine_similarity(out.flatten(), dense.flatten(), dim=0)
     print(f"cosine similarity vs dense attention : {float(cos):.4f}")
+    dense_why = crossover_reason(torch.device(device).type, layout, args.sparsity, 128, None, None)
+    if args.backend is None and dense_why:
+        print(f"\nby default rf.sparse_attention runs dense attention here: {dense_why} (min_tokens=0 forces sparse)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Timing helper shared by the CLI, the demo and the benchmark scripts."""
+"""Timing and machine-naming helpers shared by the CLI, the demo and the benchmark scripts."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
@@ -59,3 +60,23 @@ def comma_choices(parser, option: str, value: str, choices) -> list[str]:
     if unknown:
         parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
     return names
+
+
+def device_name(device) -> str:
+    """What a timing ran on: the GPU's name, or the CPU's model name and the threads torch uses.
+
+    Speed-ups on CPUs differ by model and instruction set (see the README), so every printed
+    CPU figure names the processor it came from.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return str(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"

@@ -236,7 +236,7 @@ def cmd_bench(args) -> int:
     import torch.nn.functional as F
 
     from .api import plan_sparse_attention, sparse_attention
-    from .benchmarking import median_ms
+    from .benchmarking import device_name, median_ms
     from .call import crossover_reason
     from .files import save_figure
     from .registry import is_automatic
@@ -249,8 +249,8 @@ def cmd_bench(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     _check_memory("--shape", 4 * batch * heads * layout.seq_len * dim, device)  # q, k, v and an output
     q, k, v = video_like_qkv(layout, heads, dim, batch=batch, device=device, dtype=dtype, seed=0)
-    print(f"bench on {device}: B={batch} H={heads} {frames}x{height}x{width} (S={layout.seq_len}) D={dim} {dtype}, "
-          "synthetic video-like q/k/v", flush=True)
+    print(f"bench on {device} ({device_name(device)}): B={batch} H={heads} {frames}x{height}x{width} "
+          f"(S={layout.seq_len}) D={dim} {dtype}, synthetic video-like q/k/v", flush=True)
     plans = [plan_sparse_attention(q, k, layout, sparsity=sparsity, backend=args.backend, precision=args.precision)
              for sparsity in args.sparsity]  # before any timing: a backend or precision that cannot run fails now
     print(f"  {_backend_line(args.backend, q, k, v, plans[0].block_mask, args.precision)}", flush=True)
