@@ -219,3 +219,18 @@ def test_a_failed_capture_write_leaves_the_earlier_capture_intact(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "FAILED 27" in run.stdout  # EFBIG
     assert "INTACT True 1 ['qkv.pt']" in run.stdout, run.stdout  # the old capture, and no temporary file left
+
+
+def test_the_readme_quality_snippet_runs_as_written(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "attention_recall(" in b]
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAINFUSION_PROGRESS": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rainfusion" in run.stdout and (tmp_path / "recall.png").exists() and (tmp_path / "layer12_step5.pt").exists()
