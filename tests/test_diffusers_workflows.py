@@ -76,3 +76,14 @@ def test_the_handle_has_a_short_repr():
     assert repr(handle) == "RainFusionHandle(Wan, 2 attention layers patched, 0 calls sparse, 0 dense)"
     handle.remove()
     assert repr(handle) == "RainFusionHandle(removed)"
+
+
+def test_the_tiny_diffusers_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "diffusers_tiny.py"
+    run = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("bit for bit the dense model") == 2 and "calls sparse" in run.stdout, run.stdout
