@@ -72,19 +72,33 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_indices(name: str, values) -> list[int] | None:
-    """``None``, or a list or tuple of distinct non-negative ints (not bools, floats or strings), naming ``name``."""
+def check_indices(name: str, values, names: list[str] | None = None) -> list[int] | None:
+    """``None``, or distinct positions: non-negative ints, or (with ``names``) entries of ``names``.
+
+    A bool, a float, a string that is not in ``names``, a repeat, or anything that is not a list
+    or tuple is refused naming ``name``.
+    """
     if values is None:
         return None
     if not isinstance(values, (list, tuple, range)):
-        raise TypeError(f"{name} must be None or a list of ints, got {describe(values)}")
+        raise TypeError(f"{name} must be None or a list of {'ints or names' if names else 'ints'}, "
+                        f"got {describe(values)}")
     values = list(values)
+    indices = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must hold non-negative ints, got {value!r} in {values!r}")
-    if len(set(values)) != len(values):
+        if names is not None and isinstance(value, str):
+            if value not in names:
+                raise ValueError(f"{name}: no layer named {value!r}; the names are attention_layers(model)'s, "
+                                 f"e.g. {names[0]!r}")
+            indices.append(names.index(value))
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = "non-negative ints or layer names" if names is not None else "non-negative ints"
+            raise ValueError(f"{name} must hold {what}, got {value!r} in {values!r}")
+        else:
+            indices.append(value)
+    if len(set(indices)) != len(indices):
         raise ValueError(f"{name}: {values} names a layer twice")
-    return values
+    return indices
 
 
 #: Largest accepted block size: the kernels index blocks with 32-bit integers.

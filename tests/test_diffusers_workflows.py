@@ -87,3 +87,50 @@ def test_the_tiny_diffusers_example_runs():
     run = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("bit for bit the dense model") == 2 and "calls sparse" in run.stdout, run.stdout
+
+
+def test_dense_last_steps_from_the_pipeline_or_given_by_hand():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(transformer=model, scheduler=scheduler)
+    handle = apply_rainfusion(pipe, sparsity=0.8, block_size=16, min_tokens=0,
+                              schedule=Schedule(dense_steps=1, dense_last_steps=2))
+    scheduler.set_timesteps(5)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    ran = []
+    for t in timesteps:
+        out = _run(model, latent, text, t)
+        ran.append("dense" if torch.equal(out, _run_dense(model, handle, latent, text, t)) else "sparse")
+    assert ran == ["dense", "sparse", "sparse", "dense", "dense"], ran
+    handle.remove()
+
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, schedule=Schedule(dense_last_steps=1))
+    with pytest.raises(RuntimeError, match=r"needs the number of steps of the generation.*total_steps=N"):
+        _run(model, latent, text, 900)
+    handle.new_generation(total_steps=2)
+    first = _run(model, latent, text, 900)
+    assert not torch.equal(first, _run_dense(model, handle, latent, text, 900))
+    assert torch.equal(_run(model, latent, text, 800), _run_dense(model, handle, latent, text, 800))  # the last
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        handle.new_generation(total_steps=0)
+    handle.remove()
+
+
+def test_layers_by_name_and_dense_layers():
+    from rainfusion_core.integrations.diffusers import RainFusionAttnProcessor, attention_layers
+
+    model = tiny_wan()
+    names = attention_layers(model)
+    assert names == ["blocks.0.attn1", "blocks.1.attn1"]
+    patched = lambda: [isinstance(b.attn1.processor, RainFusionAttnProcessor) for b in model.blocks]  # noqa: E731
+    for kwargs in (dict(layers=["blocks.1.attn1"]), dict(dense_layers=[0]), dict(dense_layers=["blocks.0.attn1"])):
+        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, **kwargs)
+        assert patched() == [False, True], kwargs
+        handle.remove()
+    with pytest.raises(ValueError, match="layers: no layer named 'blocks.9.attn1'"):
+        apply_rainfusion(model, layers=["blocks.9.attn1"])
+    with pytest.raises(ValueError, match="give layers= .* or dense_layers= .*, not both"):
+        apply_rainfusion(model, layers=[0], dense_layers=[1])
+    with pytest.raises(ValueError, match="dense_layers: attention layer 7 does not exist"):
+        apply_rainfusion(model, dense_layers=[7])
+    assert patched() == [False, False]

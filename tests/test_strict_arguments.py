@@ -27,11 +27,11 @@ def test_block_size_is_bounded_before_anything_is_allocated():
 
 
 @pytest.mark.parametrize("layers, message", [
-    ([True], "layers must hold non-negative ints, got True"),
-    ([0.0], "layers must hold non-negative ints, got 0.0"),
-    ([-1], "layers must hold non-negative ints, got -1"),
-    ("0", "layers must be None or a list of ints, got a str"),
-    ((i for i in range(2)), "layers must be None or a list of ints, got a generator"),
+    ([True], "layers must hold non-negative ints or layer names, got True"),
+    ([0.0], "layers must hold non-negative ints or layer names, got 0.0"),
+    ([-1], "layers must hold non-negative ints or layer names, got -1"),
+    ("0", "layers must be None or a list of ints or names, got a str"),
+    ((i for i in range(2)), "layers must be None or a list of ints or names, got a generator"),
 ])
 def test_layers_are_checked_strictly(layers, message):
     pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")

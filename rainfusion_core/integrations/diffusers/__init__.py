@@ -62,17 +62,25 @@ def attention_layers(model) -> list[str]:
     return [name for name, _ in adapter.attention_modules(transformers[0])]
 
 
-def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None) -> RainFusionHandle:
+def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None,
+             dense_layers=None) -> RainFusionHandle:
     """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
-    layers = check_indices("layers", layers)
     adapter, transformers = _transformers(model)
+    names = [name for name, _ in adapter.attention_modules(transformers[0])]
+    layers = check_indices("layers", layers, names)
+    dense = check_indices("dense_layers", dense_layers, names)
+    if dense is not None:
+        if layers is not None:
+            raise ValueError("give layers= (the sparse ones) or dense_layers= (the others), not both")
+        layers = [i for i in range(len(names)) if i not in dense]
     plan = []
     for transformer in transformers:
         modules = adapter.attention_modules(transformer)
-        for index in layers or ():
-            if not 0 <= index < len(modules):
-                raise ValueError(f"layers: attention layer {index} does not exist (the model has {len(modules)}: "
-                                 "see attention_layers(model))")
+        for option, chosen in (("layers", layers), ("dense_layers", dense)):
+            for index in chosen or ():
+                if not 0 <= index < len(modules):
+                    raise ValueError(f"{option}: attention layer {index} does not exist (the model has "
+                                     f"{len(modules)}: see attention_layers(model))")
         for index in range(len(modules)) if layers is None else layers:
             name, attn = modules[index]
             base = base_processor(attn.processor)
@@ -111,11 +119,16 @@ class _GenerationStart:
         original = scheduler.set_timesteps
 
         def set_timesteps(*args, **kwargs):
-            state.new_generation()
+            state.new_generation(count_steps=self.steps)
             return original(*args, **kwargs)
 
         self.wrapper = set_timesteps
         scheduler.set_timesteps = set_timesteps
+
+    def steps(self) -> int:
+        """The steps this generation runs: the scheduler's timesteps past its begin index (img2img skips some)."""
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        return max(1, len(self.scheduler.timesteps) - begin)
 
     def remove(self) -> None:
         if self.scheduler.__dict__.get("set_timesteps") is self.wrapper:
@@ -134,6 +147,7 @@ def apply_rainfusion(
     fuse_prologue: bool | None = None,
     precision: str = "bf16",
     min_tokens: int | None = None,
+    dense_layers=None,
 ) -> RainFusionHandle:
     """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
 
@@ -143,8 +157,9 @@ def apply_rainfusion(
         sparsity, block_size, backend, first_frame_sink: as in ``rf.sparse_attention``.
             Images (``frames == 1``) get no first-frame sink unless asked.
         schedule: when to stay dense (:class:`Schedule`).
-        layers: indices into :func:`attention_layers` to make sparse; ``None`` means
-            all, the rest stay dense.
+        layers: the attention layers to make sparse, as indices into
+            :func:`attention_layers` or as its names; ``None`` means all, the rest stay dense.
+        dense_layers: instead of ``layers``, the ones to keep dense (indices or names).
         fuse_prologue: Wan only. Run the q/k RMS norm and rotary embedding of the sparse
             layers as one Triton pass per tensor (float32 rotation instead of diffusers'
             float64). ``None``: in eager mode when the input is on CUDA, Triton is
@@ -195,7 +210,7 @@ def apply_rainfusion(
             return None
         return crossover_reason(device_type, layout, sparsity, block_size, first_frame_sink, min_tokens)
 
-    return _install(model, schedule, layers, make_site, shortcut, crossover)
+    return _install(model, schedule, layers, make_site, shortcut, crossover, dense_layers)
 
 
 def _check_precision_offered(precision: str, backend, transformers) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from ..._checks import check_int
 from .adapters import CallSite
 from .sites import Site
 from .state import NO_COPY, CallState
@@ -143,14 +144,18 @@ class RainFusionHandle:
     def __reduce_ex__(self, protocol):
         raise TypeError(NO_COPY)
 
-    def new_generation(self) -> None:
+    def new_generation(self, total_steps: int | None = None) -> None:
         """Count denoising steps from 0 again: the next transformer call is step 0 of a new generation.
 
         ``apply_rainfusion`` on a pipeline does this by itself when the pipeline sets up its
         scheduler's timesteps (the start of every ``pipe(...)`` call); call it yourself when you
         drive a transformer directly and start over at a smaller timestep (img2img, a stopped run).
+        ``total_steps``: the generation's number of steps, which ``Schedule(dense_last_steps=...)``
+        needs when there is no pipeline to read it from.
         """
-        self.state.new_generation()
+        if total_steps is not None:
+            check_int("total_steps", total_steps, minimum=1)
+        self.state.new_generation(total_steps)
 
     def check_processors(self, *_) -> None:
         """Refuse a forward after something replaced this handle's processors (``set_attn_processor``,

@@ -29,15 +29,22 @@ class Schedule:
         dense_above_timestep: run dense while the timestep is above this value,
             in the units the transformer receives (0-1000 for Wan, HunyuanVideo,
             CogVideoX and LTX-Video; Flux and Qwen-Image pipelines pass 0-1).
+        dense_last_steps: the last denoising steps run dense too. It needs the
+            number of steps of the generation: ``apply_rainfusion`` on a pipeline
+            reads it from the pipeline's scheduler (img2img's shorter runs included);
+            on a transformer you drive yourself, call
+            ``handle.new_generation(total_steps=N)`` before each generation.
     Reading the timestep costs one host synchronisation per transformer call,
     and only when one of these is set.
     """
 
     dense_steps: int = 0
     dense_above_timestep: float | None = None
+    dense_last_steps: int = 0
 
     def __post_init__(self):
         check_int("Schedule.dense_steps", self.dense_steps, minimum=0)
+        check_int("Schedule.dense_last_steps", self.dense_last_steps, minimum=0)
         above = self.dense_above_timestep
         if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float))
                                   or not math.isfinite(above)):
@@ -45,7 +52,7 @@ class Schedule:
 
     @property
     def reads_timestep(self) -> bool:
-        return self.dense_steps > 0 or self.dense_above_timestep is not None
+        return self.dense_steps > 0 or self.dense_above_timestep is not None or self.dense_last_steps > 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ class CallState:
     angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call (Wan's fused prologue)
     crossover: object = None
     tally: "Tally" = field(default_factory=lambda: Tally())
+    total_steps: int | None = None  # of the current generation, for Schedule.dense_last_steps
+    count_steps: object = None  # () -> total_steps, asked at the first step (a pipeline's scheduler)
 
     @property
     def reads_host(self) -> bool:
@@ -170,10 +179,16 @@ class CallState:
     def __reduce_ex__(self, protocol):
         raise TypeError(NO_COPY)
 
-    def new_generation(self) -> None:
-        """The next call starts a new generation: step 0, whatever its timestep."""
+    def new_generation(self, total_steps: int | None = None, count_steps=None) -> None:
+        """The next call starts a new generation: step 0, whatever its timestep.
+
+        ``total_steps`` (or ``count_steps()``, asked at the generation's first call, as a pipeline's
+        scheduler knows it only then) is the generation's number of steps, for ``dense_last_steps``.
+        """
         self.step = -1
         self.last_timestep = None
+        self.total_steps = total_steps
+        self.count_steps = count_steps
 
     def _apply_schedule(self, bound) -> None:
         # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
@@ -186,6 +201,15 @@ class CallState:
         self.last_timestep = t
         if self.step < self.schedule.dense_steps:
             self.sparse = False
+        if self.schedule.dense_last_steps:
+            if self.step == 0 and self.count_steps is not None:
+                self.total_steps = self.count_steps()
+            if self.total_steps is None:
+                raise RuntimeError("Schedule(dense_last_steps=...) needs the number of steps of the generation: "
+                                   "apply_rainfusion to the pipeline (its scheduler says), or call "
+                                   "handle.new_generation(total_steps=N) before each generation")
+            if self.step >= self.total_steps - self.schedule.dense_last_steps:
+                self.sparse = False
         if self.schedule.dense_above_timestep is not None and t > self.schedule.dense_above_timestep:
             self.sparse = False
 
