@@ -6,7 +6,7 @@ and run it (``backends``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from .layout import VideoLayout
 from .ops import attention, dense_attention, predict, sparse_call
 from .permutation import Permutation, build_permutation, cached_permutation
 from .precision import check_precision
+from .registry import generation
 
 
 def block_sparse_attention(
@@ -71,18 +72,35 @@ class SparseAttentionPlan:
     scale: float | None = None
     backend: str | Backend | None = None
     precision: str = "bf16"
+    _chosen: dict = field(default_factory=dict, repr=False, compare=False)  # class of inputs -> backend
 
     @property
     def density(self) -> float:
         return self.block_mask.density
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q."""
+        """Attention of q, k, v (model order, ``tensor_layout``) on the planned mask; output like q.
+
+        The backend is chosen once per class of inputs (dtype, device, shapes, strides) and reused
+        by later runs until the registry changes.
+        """
         q, k, v = model_order_views(q, k, v, self.layout, self.tensor_layout)
         check_mask_matches(q, k, self.block_mask)
         scale = default_scale(self.scale, q.shape[-1])
-        return attention(resolve_backend(self.backend), q, k, v, self.block_mask, scale, self.permutation.indices,
-                         self.tensor_layout == "BSND", check_precision(self.precision))
+        choice = resolve_backend(self.backend, q.device)
+        precision = check_precision(self.precision)
+        key = (generation(), q.dtype, q.device, q.shape, k.shape, q.stride(), k.stride(), v.stride())
+        chosen = self._chosen.get(key)
+        out = attention(choice, q, k, v, self.block_mask, scale, self.permutation.indices,
+                        self.tensor_layout == "BSND", precision, chosen=chosen, chose=self._remember(key))
+        return out
+
+    def _remember(self, key):
+        def keep(backend: Backend) -> None:
+            if len(self._chosen) >= 8:
+                self._chosen.clear()
+            self._chosen[key] = backend
+        return keep
 
 
 def plan_sparse_attention(

@@ -174,10 +174,18 @@ def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, 
 
 
 def attention(choice: BackendChoice, q, k, v, mask: BlockMask, scale: float, order=None,
-              bsnd_out: bool = False, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
-    """Attention of a resolved call: through the op, or its body directly (eager mode, a ``Backend`` object)."""
+              bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, chosen: Backend | None = None,
+              chose=None) -> torch.Tensor:
+    """Attention of a resolved call: through the op, or its body directly (eager mode, a ``Backend`` object).
+
+    ``chosen``: the backend a caller chose for this class of inputs before (a plan), used without
+    asking the registry again; ``chose(backend)`` is told the choice when one is made.
+    """
     if choice.obj is not None or runs_directly(q, k, v, order, mask.dense, mask.kv_counts, mask.kv_indices):
-        chosen = select_backend(choice.obj or choice.spec, q, k, v, mask, precision)
+        if chosen is None:
+            chosen = select_backend(choice.obj or choice.spec, q, k, v, mask, precision)
+            if chose is not None:
+                chose(chosen)
         return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
     return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out, precision)
 

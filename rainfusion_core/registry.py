@@ -46,6 +46,7 @@ _load_errors: dict[str, str] = {}  # plugin entry point -> why it failed to load
 _loaded = False
 _warned: set[tuple[str, str]] = set()
 _device_specs: dict[str, str | None] = {}  # spec -> its device type, for the registered backends of now
+_generation = 0  # counts changes to the registry: what was chosen before a change is chosen again after it
 _UNKNOWN = object()
 
 
@@ -94,10 +95,22 @@ def _ensure_loaded() -> None:
             except Exception as exc:  # a broken plugin must never break the registry
                 errors[ep.name] = f"failed to load entry point {ep.value!r}: {type(exc).__name__}: {exc}"
         _backends.update(backends)
-        _device_specs.clear()
+        _changed()
         for name, error in errors.items():
             _load_errors.setdefault(name, error)
         _loaded = True
+
+
+def _changed() -> None:
+    """The registry's table changed (called under the lock): forget what was derived from it."""
+    global _generation
+    _device_specs.clear()
+    _generation += 1
+
+
+def generation() -> int:
+    """A number that changes whenever a backend is registered, removed or restored; for callers that cache a choice."""
+    return _generation
 
 
 def _check_declaration(backend: Backend) -> None:
@@ -136,7 +149,7 @@ def register_backend(backend: Backend | type[Backend], *, replace: bool = False)
     with _lock:
         _add(_backends, backend, replace)
         _load_errors.pop(backend.name, None)
-        _device_specs.clear()
+        _changed()
     return backend
 
 
@@ -146,7 +159,7 @@ def unregister_backend(name: str) -> None:
     with _lock:
         if _backends.pop(name, None) is None:
             raise UnknownBackendError(f"no backend named {name!r} is registered")
-        _device_specs.clear()
+        _changed()
 
 
 def list_backends() -> list[BackendInfo]:
@@ -246,7 +259,7 @@ def scoped_backends(*backends: Backend | type[Backend], replace: bool = False):
             _load_errors.update(saved[1])
             _warned.clear()
             _warned.update(saved[2])
-            _device_specs.clear()
+            _changed()
 
 
 def require_device(spec: str) -> None:

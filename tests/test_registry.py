@@ -222,3 +222,27 @@ def test_a_broken_unsupported_reasons_hook_is_a_named_refusal(hook, reason):
         expected = re.escape(f"backend 'broken_hook' cannot run this call: {reason}")
         with pytest.raises(rf.UnsupportedInputError, match=expected):
             rf.block_sparse_attention(q, q, q, mask, backend="broken_hook")
+
+
+def test_a_call_consults_the_registry_once_and_a_plan_once_per_class_of_inputs(monkeypatch):
+    from rainfusion_core import ops
+
+    calls = []
+    real = ops.select_backend
+    monkeypatch.setattr(ops, "select_backend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layout = rf.VideoLayout(3, 8, 16)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 32) for _ in range(3))
+    rf.sparse_attention(q, k, v, layout, sparsity=0.5, block_size=32, min_tokens=0)
+    assert len(calls) == 1  # one choice serves the prediction and the attention
+    plan = rf.plan_sparse_attention(q, k, layout, sparsity=0.5, block_size=32)
+    calls.clear()
+    first = plan.run(q, k, v)
+    assert len(calls) == 1
+    for _ in range(3):
+        torch.testing.assert_close(plan.run(q, k, v), first, rtol=0, atol=0)
+    assert len(calls) == 1  # later runs of the same class of inputs ask nothing
+    plan.run(q.double(), k.double(), v.double())
+    assert len(calls) == 2  # another dtype is another class
+    with rf.scoped_backends(type("Another", (TorchBackend,), {"name": "another_one"})()):
+        plan.run(q, k, v)  # the registry changed: choose again
+    assert len(calls) == 3
