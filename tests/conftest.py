@@ -27,7 +27,7 @@ if _WORKER:
     import tempfile
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          os.path.join(tempfile.gettempdir(), f"rainfusion-tests-inductor-{os.getpid()}-{_WORKER}"))
+                          os.path.join(tempfile.gettempdir(), f"rainfusion-tests-inductor-{_WORKER}"))
 
 
 @pytest.fixture(autouse=True)
