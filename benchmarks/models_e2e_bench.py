@@ -7,7 +7,9 @@ Each model is built from its published configuration with random bfloat16
 weights (no weights are downloaded) and run at its usual resolution and frame
 count, batch 1. Dense runs torch's SDPA with cuDNN first in priority (flash and
 memory-efficient after it, for the masks cuDNN refuses); RainFusion runs at
-sparsity 0.8 on the Triton backend through ``apply_rainfusion``. "compiled" is
+sparsity 0.8 through ``apply_rainfusion`` with automatic backend selection (the Triton
+backend on a GPU), so a model below the dense crossover runs dense as it would for a user
+(the script says so); ``--backend triton`` always runs sparse. "compiled" is
 diffusers' ``compile_repeated_blocks(fullgraph=True)`` (``torch.compile`` of the
 whole model where the class declares no repeated blocks: CogVideoX). Attention's
 share is one attention call at the model's shape (same backends) times the
@@ -89,13 +91,23 @@ def _ltx_inputs():
                 num_frames=16, height=16, width=24)
 
 
-def _flux_inputs():
-    ids = torch.zeros(64, 64, 3, device="cuda")
-    ids[..., 1] = torch.arange(64, device="cuda")[:, None]
-    ids[..., 2] = torch.arange(64, device="cuda")[None, :]
-    return dict(hidden_states=_randn(1, 4096, 64), encoder_hidden_states=_randn(1, 512, 4096),
-                pooled_projections=_randn(1, 768), timestep=_t(0.5), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(512, 3, device="cuda"), guidance=_t(3.5))
+def _flux_inputs(side):
+    """A ``side x side`` packed latent grid (16 x side pixels) and 512 text tokens."""
+    def inputs():
+        ids = torch.zeros(side, side, 3, device="cuda")
+        ids[..., 1] = torch.arange(side, device="cuda")[:, None]
+        ids[..., 2] = torch.arange(side, device="cuda")[None, :]
+        return dict(hidden_states=_randn(1, side * side, 64), encoder_hidden_states=_randn(1, 512, 4096),
+                    pooled_projections=_randn(1, 768), timestep=_t(0.5), img_ids=ids.reshape(-1, 3),
+                    txt_ids=torch.zeros(512, 3, device="cuda"), guidance=_t(3.5))
+    return inputs
+
+
+def _qwen_inputs():
+    """Qwen-Image at 1328 x 1328: an 83 x 83 packed latent grid and a 128-token prompt (no padding)."""
+    return dict(hidden_states=_randn(1, 83 * 83, 64), encoder_hidden_states=_randn(1, 128, 3584),
+                encoder_hidden_states_mask=torch.ones(1, 128, dtype=torch.int64, device="cuda"),
+                timestep=_t(0.5), img_shapes=[[(1, 83, 83)]])
 
 
 MODELS = {
@@ -108,8 +120,11 @@ MODELS = {
                                use_rotary_positional_embeddings=True, sample_width=90, sample_height=60),
                           _cogvideox_inputs, (13, 30, 45), 48, 64, text=226),
     "ltx-video": Model("LTXVideoTransformer3DModel", dict(), _ltx_inputs, (16, 16, 24), 32, 64),
-    "flux-dev": Model("FluxTransformer2DModel", dict(guidance_embeds=True), _flux_inputs, (1, 64, 64), 24, 128,
+    "flux-dev": Model("FluxTransformer2DModel", dict(guidance_embeds=True), _flux_inputs(64), (1, 64, 64), 24, 128,
                       text=512),
+    "flux-dev-2048": Model("FluxTransformer2DModel", dict(guidance_embeds=True), _flux_inputs(128), (1, 128, 128), 24,
+                           128, text=512),
+    "qwen-image": Model("QwenImageTransformer2DModel", dict(), _qwen_inputs, (1, 83, 83), 24, 128, text=128),
 }
 
 
@@ -139,7 +154,7 @@ def attention_ms(spec: Model, repeats: int, precision: str = "bf16") -> tuple[fl
     return dense, sparse
 
 
-def measure(name: str, spec: Model, modes, repeats: int, precisions=("bf16",)) -> list[str]:
+def measure(name: str, spec: Model, modes, repeats: int, precisions=("bf16",), backend=None) -> list[str]:
     model = build(spec)
     kwargs = spec.inputs()
     layers = len(attention_layers(model))
@@ -167,8 +182,13 @@ def measure(name: str, spec: Model, modes, repeats: int, precisions=("bf16",)) -
                 forward = lambda: _no_grad(compiled, kwargs)  # noqa: E731
         times[mode, "dense"] = timed(f"{mode} dense")
         for precision in precisions:
-            handle = apply_rainfusion(model, sparsity=0.8, backend="triton", precision=precision)
+            # automatic selection (the triton backend on a GPU), so the dense crossover applies as for users
+            handle = apply_rainfusion(model, sparsity=0.8, backend=backend, precision=precision)
             times[mode, precision] = timed(f"{mode} RainFusion 0.8 {precision}")
+            stats = handle.stats()
+            if stats.dense_by_crossover:
+                print(f"  {name}: {stats.dense_by_crossover} of {stats.dense_by_crossover + stats.sparse_calls} "
+                      f"forwards ran dense below the crossover ({stats.dense_reason})", flush=True)
             seen = (handle.layout.frames, handle.layout.height, handle.layout.width)
             handle.remove()
             if seen != spec.grid:
@@ -197,6 +217,9 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", default="bf16", help="comma-separated RainFusion precisions: bf16, fp8")
+    parser.add_argument("--backend", default=None,
+                        help="backend for RainFusion (default: automatic, with the dense crossover; naming one, "
+                             "e.g. triton, always runs sparse)")
     args = parser.parse_args()
     precisions = comma_choices(parser, "--precisions", args.precisions, ("bf16", "fp8"))
     names = comma_choices(parser, "--models", args.models, MODELS)
@@ -204,7 +227,7 @@ def main() -> None:
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
-        rows += measure(name, MODELS[name], modes, args.repeats, precisions)
+        rows += measure(name, MODELS[name], modes, args.repeats, precisions, args.backend)
         print("\n".join(rows[-len(modes) * len(precisions):]), flush=True)
     print("\n==== summary: one forward, batch 1, bf16 model (RainFusion attention in the precision shown) ====")
     print("| model | grid | mode | precision | dense | RainFusion 0.8 | speed-up | "
