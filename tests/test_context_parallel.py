@@ -79,6 +79,9 @@ def _worker(rank, port, family, order, results):
         dense = forward(model, kwargs)  # remove() leaves a working context-parallel dense model
         if rank == 0:
             results.put((sparse.numpy(), dense.numpy()))  # by value: a rank's shared memory ends with it
+            results.close()
+            results.join_thread()  # the result is out of this process before it tears anything down
+        dist.barrier()  # both ranks done before either destroys the group (gloo aborted at exit otherwise)
     finally:
         dist.destroy_process_group()
 
