@@ -90,6 +90,10 @@ class Backend:
     head_dims: tuple[int, ...] | None = None
     #: compute precisions offered (``rainfusion_core.precision.PRECISIONS``); ``"bf16"`` always
     precisions: tuple[str, ...] = ("bf16",)
+    #: Whether the model-order function is known to write every output row (the built-in ones,
+    #: proven by their tests). Otherwise its output is NaN-filled before it runs, so a row it
+    #: leaves unwritten reads NaN, never stale memory (one fill per call).
+    writes_every_row: bool = False
     #: Deprecated (one release): set :meth:`mask_predictor` instead. Dtypes for which this
     #: backend defines ``block_means(x, block_size, order)`` and ``select_blocks(scores, ...)``.
     fused_prediction_dtypes: tuple[torch.dtype, ...] = ()

@@ -165,8 +165,8 @@ def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, 
         return out
     run = chosen.model_order_attention()
     if run is not None:
-        if not type(chosen).__module__.startswith("rainfusion_core."):
-            view.fill_(float("nan"))  # a plugin's function writes in place: rows it leaves are NaN, never stale memory
+        if not chosen.writes_every_row:  # rows a function leaves unwritten read NaN, never stale memory
+            view.fill_(float("nan"))
         run(q, k, v, mask, scale, order, view, **extra)
     else:
         attend_permuted_copies(chosen, q, k, v, mask, scale, order, view, **extra)

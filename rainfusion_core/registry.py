@@ -128,6 +128,9 @@ def _check_declaration(backend: Backend) -> None:
         )
     if isinstance(backend.priority, bool) or not isinstance(backend.priority, int):
         raise ValueError(f"backend {backend.name!r}: priority must be an int, got {backend.priority!r}")
+    if not isinstance(backend.writes_every_row, bool):
+        raise ValueError(f"backend {backend.name!r}: writes_every_row must be True or False, "
+                         f"got {backend.writes_every_row!r}")
     precisions = backend.precisions
     if (not isinstance(precisions, tuple) or DEFAULT_PRECISION not in precisions
             or not set(precisions) <= set(PRECISIONS)):

@@ -26,6 +26,7 @@ class TritonBackend(Backend):
     device_types = ("cuda",)
     priority = 20
     precisions = ("bf16", "fp8")  # fp8: the Hopper kernel only (launch.fp8_unavailable_reason)
+    writes_every_row = True  # every program stores its 128 (or fewer) rows, kept blocks or none
 
     def unavailable_reason(self):
         try:
