@@ -239,8 +239,8 @@ def cmd_bench(args) -> int:
     from .benchmarking import device_name, median_ms
     from .call import crossover_reason
     from .files import save_figure
-    from .registry import is_automatic
     from .layout import VideoLayout
+    from .registry import is_automatic
     from .synthetic import video_like_qkv
 
     device = torch.device(_device("--device", args.device))

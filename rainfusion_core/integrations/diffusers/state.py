@@ -232,7 +232,12 @@ class Tally:
 
     def add_mask(self, mask) -> None:
         kept = mask.kv_counts.sum(dtype=torch.int64)
-        self.kept = kept if self.kept is None or self.kept.device != kept.device else self.kept.add_(kept)
+        if self.kept is None:
+            self.kept = kept
+        elif self.kept.device != kept.device:  # the model moved: carry the count over
+            self.kept = kept + self.kept.to(kept.device)
+        else:
+            self.kept.add_(kept)
         self.masks += 1
         self.tiles += mask.kv_indices.numel()
 
