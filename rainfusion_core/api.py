@@ -7,6 +7,7 @@ and run it (``backends``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -91,16 +92,14 @@ class SparseAttentionPlan:
         precision = check_precision(self.precision)
         key = (generation(), q.dtype, q.device, q.shape, k.shape, q.stride(), k.stride(), v.stride())
         chosen = self._chosen.get(key)
-        out = attention(choice, q, k, v, self.block_mask, scale, self.permutation.indices,
-                        self.tensor_layout == "BSND", precision, chosen=chosen, chose=self._remember(key))
-        return out
+        return attention(choice, q, k, v, self.block_mask, scale, self.permutation.indices,
+                         self.tensor_layout == "BSND", precision, chosen=chosen,
+                         chose=None if chosen is not None else partial(self._remember, key))
 
-    def _remember(self, key):
-        def keep(backend: Backend) -> None:
-            if len(self._chosen) >= 8:
-                self._chosen.clear()
-            self._chosen[key] = backend
-        return keep
+    def _remember(self, key, backend: Backend) -> None:
+        if len(self._chosen) >= 8:
+            self._chosen.clear()
+        self._chosen[key] = backend
 
 
 def plan_sparse_attention(

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from ..._checks import check_int
 from .adapters import CallSite
 from .sites import Site
-from .state import NO_COPY, CallState
+from .state import CallState, NoCopy
 
 
-class RainFusionAttnProcessor:
+class RainFusionAttnProcessor(NoCopy):
     """Stands in for one attention module's processor.
 
     It runs the processor's own ``__call__`` (routed, see ``routing.py``) with the
@@ -51,12 +51,6 @@ class RainFusionAttnProcessor:
     def _parallel_config(self, value):
         self.site.check_parallel(value, self.heads)  # enable_parallelism with a config RainFusion cannot run
         self.base._parallel_config = value
-
-    def __deepcopy__(self, memo):
-        raise TypeError(NO_COPY)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError(NO_COPY)
 
     def __call__(self, attn, *args, **kwargs):
         if not self.site.active():
@@ -122,7 +116,7 @@ class RainFusionStats:
 
 
 @dataclass
-class RainFusionHandle:
+class RainFusionHandle(NoCopy):
     """Undo what :func:`apply_rainfusion` or :func:`capture_qkv` did with :meth:`remove`.
 
     Handles may be stacked on one model and removed in any order: removing one
@@ -137,12 +131,6 @@ class RainFusionHandle:
     @property
     def step(self) -> int:
         return self.state.step
-
-    def __deepcopy__(self, memo):
-        raise TypeError(NO_COPY)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError(NO_COPY)
 
     def new_generation(self, total_steps: int | None = None) -> None:
         """Count denoising steps from 0 again: the next transformer call is step 0 of a new generation.
@@ -175,9 +163,9 @@ class RainFusionHandle:
         layers = len(self._installed)
         if not layers:
             return "RainFusionHandle(removed)"
-        stats = self.stats()
+        tally = self.state.tally  # the counts only: no density, so printing never waits on the device
         return (f"RainFusionHandle({self.state.adapter.family}, {layers} attention layers patched, "
-                f"{stats.sparse_calls} calls sparse, {stats.dense_calls} dense)")
+                f"{tally.sparse} calls sparse, {tally.dense_by_schedule + tally.dense_by_crossover} dense)")
 
     def stats(self) -> "RainFusionStats":
         """How this handle's transformer calls ran so far, and the mean density of its sparse masks.

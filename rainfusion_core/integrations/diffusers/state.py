@@ -110,13 +110,23 @@ class TextPadding:
         return cls(text_len, tuple(groups))
 
 
-NO_COPY = ("a model with RainFusion applied cannot be copied or pickled: its attention processors share per-call "
-           "state with the handle that installed them. Call handle.remove() first, copy or save the model, then "
-           "apply_rainfusion to each copy")
+class NoCopy:
+    """Refuses ``copy.deepcopy`` and ``pickle``: what a patched model holds shares per-call state with its handle."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_NO_COPY)
+
+
+_NO_COPY = ("a model with RainFusion applied cannot be copied or pickled: its attention processors share per-call "
+            "state with the handle that installed them. Call handle.remove() first, copy or save the model, then "
+            "apply_rainfusion to each copy")
 
 
 @dataclass
-class CallState:
+class CallState(NoCopy):
     """What the pre-hook learns each transformer call; shared by the layers of one handle.
 
     ``layout`` is the latent grid (``text_len`` 0: each layer adds the text it sees),
@@ -172,12 +182,6 @@ class CallState:
             self.tally.last_dense_reason = reason
         else:
             self.tally.sparse += 1
-
-    def __deepcopy__(self, memo):
-        raise TypeError(NO_COPY)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError(NO_COPY)
 
     def new_generation(self, total_steps: int | None = None, count_steps=None) -> None:
         """The next call starts a new generation: step 0, whatever its timestep.
