@@ -5,6 +5,14 @@ import torch
 
 
 def may_cache(device: torch.device) -> bool:
-    """False inside a CUDA-graph capture on ``device``'s type: tensors built there are recorded, not
-    written, until the graph replays, so caching them would hand unwritten memory to later calls."""
+    """Whether a tensor just built for ``device`` may be kept for later calls.
+
+    Never while ``torch.compile`` traces: the tensor is a stand-in of the graph, and a cache
+    write would be replayed after each run of the compiled code, storing graph outputs that a
+    CUDA-graph replay may overwrite (compiled code reads what eager calls cached, and builds
+    the rest inside its graph). Never inside a CUDA-graph capture on ``device``'s type either:
+    tensors built there are recorded, not written, until the graph replays.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())

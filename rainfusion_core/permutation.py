@@ -12,7 +12,8 @@ from .caching import may_cache
 from .layout import VideoLayout
 
 TILE = 8
-# A plain dict (not functools.lru_cache) so torch.compile guards on it and reuses the tensors.
+# A plain dict (not functools.lru_cache) so torch.compile guards on it and reuses what eager calls
+# cached; traced code reads it and never writes it (caching.may_cache).
 _CACHE: dict[tuple[VideoLayout, torch.device], "Permutation"] = {}
 _CACHE_SIZE = 64
 

@@ -76,11 +76,21 @@ def _ensure_loaded() -> None:
 
     Everything is built into local tables first and published in one step, so an
     interruption (``KeyboardInterrupt``, ``SystemExit``) leaves the registry
-    untouched and the next lookup loads again from scratch.
+    untouched and the next lookup loads again from scratch. A first call traced by
+    ``torch.compile`` loads it outside the trace (imports and locks cannot be traced).
     """
+    if not _loaded:
+        _load_outside_traces()
+
+
+@torch.compiler.assume_constant_result
+def _load_outside_traces() -> bool:
+    _load()
+    return True
+
+
+def _load() -> None:
     global _loaded
-    if _loaded:
-        return
     with _lock:
         if _loaded:
             return

@@ -75,6 +75,27 @@ def test_compiled_fullgraph_matches_eager(backend):
     torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), rtol=0, atol=0)
 
 
+def test_traced_calls_fill_no_cache():
+    """Compiled code reads the caches eager calls filled and never writes them: a traced write would be
+    replayed after every run, storing graph outputs (which a CUDA-graph replay may overwrite) under a
+    layout built inside the graph."""
+    from rainfusion_core import permutation
+
+    q, k, v = _qkv(heads=(4, 2))
+
+    def layer(q, k, v):  # the layout is built inside the traced code, as the diffusers hooks do
+        layout = rf.VideoLayout(LAYOUT.frames, LAYOUT.height, LAYOUT.width, text_len=LAYOUT.text_len)
+        return rf.sparse_attention(q, k, v, layout, sparsity=0.5, block_size=32, backend="torch")
+
+    permutation._CACHE.clear()
+    torch._dynamo.reset()
+    out = torch.compile(layer, fullgraph=True, backend="eager")(q, k, v)
+    assert not permutation._CACHE
+    torch.testing.assert_close(out, layer(q, k, v), rtol=0, atol=0)
+    assert permutation._CACHE  # the eager call cached its permutation
+    torch._dynamo.reset()
+
+
 def test_plan_reuses_one_mask_across_layers():
     q, k, v = _qkv()
     plan = rf.plan_sparse_attention(q, k, LAYOUT, sparsity=0.6, block_size=32)

@@ -1,4 +1,5 @@
-"""NaN and infinite inputs: every backend propagates them exactly where dense attention does.
+"""NaN and infinite inputs: every backend propagates them exactly where dense attention does
+(float64 dense attention on the CPU: a score of +inf makes its row NaN, one of -inf weighs nothing).
 
 A NaN or infinite value in q or k makes the pooled scores of its rows non-finite; those rows
 keep every block, so no backend drops the poisoned keys and returns plausible values (or zeros)
@@ -27,7 +28,8 @@ def test_poisoned_inputs_give_nan_exactly_where_dense_attention_does(backend, wh
     device = _device(backend)
     q, k, v = (torch.randn(1, 2, LAYOUT.seq_len, 32, device=device) for _ in range(3))
     (q if where == "q" else k)[0, 1, token, 5] = POISON[value]
-    dense = F.scaled_dot_product_attention(q, k, v)
+    # float64 on the CPU: CUDA's fused SDPA kernels turn a row with one -inf score into NaN
+    dense = F.scaled_dot_product_attention(*(x.double().cpu() for x in (q, k, v))).to(device)
     out = rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.9, block_size=64, backend=backend, min_tokens=0)
     dense_nan, out_nan = dense.isnan().any(-1), out.isnan().any(-1)
     assert dense_nan.any()  # the case is a real one: dense attention is poisoned somewhere
