@@ -135,29 +135,36 @@ REPRODUCER = textwrap.dedent("""
 
 
 MUTATED_MID_CALL = textwrap.dedent("""
-    import sys, threading, torch
+    import random, sys, threading, time, torch
     import rainfusion_core as rf
     torch.manual_seed(0)
     q = torch.randn(1, 4, 2048, 64)
     mask = rf.BlockMask.from_dense(torch.rand(1, 4, 32, 32) < 0.5, block_size=64, q_len=2048, kv_len=2048)
     good_counts, good_indices = mask.kv_counts.clone(), mask.kv_indices.clone()
-    stop = threading.Event()
+    stop, go = threading.Event(), threading.Event()
 
-    def vandal():  # another thread edits the mask in place while the kernel runs
+    def vandal():  # another thread edits the mask in place while a call runs
         values = (-10 ** 6, 2 ** 30, -1, 32)
-        i = 0
+        rng, i = random.Random(0), 0
         while not stop.is_set():
-            mask.kv_indices.fill_(values[i % 4])
-            mask.kv_counts.fill_(values[(i + 1) % 4])
-            mask.kv_indices.copy_(good_indices)
-            mask.kv_counts.copy_(good_counts)
-            i += 1
+            if not go.wait(0.01):
+                continue
+            go.clear()
+            time.sleep(rng.uniform(0, 0.004))  # some calls are edited during their checks, most after them
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                mask.kv_indices.fill_(values[i % 4])
+                mask.kv_counts.fill_(values[(i + 1) % 4])
+                mask.kv_indices.copy_(good_indices)
+                mask.kv_counts.copy_(good_counts)
+                i += 1
 
     thread = threading.Thread(target=vandal)
     thread.start()
     ran = refused = 0
     try:
         for _ in range(int(sys.argv[1])):
+            go.set()
             try:
                 rf.block_sparse_attention(q, q, q, mask, backend="cpu")
                 ran += 1
