@@ -17,7 +17,7 @@ from .block_mask import BlockMask, check_mask_matches
 from .call import SparseCall, model_order_views, resolve_backend, resolve_sparse_call
 from .layout import VideoLayout
 from .ops import attention, dense_attention, predict, sparse_call
-from .permutation import Permutation, build_permutation, cached_permutation
+from .permutation import Permutation, build_permutation
 from .precision import check_precision
 from .registry import generation
 
@@ -178,5 +178,4 @@ def run_sparse_call(call: SparseCall, q: torch.Tensor, k: torch.Tensor, v: torch
     bsnd = call.tensor_layout == "BSND"
     if call.dense is not None:
         return dense_attention(q, k, v, call.scale, bsnd)
-    order = cached_permutation(call.layout, q.device).indices  # never leaves this call
-    return sparse_call(call.backend, q, k, v, order, call.mask, call.scale, bsnd, call.precision, on_mask)
+    return sparse_call(call.backend, q, k, v, call.layout, call.mask, call.scale, bsnd, call.precision, on_mask)

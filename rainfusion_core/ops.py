@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
 from .block_mask import BlockMask, num_blocks
 from .call import BackendChoice, MaskSpec
+from .layout import VideoLayout
+from .permutation import cached_permutation
 from .precision import DEFAULT_PRECISION, backend_keywords
 from .registry import select_backend
 from .selection import compute_block_mask
@@ -210,12 +212,22 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 # --------------------------------------------------------------------------- a whole call
+def layout_args(layout: VideoLayout) -> list[int]:
+    """How a layout crosses the whole-call op: ``[frames, height, width, text_len, text at the tail]``."""
+    return [layout.frames, layout.height, layout.width, layout.text_len, int(layout.text_position == "tail")]
+
+
+def _layout_of(args: list[int]) -> VideoLayout:
+    frames, height, width, text_len, tail = args
+    return VideoLayout(frames, height, width, text_len=text_len, text_position="tail" if tail else "head")
+
+
 @torch.library.custom_op("rainfusion::sparse_attention", mutates_args=())
 def sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    order: Optional[torch.Tensor],
+    layout: list[int],
     block_size: int,
     mask_scale: float,
     keep: int,
@@ -227,19 +239,24 @@ def sparse_attention_op(
     bsnd_out: bool = False,
     precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
-    """A whole ``sparse_attention`` call after its checks: one backend chosen, the mask predicted, attention."""
+    """A whole ``sparse_attention`` call after its checks: one backend chosen, the mask predicted, attention.
+
+    q, k, v are in model order; the permutation of ``layout`` (:func:`layout_args`) is looked up
+    here, at run time, so no traced graph ever builds it or holds it as a constant.
+    """
     spec = MaskSpec(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
-    return _sparse_call_body(backend, q, k, v, order, spec, scale, bsnd_out, precision)
+    return _sparse_call_body(backend, q, k, v, _layout_of(layout), spec, scale, bsnd_out, precision)
 
 
 @sparse_attention_op.register_fake
-def _(q, k, v, order, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
+def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
       bsnd_out=False, precision=DEFAULT_PRECISION):
     return _empty_out(q, bsnd_out)
 
 
-def _sparse_call_body(spec, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
+def _sparse_call_body(spec, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
                       precision: str, on_mask=None) -> torch.Tensor:
+    order = cached_permutation(layout, q.device).indices  # never leaves this call
     chosen = prediction_backend(spec, q, k, mask_spec.block_size, precision)  # the one choice of this call
     mask = predict(BackendChoice(), q, k, order, mask_spec, precision, chosen=chosen)
     if on_mask is not None:
@@ -247,16 +264,17 @@ def _sparse_call_body(spec, q, k, v, order, mask_spec: MaskSpec, scale: float, b
     return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
 
 
-def sparse_call(choice: BackendChoice, q, k, v, order, mask_spec: MaskSpec, scale: float, bsnd_out: bool = False,
-                precision: str = DEFAULT_PRECISION, on_mask=None) -> torch.Tensor:
-    """Prediction and attention of a resolved call, with one backend choice: the op, or its body directly.
+def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float,
+                bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None) -> torch.Tensor:
+    """Prediction and attention of a resolved call on model-order q, k, v, with one backend choice: the op,
+    or its body directly.
 
     ``on_mask(mask)`` sees the predicted mask when the body runs directly (never through the op).
     """
-    if choice.obj is not None or runs_directly(q, k, v, order):
-        return _sparse_call_body(choice.obj or choice.spec, q, k, v, order, mask_spec, scale, bsnd_out, precision,
+    if choice.obj is not None or runs_directly(q, k, v):
+        return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, mask_spec, scale, bsnd_out, precision,
                                  on_mask)
-    return sparse_attention_op(q, k, v, order, mask_spec.block_size, mask_spec.scale, mask_spec.keep,
+    return sparse_attention_op(q, k, v, layout_args(layout), mask_spec.block_size, mask_spec.scale, mask_spec.keep,
                                mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
                                choice.spec, bsnd_out, precision)
 

@@ -4,7 +4,7 @@ import torch
 
 import rainfusion_core as rf
 from helpers import needs_cpp, needs_cuda
-from rainfusion_core.ops import block_sparse_attention_op, runs_directly, sparse_attention_op
+from rainfusion_core.ops import block_sparse_attention_op, layout_args, runs_directly, sparse_attention_op
 
 LAYOUT = rf.VideoLayout(3, 8, 16)  # 384 tokens
 
@@ -24,17 +24,15 @@ def test_custom_op_passes_opcheck():
 
 def test_whole_call_op_passes_opcheck():
     q, k, v = _qkv(heads=(4, 2))
-    order = rf.build_permutation(LAYOUT).indices
-    args = (q, k, v, order, 64, 0.2, 3, 1, 0, False, 0.2, "torch")
+    args = (q, k, v, layout_args(LAYOUT), 64, 0.2, 3, 1, 0, False, 0.2, "torch")
     torch.library.opcheck(sparse_attention_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_eager_calls_skip_the_dispatcher_and_give_the_ops_result():
     q, k, v = _qkv(heads=(4, 2))
     assert runs_directly(q, k, v, None)
-    order = rf.build_permutation(LAYOUT).indices
     # 12 blocks of 32: keep 6 per row; the first frame (128 tokens) is 4 sink blocks
-    through_op = sparse_attention_op(q, k, v, order, 32, 32 ** -0.5, 6, 4, 0, False, 32 ** -0.5, "torch")
+    through_op = sparse_attention_op(q, k, v, layout_args(LAYOUT), 32, 32 ** -0.5, 6, 4, 0, False, 32 ** -0.5, "torch")
     torch.testing.assert_close(rf.sparse_attention(q, k, v, LAYOUT, sparsity=0.5, block_size=32, backend="torch"),
                                through_op, rtol=0, atol=0)
     # What must see the op: tracing modes, tensor subclasses, and anything autograd records.
@@ -75,10 +73,10 @@ def test_compiled_fullgraph_matches_eager(backend):
     torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), rtol=0, atol=0)
 
 
-def test_traced_calls_fill_no_cache():
-    """Compiled code reads the caches eager calls filled and never writes them: a traced write would be
-    replayed after every run, storing graph outputs (which a CUDA-graph replay may overwrite) under a
-    layout built inside the graph."""
+def test_traced_calls_leave_the_permutation_to_the_op():
+    """No traced graph builds the permutation or holds it as a constant: the whole-call op looks it up at
+    run time. (Built in a graph, it was wrong on a GPU under Inductor; cached from a trace, the write would
+    be replayed after every run, storing graph outputs that a CUDA-graph replay may overwrite.)"""
     from rainfusion_core import permutation
 
     q, k, v = _qkv(heads=(4, 2))
@@ -89,10 +87,14 @@ def test_traced_calls_fill_no_cache():
 
     permutation._CACHE.clear()
     torch._dynamo.reset()
-    out = torch.compile(layer, fullgraph=True, backend="eager")(q, k, v)
-    assert not permutation._CACHE
+    graphs = []
+    out = torch.compile(layer, fullgraph=True, backend=lambda gm, args: graphs.append(gm) or gm)(q, k, v)
+    (graph,) = graphs
+    called = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert called == ["rainfusion.sparse_attention.default"], called
+    assert not any(n.op == "get_attr" for n in graph.graph.nodes)  # no tensor constant
+    assert list(permutation._CACHE) == [(LAYOUT, torch.device("cpu"))]  # cached by the op's run, not the trace
     torch.testing.assert_close(out, layer(q, k, v), rtol=0, atol=0)
-    assert permutation._CACHE  # the eager call cached its permutation
     torch._dynamo.reset()
 
 
