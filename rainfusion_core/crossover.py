@@ -43,11 +43,13 @@ class Crossover:
 # Measured crossovers (BENCHMARKS.md, "Dense below the crossover"). Device types not listed
 # (NPUs, plugins' devices) have none measured: their calls always run sparse.
 CROSSOVER = {
-    # H200, one compiled forward of random-weight models (models_e2e_bench.py, bf16, sparsity 0.8):
-    # Flux.1-dev 1024² (4096 image tokens) ran 0.92x dense, LTX-Video (6144 tokens) 1.15x. max_density is
-    # an estimate, not a measurement: at Wan2.1-1.3B 480p the sparse call needs 3.1 ms of GPU time at
-    # density 0.28 against 11.7 ms dense (call_overhead_bench.py); scaled with the density it ties near 1.
-    "cuda": Crossover(min_tokens=6144, max_density=0.9, source="NVIDIA H200, bf16, head dim 64 and 128"),
+    # H200, one compiled forward of random-weight models (models_e2e_bench.py --modes compiled, bf16, sparsity
+    # 0.8, run sparse): LTX-Video (6144 latent tokens, head dim 64) 0.80x dense, Qwen-Image 1328² (6889 tokens,
+    # head dim 128) 1.33x; earlier Flux.1-dev 1024² (4096 tokens) 0.92x. Dense below the smallest size measured
+    # to win. max_density is an estimate, not a measurement: at Wan2.1-1.3B 480p the sparse call needs 3.1 ms of
+    # GPU time at density 0.28 against 11.7 ms dense (call_overhead_bench.py); scaled with the density it ties
+    # near 1.
+    "cuda": Crossover(min_tokens=6889, max_density=0.9, source="NVIDIA H200, bf16, head dim 64 and 128"),
     # A 2-core Intel Xeon with AVX-512, 2 threads, float32, 4 heads of 64 (crossover_bench.py): sparse won
     # from 2048 latent tokens on (1.12x at 2048 with density 0.63) and lost at 1024 and below (0.4-0.98x);
     # masks keeping 0.72 of the tiles or more lost at every size measured up to 4096 (0.88-0.97x), 0.67 won.
