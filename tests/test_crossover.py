@@ -156,3 +156,33 @@ def test_the_handle_counts_calls_each_way_and_the_mean_density():
     handle.remove()
     with pytest.raises(ValueError, match="min_tokens must be a non-negative int"):
         apply_rainfusion(model, min_tokens=-5)
+
+
+def test_the_handle_reports_each_layers_density_and_leaves_dense_layers_out(monkeypatch):
+    pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
+    from helpers import tiny_wan, wan_inputs
+    from rainfusion_core.integrations.diffusers import apply_rainfusion, attention_layers
+    from rainfusion_core.integrations.diffusers.state import Tally
+
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    names = attention_layers(model)
+    seen = []
+    real = Tally.add_mask
+    monkeypatch.setattr(Tally, "add_mask", lambda self, mask, layer=None: seen.append((layer, mask.density))
+                        or real(self, mask, layer))
+    handle = apply_rainfusion(model, sparsity=0.7, block_size=16, min_tokens=0, dense_layers=[names[1]])
+    with torch.no_grad():
+        for t in (900.0, 500.0):
+            model(latent, torch.full((1,), t), text, return_dict=False)
+    stats = handle.stats()
+    sparse = [name for i, name in enumerate(names) if i != 1]
+    assert list(stats.layers) == sparse  # in layer order; the dense layer has no entry
+    for index, name in enumerate(names):
+        if index == 1:
+            continue
+        densities = [d for layer, d in seen if layer == index]
+        assert stats.layers[name].masks == 2 == len(densities)
+        assert abs(stats.layers[name].mean_density - sum(densities) / 2) < 1e-6  # equal tiles per call
+    assert stats.masks == 2 * len(sparse)
+    assert abs(stats.mean_density - sum(s.mean_density for s in stats.layers.values()) / len(sparse)) < 1e-9
+    handle.remove()

@@ -90,7 +90,7 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crosso
                                 f"{', '.join(adapter.processors)} in {adapter.family} models")
             plan.append((index, attn, call_site, base))
     state = CallState(schedule, adapter, crossover=crossover)
-    handle = RainFusionHandle(state)
+    handle = RainFusionHandle(state, names)
     sites = {}
     chosen = [make_site(state, index, sites) for index, _, _, _ in plan]
     for site, (_, attn, _, base) in zip(chosen, plan):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+import torch
+
 from ..._checks import check_int
 from .adapters import CallSite
 from .sites import Site
@@ -55,6 +57,8 @@ class RainFusionAttnProcessor(NoCopy):
     def __call__(self, attn, *args, **kwargs):
         if not self.site.active():
             return self.original(attn, *args, **kwargs)
+        if not torch.compiler.is_compiling():  # never read in traced code: one graph for every layer
+            self.site.state.layer = self.layer
         if self.shortcut is not None:
             out = self.shortcut(self, attn, args, kwargs)
             if out is not None:
@@ -90,6 +94,14 @@ def base_processor(processor):
 
 
 @dataclass(frozen=True)
+class LayerStats:
+    """One attention layer in :class:`RainFusionStats`: its sparse calls tallied and their mean density."""
+
+    masks: int
+    mean_density: float
+
+
+@dataclass(frozen=True)
 class RainFusionStats:
     """What :meth:`RainFusionHandle.stats` reports.
 
@@ -101,6 +113,9 @@ class RainFusionStats:
         dense_reason: why the last of those ran dense (``None`` if none did).
         masks: sparse attention calls whose masks were tallied (eager calls only).
         mean_density: the mean kept fraction of those masks' tiles (``None`` before any).
+        layers: per attention layer (its name in :func:`attention_layers`), the masks tallied and
+            their mean density; layers that ran no eager sparse call are absent. A pipeline's
+            second transformer (Wan2.2's ``transformer_2``) adds to the layer of the same index.
     """
 
     sparse_calls: int
@@ -109,6 +124,7 @@ class RainFusionStats:
     dense_reason: str | None
     masks: int
     mean_density: float | None
+    layers: dict = field(default_factory=dict)
 
     @property
     def dense_calls(self) -> int:
@@ -124,6 +140,7 @@ class RainFusionHandle(NoCopy):
     """
 
     state: CallState
+    _layer_names: list = field(default_factory=list)  # attention_layers(model): what the layer indices name
     _installed: list = field(default_factory=list)  # (attention module, the processor this handle installed)
     _hooks: list = field(default_factory=list)
     _sites: list = field(default_factory=list)
@@ -173,11 +190,17 @@ class RainFusionHandle(NoCopy):
         Reading the density synchronises with the device once (the kept tiles add up there).
         """
         tally = self.state.tally
-        density = None
-        if tally.masks and tally.kept is not None:
-            density = int(tally.kept) / tally.tiles
+        kept = tally.kept_tiles()
+        tiles = sum(tally.layers[layer].tiles for layer in kept)
+        layers = {}
+        for layer in sorted(kept, key=lambda index: -1 if index is None else index):
+            entry = tally.layers[layer]
+            name = self._layer_names[layer] if layer is not None and layer < len(self._layer_names) else str(layer)
+            layers[name] = LayerStats(entry.masks, kept[layer] / entry.tiles)
+        masks = sum(tally.layers[layer].masks for layer in kept)
+        density = sum(kept.values()) / tiles if tiles else None
         return RainFusionStats(tally.sparse, tally.dense_by_schedule, tally.dense_by_crossover,
-                               tally.last_dense_reason, tally.masks, density)
+                               tally.last_dense_reason, masks, density, layers)
 
     @property
     def layout(self):

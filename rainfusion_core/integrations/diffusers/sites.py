@@ -175,7 +175,10 @@ class SparseSite(Site):
         """``rf.sparse_attention`` as the handle runs it: the pre-hook already applied the crossover,
         and the mask of each eager call is tallied (``handle.stats()``)."""
         call, q, k, v = resolve_sparse_call(q, k, v, layout, share_batch_mask=False, min_tokens=0, **options)
-        return run_sparse_call(call, q, k, v, on_mask=self.state.tally.add_mask)
+        return run_sparse_call(call, q, k, v, on_mask=self._tally)
+
+    def _tally(self, mask) -> None:
+        self.state.tally.add_mask(mask, self.state.layer)
 
     def _attend_ulysses(self, q, k, v, attn_mask, scale, tensor_layout, dense, call, cp):
         """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out.

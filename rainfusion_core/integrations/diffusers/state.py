@@ -142,6 +142,7 @@ class CallState(NoCopy):
     layout: VideoLayout | None = None
     text: TextPadding | None = None
     step: int = -1
+    layer: int | None = None  # the attention layer running now (eager calls; for the tally)
     last_timestep: float | None = None
     sparse: bool = True
     calls: int = 0
@@ -219,8 +220,17 @@ class CallState(NoCopy):
 
 
 @dataclass
+class LayerTally:
+    """The kept tiles of one attention layer's sparse calls (``kept`` adds up on the device)."""
+
+    masks: int = 0
+    tiles: int = 0
+    kept: torch.Tensor | None = None
+
+
+@dataclass
 class Tally:
-    """How a handle's transformer calls ran, and the kept tiles of its sparse attention calls.
+    """How a handle's transformer calls ran, and the kept tiles of its sparse attention calls, per layer.
 
     Kept tiles add up on the device (no host synchronisation per call); they are counted
     for calls that run eagerly (not inside a ``torch.compile`` graph or a CUDA-graph replay).
@@ -230,20 +240,33 @@ class Tally:
     dense_by_schedule: int = 0
     dense_by_crossover: int = 0
     last_dense_reason: str | None = None
-    masks: int = 0
-    tiles: int = 0
-    kept: torch.Tensor | None = None
+    layers: dict = field(default_factory=dict)  # attention layer index -> LayerTally
 
-    def add_mask(self, mask) -> None:
+    def add_mask(self, mask, layer: int | None = None) -> None:
         kept = mask.kv_counts.sum(dtype=torch.int64)
-        if self.kept is None:
-            self.kept = kept
-        elif self.kept.device != kept.device:  # the model moved: carry the count over
-            self.kept = kept + self.kept.to(kept.device)
+        entry = self.layers.get(layer)
+        if entry is None:
+            entry = self.layers[layer] = LayerTally()
+        if entry.kept is None:
+            entry.kept = kept
+        elif entry.kept.device != kept.device:  # the model moved: carry the count over
+            entry.kept = kept + entry.kept.to(kept.device)
         else:
-            self.kept.add_(kept)
-        self.masks += 1
-        self.tiles += mask.kv_indices.numel()
+            entry.kept.add_(kept)
+        entry.masks += 1
+        entry.tiles += mask.kv_indices.numel()
+
+    @property
+    def masks(self) -> int:
+        return sum(entry.masks for entry in self.layers.values())
+
+    def kept_tiles(self) -> dict:
+        """``{layer: kept tiles}`` of the layers tallied so far; one host synchronisation for all of them."""
+        tallied = [(layer, entry.kept) for layer, entry in self.layers.items() if entry.kept is not None]
+        if not tallied:
+            return {}
+        device = tallied[-1][1].device
+        return dict(zip((layer for layer, _ in tallied), torch.stack([k.to(device) for _, k in tallied]).tolist()))
 
 
 def _device_type(bound: dict) -> str:
