@@ -110,10 +110,14 @@ def mask_budget(layout: VideoLayout, kv_len: int, sparsity: float, block_size: i
     forced ones, and the forced first-frame and text blocks (the sink is on by default for videos)."""
     if check_optional_bool("first_frame_sink", first_frame_sink) is None:
         first_frame_sink = layout.frames > 1
-    nk = num_blocks(kv_len, block_size)
-    return (min(nk, max(1, math.ceil(nk * (1.0 - sparsity)))),
+    return (keep_blocks(num_blocks(kv_len, block_size), sparsity),
             num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
             num_blocks(layout.text_len, block_size))
+
+
+def keep_blocks(kv_blocks: int, sparsity: float) -> int:
+    """Key blocks each row keeps by score at ``sparsity`` (before the forced sink and text blocks)."""
+    return min(kv_blocks, max(1, math.ceil(kv_blocks * (1.0 - sparsity))))
 
 
 def crossover_reason(device_type: str, layout: VideoLayout, sparsity: float, block_size: int,

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
 from .block_mask import BlockMask, num_blocks
-from .call import BackendChoice, MaskSpec
+from .call import BackendChoice, MaskSpec, keep_blocks
 from .layout import VideoLayout
 from .permutation import cached_permutation
 from .precision import DEFAULT_PRECISION, backend_keywords
@@ -238,19 +238,25 @@ def sparse_attention_op(
     backend: Optional[str],
     bsnd_out: bool = False,
     precision: str = DEFAULT_PRECISION,
+    step_sparsity: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A whole ``sparse_attention`` call after its checks: one backend chosen, the mask predicted, attention.
 
     q, k, v are in model order; the permutation of ``layout`` (:func:`layout_args`) is looked up
     here, at run time, so no traced graph ever builds it or holds it as a constant.
+    ``step_sparsity`` (a one-element CPU tensor) replaces ``keep`` by the budget of the sparsity it
+    holds when the call runs: compiled code whose sparsity changes from step to step passes it, so
+    one graph serves every step.
     """
+    if step_sparsity is not None:
+        keep = keep_blocks(num_blocks(k.shape[2], block_size), float(step_sparsity))
     spec = MaskSpec(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
     return _sparse_call_body(backend, q, k, v, _layout_of(layout), spec, scale, bsnd_out, precision)
 
 
 @sparse_attention_op.register_fake
 def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
-      bsnd_out=False, precision=DEFAULT_PRECISION):
+      bsnd_out=False, precision=DEFAULT_PRECISION, step_sparsity=None):
     return _empty_out(q, bsnd_out)
 
 
@@ -265,18 +271,23 @@ def _sparse_call_body(spec, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, s
 
 
 def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float,
-                bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None) -> torch.Tensor:
+                bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None,
+                step_sparsity: torch.Tensor | None = None) -> torch.Tensor:
     """Prediction and attention of a resolved call on model-order q, k, v, with one backend choice: the op,
     or its body directly.
 
     ``on_mask(mask)`` sees the predicted mask when the body runs directly (never through the op).
+    ``step_sparsity``: see :func:`sparse_attention_op` (the op is always used with it).
     """
-    if choice.obj is not None or runs_directly(q, k, v):
+    if step_sparsity is None and (choice.obj is not None or runs_directly(q, k, v)):
         return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, mask_spec, scale, bsnd_out, precision,
                                  on_mask)
+    if choice.obj is not None:
+        raise ValueError("a Backend object cannot cross the op boundary: run a per-step sparsity with a registered "
+                         "backend's name")
     return sparse_attention_op(q, k, v, layout_args(layout), mask_spec.block_size, mask_spec.scale, mask_spec.keep,
                                mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
-                               choice.spec, bsnd_out, precision)
+                               choice.spec, bsnd_out, precision, step_sparsity)
 
 
 # --------------------------------------------------------------------------- no backward

@@ -26,6 +26,12 @@ def test_whole_call_op_passes_opcheck():
     q, k, v = _qkv(heads=(4, 2))
     args = (q, k, v, layout_args(LAYOUT), 64, 0.2, 3, 1, 0, False, 0.2, "torch")
     torch.library.opcheck(sparse_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    # a sparsity read when the call runs (compiled blocks with a sparsity per step)
+    step = torch.tensor([0.8], dtype=torch.float64)
+    torch.library.opcheck(sparse_attention_op, args + (False, "bf16", step), test_utils=("test_schema", "test_faketensor"))
+    by_tensor = sparse_attention_op(*args, False, "bf16", step)  # 6 key blocks at 0.8: keep 2, not the 3 given
+    torch.testing.assert_close(by_tensor, sparse_attention_op(*args[:6], 2, *args[7:]), rtol=0, atol=0)
+    assert not torch.equal(by_tensor, sparse_attention_op(*args))
 
 
 def test_eager_calls_skip_the_dispatcher_and_give_the_ops_result():

@@ -19,7 +19,7 @@ import errno
 import os
 from pathlib import Path
 
-from ..._checks import check_block_size, check_indices, check_int, check_optional_bool, check_sparsity, describe
+from ..._checks import check_block_size, check_indices, check_int, check_optional_bool, describe
 from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
@@ -27,7 +27,7 @@ from ...registry import device_type_of, get_backend, is_automatic, registered_ba
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
-from .state import CallState, Schedule
+from .state import CallState, Schedule, StepSparsity
 from .wan_fused import WanFusedPrologue
 
 __all__ = ["apply_rainfusion", "capture_qkv", "attention_layers", "supported_models", "Schedule",
@@ -155,7 +155,13 @@ def apply_rainfusion(
         model: a supported transformer (:func:`supported_models`) or a pipeline with
             ``transformer`` (and ``transformer_2``, as Wan2.2 has).
         sparsity, block_size, backend, first_frame_sink: as in ``rf.sparse_attention``.
-            Images (``frames == 1``) get no first-frame sink unless asked.
+            Images (``frames == 1``) get no first-frame sink unless asked. ``sparsity`` may
+            also change with the denoising step: a list (one value per step, the last one
+            for every later step) or a function of the step (``lambda step: ...``, asked
+            once per step). Steps count as in :class:`Schedule` (one host read of the
+            timestep per transformer call); compiled blocks read the step's value at run
+            time, so one graph serves every step (such graphs are not captured in CUDA
+            graphs: the value lives on the CPU).
         schedule: when to stay dense (:class:`Schedule`).
         layers: the attention layers to make sparse, as indices into
             :func:`attention_layers` or as its names; ``None`` means all, the rest stay dense.
@@ -180,7 +186,7 @@ def apply_rainfusion(
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
     """
-    sparsity = check_sparsity(sparsity)
+    sparsity = StepSparsity.of(sparsity)
     block_size = check_block_size(block_size)
     check_optional_bool("first_frame_sink", first_frame_sink)
     check_optional_bool("fuse_prologue", fuse_prologue)
@@ -199,16 +205,24 @@ def apply_rainfusion(
     elif fuse_prologue:
         raise ValueError(f"fuse_prologue=True: only Wan's self-attention has a fused prologue, not {adapter.family}")
 
+    per_step = sparsity if isinstance(sparsity, StepSparsity) else None
+    if per_step is not None and isinstance(backend, Backend):
+        raise ValueError("a per-step sparsity needs a backend by name or device (a Backend object cannot cross the "
+                         "compiled op's boundary): register it and pass its name")
+
     def make_site(state, index, sites):
         if "sparse" not in sites:
-            sites["sparse"] = SparseSite(state, sparsity=sparsity, block_size=block_size, backend=backend,
-                                         first_frame_sink=first_frame_sink, precision=precision)
+            state.sparsity = per_step
+            sites["sparse"] = SparseSite(state, sparsity=per_step.at(0) if per_step else sparsity,
+                                         block_size=block_size, backend=backend, first_frame_sink=first_frame_sink,
+                                         precision=precision)
         return sites["sparse"]
 
-    def crossover(device_type, layout):
+    def crossover(device_type, layout, step_sparsity=None):
         if precision != DEFAULT_PRECISION or not is_automatic(backend):  # asked for by name: never dense
             return None
-        return crossover_reason(device_type, layout, sparsity, block_size, first_frame_sink, min_tokens)
+        return crossover_reason(device_type, layout, sparsity if step_sparsity is None else step_sparsity,
+                                block_size, first_frame_sink, min_tokens)
 
     return _install(model, schedule, layers, make_site, shortcut, crossover, dense_layers)
 

@@ -173,9 +173,19 @@ class SparseSite(Site):
 
     def _sparse(self, q, k, v, layout: VideoLayout, options: dict):
         """``rf.sparse_attention`` as the handle runs it: the pre-hook already applied the crossover,
-        and the mask of each eager call is tallied (``handle.stats()``)."""
+        and the mask of each eager call is tallied (``handle.stats()``).
+
+        With a sparsity per step, an eager call takes this step's value; compiled code takes the
+        handle's CPU tensor instead, which the pre-hook updates in place and the op reads when it
+        runs, so the graph never holds the value and one graph serves every step."""
+        step_sparsity = None
+        if self.state.sparsity is not None:
+            if torch.compiler.is_compiling():
+                step_sparsity = self.state.sparsity_tensor
+            else:
+                options = dict(options, sparsity=self.state.step_sparsity)
         call, q, k, v = resolve_sparse_call(q, k, v, layout, share_batch_mask=False, min_tokens=0, **options)
-        return run_sparse_call(call, q, k, v, on_mask=self._tally)
+        return run_sparse_call(call, q, k, v, on_mask=self._tally, step_sparsity=step_sparsity)
 
     def _tally(self, mask) -> None:
         self.state.tally.add_mask(mask, self.state.layer)

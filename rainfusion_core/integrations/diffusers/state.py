@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..._checks import check_int
+from ..._checks import check_int, check_sparsity, describe
 from ...layout import VideoLayout
 
 
@@ -53,6 +53,47 @@ class Schedule:
     @property
     def reads_timestep(self) -> bool:
         return self.dense_steps > 0 or self.dense_above_timestep is not None or self.dense_last_steps > 0
+
+
+@dataclass(frozen=True)
+class StepSparsity:
+    """A sparsity per denoising step: ``apply_rainfusion(sparsity=[0.5, 0.7, 0.8])`` or ``sparsity=fn``.
+
+    ``values``: one per step, the last one for every later step; or ``function(step) -> float``,
+    asked at each step (its answer is checked then). Steps count as in :class:`Schedule`.
+    """
+
+    values: tuple = ()
+    function: object = None
+
+    @classmethod
+    def of(cls, sparsity) -> "float | StepSparsity":
+        """A checked float for one sparsity at every step, else the per-step rule."""
+        if callable(sparsity):
+            return cls(function=sparsity)
+        if isinstance(sparsity, (list, tuple)):
+            if not sparsity:
+                raise ValueError("sparsity: a per-step list needs at least one value")
+            values = []
+            for step, value in enumerate(sparsity):
+                try:
+                    values.append(check_sparsity(value))
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"sparsity[{step}] (step {step}): {exc}") from None
+            return cls(values=tuple(values))
+        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+            return check_sparsity(sparsity)
+        raise TypeError(f"sparsity must be a float in [0, 1), a list of them (one per step) or a function of the "
+                        f"step, got {describe(sparsity)}")
+
+    def at(self, step: int) -> float:
+        if self.function is None:
+            return self.values[min(step, len(self.values) - 1)]
+        value = self.function(step)
+        try:
+            return check_sparsity(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"the sparsity function returned {value!r} for step {step}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -148,6 +189,9 @@ class CallState(NoCopy):
     calls: int = 0
     angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call (Wan's fused prologue)
     crossover: object = None
+    sparsity: object = None  # a StepSparsity (None: the site's one sparsity for every step)
+    step_sparsity: float | None = None  # this call's, from ``sparsity``
+    sparsity_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     tally: "Tally" = field(default_factory=lambda: Tally())
     total_steps: int | None = None  # of the current generation, for Schedule.dense_last_steps
     count_steps: object = None  # () -> total_steps, asked at the first step (a pipeline's scheduler)
@@ -155,7 +199,8 @@ class CallState(NoCopy):
     @property
     def reads_host(self) -> bool:
         """Whether :meth:`update` reads tensor values (the timestep, a text mask, Flux's image ids)."""
-        return self.schedule.reads_timestep or self.adapter.text_valid is not None or self.adapter.grid_reads_host
+        return (self.schedule.reads_timestep or self.sparsity is not None or self.adapter.text_valid is not None
+                or self.adapter.grid_reads_host)
 
     def hook(self):
         """The forward pre-hook to register: :meth:`update`, kept out of ``torch.compile``'s graphs when it
@@ -171,12 +216,16 @@ class CallState(NoCopy):
         self.calls += 1
         self.sparse = True
         self.angle_tables.clear()
-        if self.schedule.reads_timestep:
+        if self.schedule.reads_timestep or self.sparsity is not None:
             self._apply_schedule(bound)
         if not self.sparse:
             self.tally.dense_by_schedule += 1
             return
-        reason = self.crossover(_device_type(bound), self.layout) if self.crossover is not None else None
+        if self.sparsity is not None:
+            self.step_sparsity = self.sparsity.at(self.step)
+            self.sparsity_tensor.fill_(self.step_sparsity)  # what compiled blocks read, in place: no recompile
+        reason = self.crossover(_device_type(bound), self.layout, self.step_sparsity) \
+            if self.crossover is not None else None
         if reason is not None:
             self.sparse = False
             self.tally.dense_by_crossover += 1

@@ -1,0 +1,80 @@
+"""Controls per denoising step: a sparsity that changes with the step (a list or a function of it).
+
+Each step's output equals a handle with that step's one sparsity; a compiled model runs every
+step with the graphs it compiled at the first one.
+"""
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
+import torch._dynamo.testing  # noqa: E402
+
+from helpers import tiny_wan, wan_inputs  # noqa: E402
+from rainfusion_core.integrations.diffusers import apply_rainfusion  # noqa: E402
+
+TIMESTEPS = (900.0, 800.0, 700.0)  # three steps of one generation
+
+
+def _steps(model, latent, text):
+    with torch.no_grad():
+        return [model(latent, torch.full((1,), t), text, return_dict=False)[0] for t in TIMESTEPS]
+
+
+def _one_sparsity(model, latent, text, sparsity):
+    handle = apply_rainfusion(model, sparsity=sparsity, block_size=16, min_tokens=0, backend="torch")
+    outs = _steps(model, latent, text)
+    handle.remove()
+    return outs
+
+
+@pytest.mark.parametrize("rule", [[0.5, 0.9], lambda step: 0.5 if step == 0 else 0.9], ids=["list", "function"])
+def test_each_step_runs_its_own_sparsity(rule):
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    low, high = _one_sparsity(model, latent, text, 0.5), _one_sparsity(model, latent, text, 0.9)
+    assert not torch.equal(low[1], high[1])  # the two sparsities give different outputs here
+    handle = apply_rainfusion(model, sparsity=rule, block_size=16, min_tokens=0, backend="torch")
+    outs = _steps(model, latent, text)
+    assert torch.equal(outs[0], low[0])
+    assert torch.equal(outs[1], high[1]) and torch.equal(outs[2], high[2])  # a list's last value goes on
+    assert handle.stats().sparse_calls == 3
+    handle.remove()
+
+
+def test_a_compiled_model_runs_every_step_with_the_graphs_of_the_first():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    rule = [0.5, 0.7, 0.9]
+    handle = apply_rainfusion(model, sparsity=rule, block_size=16, min_tokens=0, backend="torch")
+    eager = _steps(model, latent, text)
+    handle.remove()
+    handle = apply_rainfusion(model, sparsity=rule, block_size=16, min_tokens=0, backend="torch")
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile_repeated_blocks(fullgraph=True, backend=counter)
+    with torch.no_grad():
+        first = model(latent, torch.full((1,), TIMESTEPS[0]), text, return_dict=False)[0]
+        frames = counter.frame_count
+        rest = [model(latent, torch.full((1,), t), text, return_dict=False)[0] for t in TIMESTEPS[1:]]
+    assert frames >= 1 and counter.frame_count == frames  # no recompilation for the later steps' sparsities
+    for got, want in zip([first, *rest], eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    handle.remove()
+    torch._dynamo.reset()
+
+
+def test_a_per_step_sparsity_is_checked_and_named():
+    model = tiny_wan()
+    with pytest.raises(ValueError, match=r"sparsity\[1\] \(step 1\): sparsity must be in \[0, 1\), got 1.5"):
+        apply_rainfusion(model, sparsity=[0.5, 1.5])
+    with pytest.raises(ValueError, match="at least one value"):
+        apply_rainfusion(model, sparsity=[])
+    with pytest.raises(TypeError, match=r"sparsity\[0\] \(step 0\): sparsity must be a float"):
+        apply_rainfusion(model, sparsity=[True])
+    with pytest.raises(TypeError, match="a list of them \\(one per step\\) or a function of the step"):
+        apply_rainfusion(model, sparsity="0.8")
+    latent, text = wan_inputs((3, 16, 20))
+    handle = apply_rainfusion(model, sparsity=lambda step: 0.5 + step, block_size=16, min_tokens=0)
+    with torch.no_grad():
+        model(latent, torch.full((1,), 900.0), text, return_dict=False)  # step 0: 0.5
+        with pytest.raises(ValueError, match=r"returned 1.5 for step 1: sparsity must be in \[0, 1\)"):
+            model(latent, torch.full((1,), 800.0), text, return_dict=False)
+    handle.remove()
