@@ -22,7 +22,7 @@ class KernelConfig:
 
 
 # Per (head dim bucket, dtype class). (128, "half") was chosen by the sweep of
-# benchmarks/triton_bench.py on an H100 (BENCHMARKS.md lists what was tried); the
+# benchmarks/triton_bench.py on an H100 (docs/benchmarks-history.md lists what was tried); the
 # other entries are untuned starting points sized to fit Hopper's shared memory.
 # None depends on sequence length or density, so a new shape never triggers re-tuning.
 _CONFIGS = {
@@ -37,7 +37,7 @@ _CONFIGS = {
 
 # When k and v are read through the permutation (GATHER_KV), the chain of loads (kept block ->
 # token rows -> tile) needs one more pipeline stage to stay ahead: 3 stages measured 4.19 ms
-# against 6.78 ms with 2 at the Wan2.1-1.3B shape (BENCHMARKS.md).
+# against 6.74 ms with 2 at the Wan2.1-1.3B shape (docs/benchmarks-history.md).
 _GATHER_CONFIGS = {
     (128, "half"): KernelConfig(128, 128, 8, 3),
 }

@@ -205,7 +205,7 @@ def _ws_min_tokens(head_dim: int) -> int:
 
 # Copies up to this size are made in one chunk: each further chunk is another launch whose last wave
 # runs part-empty. H100, kernel time of the whole call, one chunk against two: CogVideoX-5B (218 MB of
-# copies) 3.13 against 3.17 ms, Wan2.1-1.3B (201 MB) 2.93 against 3.08 ms (BENCHMARKS.md).
+# copies) 3.13 against 3.17 ms, Wan2.1-1.3B (201 MB) 2.93 against 3.08 ms (docs/benchmarks-history.md).
 ONE_CHUNK_BYTES = 256 << 20
 
 

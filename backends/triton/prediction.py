@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tuned on the H100 (BENCHMARKS.md, head dim 64 and 128): block means read a whole 128-token block in
+# Tuned on the H100 (docs/benchmarks-history.md, head dim 64 and 128): block means read a whole 128-token block in
 # one step (q and k at CogVideoX-5B: 0.104 ms, against 0.154 ms 32 tokens at a time); select_blocks
 # takes a tile of at most 512 scores per program, one warp per 512 (0.027 ms against 0.053 ms).
 _ROWS = 128  # tokens summed per step of the block-means loop

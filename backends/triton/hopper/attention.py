@@ -10,7 +10,7 @@ and runs three partitions:
   tensor cores, then runs the softmax of ``S_{t+1}`` while both run; the
   warp schedulers interleave the two consumers, so one warpgroup's softmax
   also runs under the other's GEMMs. (Forcing strict turns with a pair of
-  mbarriers, FlashAttention-3's ping-pong, measured no faster: BENCHMARKS.md.)
+  mbarriers, FlashAttention-3's ping-pong, measured no faster: docs/benchmarks-history.md.)
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
@@ -36,7 +36,7 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK = 128  # query rows per program = key rows per tile = mask block
 ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
-# Per head dim, with the reason (H100, BENCHMARKS.md):
+# Per head dim, with the reason (H100, docs/benchmarks-history.md):
 #   128: two slots per k and v ring (2 x 32 KB each) keep the next tile's copy ahead of the MMAs;
 #    64: two slots too: 3 and 4 measured no faster at the CogVideoX-5B shape (3.07 / 3.06 / 3.05 ms).
 # min_tokens: below it the launcher's automatic choice keeps the portable kernel. At d=64 this
@@ -163,7 +163,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
     to a float32 total kept in shared memory (``o_smem``; ``beta`` is the rescaling the
     accumulator has had since), and O is ``total * beta + acc``. Adding every tile's product in
     registers instead spilled beside the score tile and ran slower than the bf16 kernel
-    (BENCHMARKS.md).
+    (docs/benchmarks-history.md).
     """
     MMA_K: gl.constexpr = 32 if FP8 else 16  # the tensor-core instruction's depth: 32 bytes
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
