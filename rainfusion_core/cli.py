@@ -5,7 +5,7 @@
     rainfusion parity --all [--device DEV]           every available backend on the device
     rainfusion bench [--shape B,H,T,Hh,W,D] [--plot out.png]
     rainfusion mask --frames 4 --height 16 --width 24 --out mask.png
-    rainfusion evaluate (--qkv FILE | --synthetic F,H,W) [--plot recall.png]
+    rainfusion evaluate (--qkv FILE | --synthetic F,H,W) [--plot recall.png] [--reuse-from EARLIER]
 
 Parsing imports nothing heavy: torch loads only when a command runs, so
 ``--help`` is instant. Every error is one line naming the option, exit status 2.
@@ -324,6 +324,8 @@ def cmd_evaluate(args) -> int:
 
     if bool(args.qkv) == bool(args.synthetic):
         raise UsageError("give --qkv FILE or --synthetic F,H,W (one of them)")
+    if args.reuse_from and not args.qkv:
+        raise UsageError("--reuse-from needs --qkv: the later step's capture of the same layer")
     if args.qkv:
         try:
             q, k, v, layout, meta = load_qkv(_input_file("--qkv", args.qkv))
@@ -337,6 +339,8 @@ def cmd_evaluate(args) -> int:
         source = f"synthetic video-DiT q/k/v, seed {args.seed}"
     device = _device("--device", args.device)
     q, k, v = (x.to(device) for x in (q, k, v))
+    if args.reuse_from:
+        return _evaluate_reuse(args, q, k, v, layout, source, device)
     print(f"evaluating {source}: {tuple(q.shape)} {q.dtype}, {layout}", flush=True)
     report = evaluate(q, k, v, layout, sparsities=args.sparsity, block_size=args.block_size, backend=args.backend)
     print(report.table())
@@ -344,6 +348,26 @@ def cmd_evaluate(args) -> int:
         _pyplot()
         report.plot(args.plot)
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _evaluate_reuse(args, q, k, v, layout, source: str, device) -> int:
+    from .quality import evaluate_reuse, load_qkv
+
+    if args.plot:
+        raise UsageError("--plot draws the mask variants; it does not go with --reuse-from")
+    try:
+        old_q, old_k, _, old_layout, old_meta = load_qkv(_input_file("--reuse-from", args.reuse_from))
+    except ValueError as exc:
+        raise UsageError(f"--reuse-from {exc}") from None
+    if old_layout != layout or old_q.shape != q.shape or old_k.shape != k.shape:
+        raise UsageError(f"--reuse-from {args.reuse_from} holds {tuple(old_q.shape)} q for {old_layout}, --qkv "
+                         f"{tuple(q.shape)} for {layout}: give captures of one layer at two steps")
+    print(f"evaluating mask reuse: the mask of {args.reuse_from} {old_meta or ''} on {source}: "
+          f"{tuple(q.shape)} {q.dtype}, {layout}", flush=True)
+    report = evaluate_reuse((old_q.to(device), old_k.to(device)), q, k, v, layout, sparsities=args.sparsity,
+                            block_size=args.block_size, backend=args.backend)
+    print(report.table())
     return 0
 
 
@@ -440,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best device present)")
     p.add_argument("--backend", help="backend for the sparse outputs (default: the best one for the device)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of recall against sparsity here")
+    p.add_argument("--reuse-from", metavar="FILE",
+                   help="a capture of the same layer at an earlier step: compare --qkv's own mask with this "
+                        "step's mask reused on it (what apply_rainfusion(refresh_every=N) costs)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -213,23 +213,11 @@ def evaluate(
         raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
     check_qkv(q, k, v)
     block_size = check_block_size(block_size)
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.shape[2] != layout.seq_len:
-            raise ValueError(f"{name} has {x.shape[2]} tokens (BNSD dim 2) but layout.seq_len is "
-                             f"{layout.seq_len} for {layout}")
+    _check_layout_of(layout, q, k, v)
     scale = default_scale(scale, q.shape[-1])
     with progress(total=1 + len(sparsities) * len(variants), desc="evaluate", unit="step") as bar:
         bar.set_postfix_str("dense reference")
-        perm = build_permutation(layout, q.device)
-        qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
-        full = BlockMask.from_dense(
-            torch.ones(q.shape[0], q.shape[1], num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size),
-                       dtype=torch.bool, device=q.device),
-            block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
-        )
-        dense = block_sparse_attention(qp, kp, vp, full, scale=scale, backend=backend).double()
+        perm, (qp, kp, vp), full, dense = _dense_reference(q, k, v, layout, block_size, scale, backend)
         dense_model_order = perm.undo(dense, 2) if "no_permutation" in variants else None
         bar.update()
         gen = torch.Generator().manual_seed(seed)
@@ -267,6 +255,82 @@ def evaluate(
                 bar.update()
     _add_findings(report, sparsities, variants)
     return report
+
+
+def evaluate_reuse(
+    earlier: tuple[torch.Tensor, torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    *,
+    sparsities=(0.5, 0.8, 0.9),
+    block_size: int = 128,
+    scale: float | None = None,
+    backend="torch",
+) -> QualityReport:
+    """What reusing a mask costs (``apply_rainfusion(refresh_every=N)``): BNSD ``q, k, v`` of a later step
+    attended with the mask predicted from ``earlier = (q, k)`` of an earlier step of the same layer.
+
+    Rows per sparsity: ``rainfusion`` (the later step's own mask) and ``reused`` (the earlier
+    step's mask on the later step's q, k, v); columns as in :func:`evaluate`, against the later
+    step's dense attention. A note per sparsity says how many of the fresh mask's tiles the
+    reused one keeps and how much reuse moves the error.
+    """
+    if not (isinstance(earlier, tuple) and len(earlier) == 2):
+        raise TypeError(f"earlier must be (q, k) of an earlier step, got {describe(earlier)}")
+    check_qkv(q, k, v)
+    _check_layout_of(layout, q, k, v)
+    block_size = check_block_size(block_size)
+    for name, x, want in (("q", earlier[0], q), ("k", earlier[1], k)):
+        if not isinstance(x, torch.Tensor) or x.shape != want.shape:
+            raise ValueError(f"the earlier step's {name} is {describe(x)}, the later step's has shape "
+                             f"{tuple(want.shape)}: reuse needs captures of one layer at two steps")
+    scale = default_scale(scale, q.shape[-1])
+    report = QualityReport()
+    with progress(total=1 + len(sparsities), desc="evaluate reuse", unit="step") as bar:
+        bar.set_postfix_str("dense reference")
+        perm, (qp, kp, vp), _, dense = _dense_reference(q, k, v, layout, block_size, scale, backend)
+        old_q, old_k = (perm.apply(x.to(device=q.device, dtype=q.dtype), 2) for x in earlier)
+        bar.update()
+        for sparsity in sparsities:
+            bar.set_postfix_str(f"sparsity {sparsity:g}")
+            rows = {}
+            for variant, (mq, mk) in (("rainfusion", (qp, kp)), ("reused", (old_q, old_k))):
+                mask = predict_block_mask(mq, mk, layout, sparsity=sparsity, block_size=block_size, scale=scale)
+                out = block_sparse_attention(qp, kp, vp, mask, scale=scale, backend=backend).double()
+                recall = float(attention_recall(qp, kp, mask, scale=scale).mean())
+                rows[variant] = (mask, QualityRow(variant, sparsity, mask.density, recall, *_errors(out, dense)))
+            (fresh, own), (reused, row) = rows["rainfusion"], rows["reused"]
+            report.rows += [own, row]
+            shared = float((fresh.dense & reused.dense).sum()) / max(1, int(fresh.dense.sum()))
+            report.notes.append(f"sparsity {sparsity:.2f}: the earlier step's mask keeps {shared:.0%} of the tiles "
+                                f"the later step's own mask keeps; reuse moves the error against dense attention "
+                                f"from rel L2 {own.rel_l2:.4f} to {row.rel_l2:.4f} (recall {own.recall:.4f} to "
+                                f"{row.recall:.4f})")
+            bar.update()
+    return report
+
+
+def _check_layout_of(layout, q, k, v) -> None:
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[2] != layout.seq_len:
+            raise ValueError(f"{name} has {x.shape[2]} tokens (BNSD dim 2) but layout.seq_len is "
+                             f"{layout.seq_len} for {layout}")
+
+
+def _dense_reference(q, k, v, layout: VideoLayout, block_size: int, scale: float, backend):
+    """``(permutation, permuted (q, k, v), the all-kept mask, dense output in float64)`` of model-order BNSD inputs."""
+    perm = build_permutation(layout, q.device)
+    permuted = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+    full = BlockMask.from_dense(
+        torch.ones(q.shape[0], q.shape[1], num_blocks(q.shape[2], block_size), num_blocks(k.shape[2], block_size),
+                   dtype=torch.bool, device=q.device),
+        block_size=block_size, q_len=q.shape[2], kv_len=k.shape[2],
+    )
+    return perm, permuted, full, block_sparse_attention(*permuted, full, scale=scale, backend=backend).double()
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -105,6 +105,41 @@ def test_capture_file_round_trip_and_cli(tmp_path, capsys):
     assert main(["evaluate"]) == 2
 
 
+def test_reuse_rows_compare_a_layers_own_mask_with_an_earlier_steps(tmp_path, capsys):
+    from rainfusion_core.quality import evaluate_reuse
+
+    layout = rf.VideoLayout(4, 8, 16, text_len=5)
+    q, k, v = video_dit_qkv(layout, 2, 32, seed=3)
+    same = evaluate_reuse((q, k), q, k, v, layout, sparsities=(0.5,), block_size=32)
+    own, reused = same.get("rainfusion", 0.5), same.get("reused", 0.5)
+    assert (reused.density, reused.recall, reused.rel_l2) == (own.density, own.recall, own.rel_l2)
+    assert "keeps 100% of the tiles" in same.notes[0]
+    gen = torch.Generator().manual_seed(0)
+    later_q, later_k = (x + torch.randn(x.shape, generator=gen) for x in (q, k))  # a later step moved q and k
+    moved = evaluate_reuse((q, k), later_q, later_k, v, layout, sparsities=(0.5,), block_size=32)
+    fresh = evaluate(later_q, later_k, v, layout, sparsities=(0.5,), variants=("rainfusion",), block_size=32)
+    assert moved.get("rainfusion", 0.5) == fresh.get("rainfusion", 0.5)  # the later step's own mask, as evaluate
+    assert moved.get("reused", 0.5).rel_l2 != fresh.get("rainfusion", 0.5).rel_l2
+    with pytest.raises(ValueError, match="reuse needs captures of one layer at two steps"):
+        evaluate_reuse((q[:, :1], k), q, k, v, layout, block_size=32)
+    # the CLI: --reuse-from EARLIER with --qkv LATER
+    earlier, later = tmp_path / "step0.pt", tmp_path / "step4.pt"
+    save_qkv(earlier, q, k, v, layout, layer=2, step=0)
+    save_qkv(later, later_q, later_k, v, layout, layer=2, step=4)
+    assert main(["evaluate", "--qkv", str(later), "--reuse-from", str(earlier), "--sparsity", "0.5",
+                 "--block-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "reused" in out and "the earlier step's mask keeps" in out
+    other = tmp_path / "other.pt"
+    save_qkv(other, *video_dit_qkv(rf.VideoLayout(2, 8, 16), 2, 32, seed=1), rf.VideoLayout(2, 8, 16))
+    for argv, message in ((["--synthetic", "2,8,8", "--reuse-from", str(earlier)], "--reuse-from needs --qkv"),
+                          (["--qkv", str(later), "--reuse-from", str(other)], "captures of one layer at two steps"),
+                          (["--qkv", str(later), "--reuse-from", str(earlier), "--plot", str(tmp_path / "p.png")],
+                           "does not go with --reuse-from")):
+        assert main(["evaluate", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_synthetic_generator_is_deterministic_and_local():
     layout = rf.VideoLayout(4, 16, 16)
     a = video_dit_qkv(layout, 1, 64, seed=5)

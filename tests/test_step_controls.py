@@ -78,3 +78,52 @@ def test_a_per_step_sparsity_is_checked_and_named():
         with pytest.raises(ValueError, match=r"returned 1.5 for step 1: sparsity must be in \[0, 1\)"):
             model(latent, torch.full((1,), 800.0), text, return_dict=False)
     handle.remove()
+
+
+# --------------------------------------------------------------------------- mask reuse: refresh_every
+def _call(model, latent, text, t):
+    with torch.no_grad():
+        return model(latent, torch.full((1,), t), text, return_dict=False)[0]
+
+
+def test_refresh_every_reuses_each_layers_mask_between_refreshes():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    latents = [latent] + [torch.randn_like(latent) for _ in range(3)]  # new q and k every step
+    fresh = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch")
+    every = [_call(model, x, text, t) for x, t in zip(latents, (900.0, 800.0, 700.0, 600.0))]
+    fresh.remove()
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=2)
+    reused = [_call(model, x, text, t) for x, t in zip(latents, (900.0, 800.0, 700.0, 600.0))]
+    assert torch.equal(reused[0], every[0]) and torch.equal(reused[2], every[2])  # predicted at steps 0 and 2
+    assert not torch.equal(reused[1], every[1]) and not torch.equal(reused[3], every[3])  # step 0's, step 2's
+    stats = handle.stats()
+    assert [(s.masks, s.reused) for s in stats.layers.values()] == [(2, 2)] * len(model.blocks)
+    _call(model, latents[0], text, 900.0)  # a larger timestep: a new generation predicts again
+    assert [s.masks for s in handle.stats().layers.values()] == [3] * len(model.blocks)
+    handle.remove()
+
+
+def test_guidance_calls_keep_their_own_masks():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    other = torch.randn_like(latent)  # the second call of a step (the unconditional half of guidance)
+    fresh = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch")
+    want = _call(model, other, text, 900.0)
+    fresh.remove()
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=3)
+    _call(model, latent, text, 900.0)
+    assert torch.equal(_call(model, other, text, 900.0), want)  # never the first call's mask
+    handle.remove()
+
+
+def test_refresh_every_is_checked_and_refused_under_compile():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="refresh_every must be a positive int"):
+            apply_rainfusion(model, refresh_every=bad)
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=2)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="refresh_every > 1 reuses masks in eager mode only"):
+        _call(model, latent, text, 900.0)
+    handle.remove()
+    torch._dynamo.reset()

@@ -148,6 +148,7 @@ def apply_rainfusion(
     precision: str = "bf16",
     min_tokens: int | None = None,
     dense_layers=None,
+    refresh_every: int = 1,
 ) -> RainFusionHandle:
     """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
 
@@ -182,6 +183,12 @@ def apply_rainfusion(
             (``rainfusion_core.crossover``); ``0``: always sparse. FP8 handles, and handles with a
             backend named explicitly (not ``None`` or a device string), never run dense.
             ``handle.stats()`` counts the calls each way.
+        refresh_every: predict each layer's mask once every this many denoising steps and
+            reuse it in the steps between (``1``, the default: every step). A mask is
+            predicted again when the step's sparsity changes and at each new generation.
+            Eager mode only for now: a compiled model with ``refresh_every > 1`` raises.
+            ``handle.stats()`` counts the reused calls per layer; ``rainfusion evaluate
+            --reuse-from`` shows what reuse costs on captured q, k, v of two steps.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
@@ -195,6 +202,7 @@ def apply_rainfusion(
     precision = check_precision(precision)
     if min_tokens is not None:
         check_int("min_tokens", min_tokens, minimum=0)
+    refresh_every = check_int("refresh_every", refresh_every, minimum=1)
     if backend is not None:
         get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
     adapter, transformers = _transformers(model)
@@ -212,7 +220,7 @@ def apply_rainfusion(
 
     def make_site(state, index, sites):
         if "sparse" not in sites:
-            state.sparsity = per_step
+            state.sparsity, state.refresh_every = per_step, refresh_every
             sites["sparse"] = SparseSite(state, sparsity=per_step.at(0) if per_step else sparsity,
                                          block_size=block_size, backend=backend, first_frame_sink=first_frame_sink,
                                          precision=precision)

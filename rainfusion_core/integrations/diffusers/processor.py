@@ -95,10 +95,12 @@ def base_processor(processor):
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One attention layer in :class:`RainFusionStats`: its sparse calls tallied and their mean density."""
+    """One attention layer in :class:`RainFusionStats`: its masks predicted and tallied, their mean density,
+    and the sparse calls that reused a mask of an earlier step (``refresh_every``)."""
 
     masks: int
     mean_density: float
+    reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class RainFusionHandle(NoCopy):
         for layer in sorted(kept, key=lambda index: -1 if index is None else index):
             entry = tally.layers[layer]
             name = self._layer_names[layer] if layer is not None and layer < len(self._layer_names) else str(layer)
-            layers[name] = LayerStats(entry.masks, kept[layer] / entry.tiles)
+            layers[name] = LayerStats(entry.masks, kept[layer] / entry.tiles, entry.reused)
         masks = sum(tally.layers[layer].masks for layer in kept)
         density = sum(kept.values()) / tiles if tiles else None
         return RainFusionStats(tally.sparse, tally.dense_by_schedule, tally.dense_by_crossover,

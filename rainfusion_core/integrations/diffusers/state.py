@@ -192,6 +192,11 @@ class CallState(NoCopy):
     sparsity: object = None  # a StepSparsity (None: the site's one sparsity for every step)
     step_sparsity: float | None = None  # this call's, from ``sparsity``
     sparsity_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    refresh_every: int = 1  # a layer's mask is predicted every this many steps and reused in between
+    plans: dict = field(default_factory=dict)  # reuse key -> (SparseAttentionPlan, step, sparsity)
+    call_in_step: int = 0  # transformer calls earlier in this step (guidance's second call: 1)
+    layer_calls: dict = field(default_factory=dict)  # layer -> sparse calls so far in this transformer call
+    transformer: int = 0  # id() of the transformer running now (Wan2.2's two experts keep apart masks)
     tally: "Tally" = field(default_factory=lambda: Tally())
     total_steps: int | None = None  # of the current generation, for Schedule.dense_last_steps
     count_steps: object = None  # () -> total_steps, asked at the first step (a pipeline's scheduler)
@@ -199,8 +204,12 @@ class CallState(NoCopy):
     @property
     def reads_host(self) -> bool:
         """Whether :meth:`update` reads tensor values (the timestep, a text mask, Flux's image ids)."""
-        return (self.schedule.reads_timestep or self.sparsity is not None or self.adapter.text_valid is not None
-                or self.adapter.grid_reads_host)
+        return (self.counts_steps or self.adapter.text_valid is not None or self.adapter.grid_reads_host)
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether each call reads the timestep to count steps (the schedule, a per-step sparsity, mask reuse)."""
+        return self.schedule.reads_timestep or self.sparsity is not None or self.refresh_every > 1
 
     def hook(self):
         """The forward pre-hook to register: :meth:`update`, kept out of ``torch.compile``'s graphs when it
@@ -216,7 +225,9 @@ class CallState(NoCopy):
         self.calls += 1
         self.sparse = True
         self.angle_tables.clear()
-        if self.schedule.reads_timestep or self.sparsity is not None:
+        self.layer_calls.clear()
+        self.transformer = id(module)
+        if self.counts_steps:
             self._apply_schedule(bound)
         if not self.sparse:
             self.tally.dense_by_schedule += 1
@@ -241,6 +252,7 @@ class CallState(NoCopy):
         """
         self.step = -1
         self.last_timestep = None
+        self.plans.clear()
         self.total_steps = total_steps
         self.count_steps = count_steps
 
@@ -249,9 +261,12 @@ class CallState(NoCopy):
         # the rest the step's noise level; CogVideoX also takes a plain number.
         t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
         if self.last_timestep is None or t > self.last_timestep:
-            self.step = 0
+            self.step, self.call_in_step = 0, 0
+            self.plans.clear()  # a new generation predicts its own masks
         elif t != self.last_timestep:
-            self.step += 1
+            self.step, self.call_in_step = self.step + 1, 0
+        else:
+            self.call_in_step += 1
         self.last_timestep = t
         if self.step < self.schedule.dense_steps:
             self.sparse = False
@@ -275,6 +290,7 @@ class LayerTally:
     masks: int = 0
     tiles: int = 0
     kept: torch.Tensor | None = None
+    reused: int = 0  # sparse calls that ran on a mask predicted at an earlier step (refresh_every)
 
 
 @dataclass
@@ -304,6 +320,12 @@ class Tally:
             entry.kept.add_(kept)
         entry.masks += 1
         entry.tiles += mask.kv_indices.numel()
+
+    def add_reuse(self, layer: int | None) -> None:
+        entry = self.layers.get(layer)
+        if entry is None:
+            entry = self.layers[layer] = LayerTally()
+        entry.reused += 1
 
     @property
     def masks(self) -> int:
