@@ -97,7 +97,8 @@ def test_refresh_every_reuses_each_layers_mask_between_refreshes():
     assert torch.equal(reused[0], every[0]) and torch.equal(reused[2], every[2])  # predicted at steps 0 and 2
     assert not torch.equal(reused[1], every[1]) and not torch.equal(reused[3], every[3])  # step 0's, step 2's
     stats = handle.stats()
-    assert [(s.masks, s.reused) for s in stats.layers.values()] == [(2, 2)] * len(model.blocks)
+    assert [s.masks for s in stats.layers.values()] == [2] * len(model.blocks)
+    assert stats.reused == 2 * len(model.blocks)
     _call(model, latents[0], text, 900.0)  # a larger timestep: a new generation predicts again
     assert [s.masks for s in handle.stats().layers.values()] == [3] * len(model.blocks)
     handle.remove()
@@ -115,15 +116,31 @@ def test_guidance_calls_keep_their_own_masks():
     handle.remove()
 
 
-def test_refresh_every_is_checked_and_refused_under_compile():
-    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+def test_refresh_every_is_checked():
+    model = tiny_wan()
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="refresh_every must be a positive int"):
             apply_rainfusion(model, refresh_every=bad)
-    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=2)
+
+
+def test_a_compiled_model_reuses_masks_as_the_eager_one_does_with_one_graph():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    latents = [latent] + [torch.randn_like(latent) for _ in range(3)]
+    timesteps = (900.0, 800.0, 700.0, 600.0)
+    handle = apply_rainfusion(model, sparsity=[0.8, 0.8, 0.6], block_size=16, min_tokens=0, backend="torch",
+                              refresh_every=2)
+    eager = [_call(model, x, text, t) for x, t in zip(latents, timesteps)]
+    assert handle.stats().reused == 2 * len(model.blocks)  # steps 1 and 3 (step 2: a new sparsity, predicted)
+    handle.remove()
+    handle = apply_rainfusion(model, sparsity=[0.8, 0.8, 0.6], block_size=16, min_tokens=0, backend="torch",
+                              refresh_every=2)
     torch._dynamo.reset()
-    model.compile_repeated_blocks(fullgraph=True, backend="eager")
-    with pytest.raises(Exception, match="refresh_every > 1 reuses masks in eager mode only"):
-        _call(model, latent, text, 900.0)
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile_repeated_blocks(fullgraph=True, backend=counter)
+    compiled = [_call(model, x, text, t) for x, t in zip(latents, timesteps)]
+    assert counter.frame_count == 1  # one graph for the block, every step
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert handle.stats().reused == 2 * len(model.blocks)  # steps 1 and 3
     handle.remove()
     torch._dynamo.reset()

@@ -23,6 +23,7 @@ from ..._checks import check_block_size, check_indices, check_int, check_optiona
 from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
+from ...reuse import MaskReuse
 from ...registry import device_type_of, get_backend, is_automatic, registered_backends, unavailable_reason
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
@@ -186,9 +187,10 @@ def apply_rainfusion(
         refresh_every: predict each layer's mask once every this many denoising steps and
             reuse it in the steps between (``1``, the default: every step). A mask is
             predicted again when the step's sparsity changes and at each new generation.
-            Eager mode only for now: a compiled model with ``refresh_every > 1`` raises.
-            ``handle.stats()`` counts the reused calls per layer; ``rainfusion evaluate
-            --reuse-from`` shows what reuse costs on captured q, k, v of two steps.
+            Works eager and compiled (the whole-call op looks the mask up when it runs; such
+            graphs are not captured in CUDA graphs: the step lives on the CPU).
+            ``handle.stats().reused`` counts the calls that reused a mask; ``rainfusion
+            evaluate --reuse-from`` shows what reuse costs on captured q, k, v of two steps.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
@@ -220,7 +222,8 @@ def apply_rainfusion(
 
     def make_site(state, index, sites):
         if "sparse" not in sites:
-            state.sparsity, state.refresh_every = per_step, refresh_every
+            state.sparsity = per_step
+            state.reuse = MaskReuse(refresh_every) if refresh_every > 1 else None
             sites["sparse"] = SparseSite(state, sparsity=per_step.at(0) if per_step else sparsity,
                                          block_size=block_size, backend=backend, first_frame_sink=first_frame_sink,
                                          precision=precision)

@@ -95,12 +95,10 @@ def base_processor(processor):
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One attention layer in :class:`RainFusionStats`: its masks predicted and tallied, their mean density,
-    and the sparse calls that reused a mask of an earlier step (``refresh_every``)."""
+    """One attention layer in :class:`RainFusionStats`: the masks it predicted in eager calls, their mean density."""
 
     masks: int
     mean_density: float
-    reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,8 @@ class RainFusionStats:
         layers: per attention layer (its name in :func:`attention_layers`), the masks tallied and
             their mean density; layers that ran no eager sparse call are absent. A pipeline's
             second transformer (Wan2.2's ``transformer_2``) adds to the layer of the same index.
+        reused: sparse calls that ran on a mask predicted at an earlier step (``refresh_every``),
+            eager and compiled.
     """
 
     sparse_calls: int
@@ -127,6 +127,7 @@ class RainFusionStats:
     masks: int
     mean_density: float | None
     layers: dict = field(default_factory=dict)
+    reused: int = 0
 
     @property
     def dense_calls(self) -> int:
@@ -198,11 +199,12 @@ class RainFusionHandle(NoCopy):
         for layer in sorted(kept, key=lambda index: -1 if index is None else index):
             entry = tally.layers[layer]
             name = self._layer_names[layer] if layer is not None and layer < len(self._layer_names) else str(layer)
-            layers[name] = LayerStats(entry.masks, kept[layer] / entry.tiles, entry.reused)
+            layers[name] = LayerStats(entry.masks, kept[layer] / entry.tiles)
         masks = sum(tally.layers[layer].masks for layer in kept)
         density = sum(kept.values()) / tiles if tiles else None
+        reused = self.state.reuse.reused if self.state.reuse is not None else 0
         return RainFusionStats(tally.sparse, tally.dense_by_schedule, tally.dense_by_crossover,
-                               tally.last_dense_reason, masks, density, layers)
+                               tally.last_dense_reason, masks, density, layers, reused)
 
     @property
     def layout(self):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...api import plan_sparse_attention, run_sparse_call
+from ...api import run_sparse_call
 from ...call import resolve_sparse_call
 from ...layout import VideoLayout
 from ...quality import save_qkv
@@ -177,45 +177,21 @@ class SparseSite(Site):
 
         With a sparsity per step, an eager call takes this step's value; compiled code takes the
         handle's CPU tensor instead, which the pre-hook updates in place and the op reads when it
-        runs, so the graph never holds the value and one graph serves every step."""
+        runs, so the graph never holds the value and one graph serves every step. With
+        ``refresh_every > 1`` the call hands on the handle's ``MaskReuse`` and the step (a tensor
+        in compiled code, likewise), and the call reuses the mask it predicted at an earlier step."""
         step_sparsity = None
         if self.state.sparsity is not None:
             if torch.compiler.is_compiling():
                 step_sparsity = self.state.sparsity_tensor
             else:
                 options = dict(options, sparsity=self.state.step_sparsity)
-        if self.state.refresh_every > 1:
-            return self._sparse_reusing(q, k, v, layout, options)
+        reuse, step = self.state.reuse, None
+        if reuse is not None:  # the step, for compiled code as a tensor read when the call runs
+            step = self.state.step_tensor if torch.compiler.is_compiling() else self.state.step
         call, q, k, v = resolve_sparse_call(q, k, v, layout, share_batch_mask=False, min_tokens=0, **options)
-        return run_sparse_call(call, q, k, v, on_mask=self._tally, step_sparsity=step_sparsity)
-
-    def _sparse_reusing(self, q, k, v, layout: VideoLayout, options: dict):
-        """A layer's mask predicted once every ``refresh_every`` steps and reused in between (eager mode).
-
-        A mask belongs to one transformer, layer, call within the step (guidance's two calls
-        differ), sparse call within the layer (groups of padded text) and input shape; it is
-        predicted again at the step ``refresh_every`` after its own, when its sparsity changes,
-        and at every new generation.
-        """
-        state = self.state
-        if torch.compiler.is_compiling():
-            raise RuntimeError("refresh_every > 1 reuses masks in eager mode only; under torch.compile, apply "
-                               "RainFusion with refresh_every=1")
-        layer = state.layer
-        ordinal = state.layer_calls.get(layer, 0)
-        state.layer_calls[layer] = ordinal + 1
-        key = (state.transformer, layer, state.call_in_step, ordinal, layout, options["tensor_layout"],
-               tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        held = state.plans.get(key)
-        sparsity = options["sparsity"]
-        if held is None or state.step - held[1] >= state.refresh_every or held[2] != sparsity:
-            plan = plan_sparse_attention(q, k, layout, share_batch_mask=False, **options)
-            state.plans[key] = (plan, state.step, sparsity)
-            state.tally.add_mask(plan.block_mask, layer)
-        else:
-            plan = held[0]
-            state.tally.add_reuse(layer)
-        return plan.run(q, k, v)
+        return run_sparse_call(call, q, k, v, on_mask=self._tally, step_sparsity=step_sparsity, reuse=reuse,
+                               step=step)
 
     def _tally(self, mask) -> None:
         self.state.tally.add_mask(mask, self.state.layer)

@@ -192,11 +192,9 @@ class CallState(NoCopy):
     sparsity: object = None  # a StepSparsity (None: the site's one sparsity for every step)
     step_sparsity: float | None = None  # this call's, from ``sparsity``
     sparsity_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
-    refresh_every: int = 1  # a layer's mask is predicted every this many steps and reused in between
-    plans: dict = field(default_factory=dict)  # reuse key -> (SparseAttentionPlan, step, sparsity)
+    reuse: object = None  # a reuse.MaskReuse with refresh_every > 1: masks kept between steps
+    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))  # for compiled code
     call_in_step: int = 0  # transformer calls earlier in this step (guidance's second call: 1)
-    layer_calls: dict = field(default_factory=dict)  # layer -> sparse calls so far in this transformer call
-    transformer: int = 0  # id() of the transformer running now (Wan2.2's two experts keep apart masks)
     tally: "Tally" = field(default_factory=lambda: Tally())
     total_steps: int | None = None  # of the current generation, for Schedule.dense_last_steps
     count_steps: object = None  # () -> total_steps, asked at the first step (a pipeline's scheduler)
@@ -209,7 +207,7 @@ class CallState(NoCopy):
     @property
     def counts_steps(self) -> bool:
         """Whether each call reads the timestep to count steps (the schedule, a per-step sparsity, mask reuse)."""
-        return self.schedule.reads_timestep or self.sparsity is not None or self.refresh_every > 1
+        return self.schedule.reads_timestep or self.sparsity is not None or self.reuse is not None
 
     def hook(self):
         """The forward pre-hook to register: :meth:`update`, kept out of ``torch.compile``'s graphs when it
@@ -225,8 +223,6 @@ class CallState(NoCopy):
         self.calls += 1
         self.sparse = True
         self.angle_tables.clear()
-        self.layer_calls.clear()
-        self.transformer = id(module)
         if self.counts_steps:
             self._apply_schedule(bound)
         if not self.sparse:
@@ -235,6 +231,9 @@ class CallState(NoCopy):
         if self.sparsity is not None:
             self.step_sparsity = self.sparsity.at(self.step)
             self.sparsity_tensor.fill_(self.step_sparsity)  # what compiled blocks read, in place: no recompile
+        if self.reuse is not None:  # this call's sparse calls find the masks of the same call at earlier steps
+            self.reuse.begin((id(module), self.call_in_step))
+            self.step_tensor.fill_(self.step)
         reason = self.crossover(_device_type(bound), self.layout, self.step_sparsity) \
             if self.crossover is not None else None
         if reason is not None:
@@ -252,7 +251,8 @@ class CallState(NoCopy):
         """
         self.step = -1
         self.last_timestep = None
-        self.plans.clear()
+        if self.reuse is not None:
+            self.reuse.clear()
         self.total_steps = total_steps
         self.count_steps = count_steps
 
@@ -262,7 +262,8 @@ class CallState(NoCopy):
         t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
         if self.last_timestep is None or t > self.last_timestep:
             self.step, self.call_in_step = 0, 0
-            self.plans.clear()  # a new generation predicts its own masks
+            if self.reuse is not None:
+                self.reuse.clear()  # a new generation predicts its own masks
         elif t != self.last_timestep:
             self.step, self.call_in_step = self.step + 1, 0
         else:
@@ -290,7 +291,6 @@ class LayerTally:
     masks: int = 0
     tiles: int = 0
     kept: torch.Tensor | None = None
-    reused: int = 0  # sparse calls that ran on a mask predicted at an earlier step (refresh_every)
 
 
 @dataclass
@@ -320,12 +320,6 @@ class Tally:
             entry.kept.add_(kept)
         entry.masks += 1
         entry.tiles += mask.kv_indices.numel()
-
-    def add_reuse(self, layer: int | None) -> None:
-        entry = self.layers.get(layer)
-        if entry is None:
-            entry = self.layers[layer] = LayerTally()
-        entry.reused += 1
 
     @property
     def masks(self) -> int:
