@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import event_median_ms
+from rainfusion_core.benchmarking import event_median_ms, host_us
 
 SHAPES = {
     "Flux 1024²": (rf.VideoLayout(1, 64, 64, text_len=512), 24, 128),
@@ -27,18 +26,6 @@ SHAPES = {
     "CogVideoX-5B": (rf.VideoLayout(13, 30, 45, text_len=226), 48, 64),
     "Wan2.1-1.3B 480p": (rf.VideoLayout(21, 30, 52), 12, 128),
 }
-
-
-def host_us(fn, calls: int = 200) -> float:
-    """Host time per call, issued back to back (equals the GPU time once the launch queue is full)."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def graphed_ms(fn) -> float:

@@ -10,22 +10,10 @@ sparse call at the Flux 1024² shape (24 heads of 128, 4608 tokens, bf16, sparsi
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import rainfusion_core as rf
-
-
-def host_us(fn, calls: int = 2000) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+from rainfusion_core.benchmarking import host_us
 
 
 def main() -> None:
@@ -43,13 +31,13 @@ def main() -> None:
     compiled = prediction.select_blocks_kernel[grid](*args, ROWS=16, COLS=64, num_warps=2)
     layout = rf.VideoLayout(1, 64, 64, text_len=512)
     rows = [
-        ("torch.empty (CUDA, 28 MB)", host_us(lambda: torch.empty(x.shape, device="cuda", dtype=x.dtype))),
-        ("Tensor.transpose", host_us(lambda: x.transpose(1, 2))),
+        ("torch.empty (CUDA, 28 MB)", host_us(lambda: torch.empty(x.shape, device="cuda", dtype=x.dtype), 2000)),
+        ("Tensor.transpose", host_us(lambda: x.transpose(1, 2), 2000)),
         ("Triton launch through JITFunction (select kernel)",
-         host_us(lambda: prediction.select_blocks_kernel[grid](*args, ROWS=16, COLS=64, num_warps=2))),
+         host_us(lambda: prediction.select_blocks_kernel[grid](*args, ROWS=16, COLS=64, num_warps=2), 2000)),
         ("the same compiled kernel launched directly",
-         host_us(lambda: compiled[(54, 1, 1)](*args, 16, 64, stream=torch._C._cuda_getCurrentRawStream(0)))),
-        ("batched matmul [24, 36, 36]", host_us(lambda: scores @ scores)),
+         host_us(lambda: compiled[(54, 1, 1)](*args, 16, 64, stream=torch._C._cuda_getCurrentRawStream(0)), 2000)),
+        ("batched matmul [24, 36, 36]", host_us(lambda: scores @ scores, 2000)),
         ("rf.predict_block_mask, Flux 1024²",
          host_us(lambda: rf.predict_block_mask(x, x, layout, sparsity=0.8, backend="triton"), 300)),
         ("rf.sparse_attention, Flux 1024²",

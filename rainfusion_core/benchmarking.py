@@ -52,6 +52,19 @@ def event_median_ms(fn, *, repeats: int) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, calls: int = 200) -> float:
+    """Host time per call of ``fn`` on a CUDA GPU, in microseconds, calls issued back to back after one warm-up
+    (it equals the GPU time once the launch queue is full)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def comma_choices(parser, option: str, value: str, choices) -> list[str]:
     """The comma-separated names in ``value`` (the benchmark scripts' ``option``), each one of
     ``choices``; an unknown name is the parser's one-line error naming the option."""
