@@ -41,7 +41,7 @@ def _rotate_pairs(x, cos, sin):
 
 def prologue_times(model, layout, repeats: int) -> tuple[float, float]:
     """One tensor's q/k prologue (RMS norm across heads, then rotary) of block 0: eager and fused, ms."""
-    from rainfusion_core.integrations.wan_prologue import rms_norm_rope
+    from rainfusion_core.backends.triton.wan_prologue import rms_norm_rope
 
     attn = model.blocks[0].attn1
     frames, height, width = layout.frames, layout.height, layout.width

@@ -319,7 +319,8 @@ def cmd_mask(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .layout import VideoLayout
-    from .quality import evaluate, load_qkv
+    from .capture import load_qkv
+    from .quality import evaluate
     from .synthetic import video_dit_qkv
 
     if bool(args.qkv) == bool(args.synthetic):
@@ -352,7 +353,8 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate_reuse(args, q, k, v, layout, source: str, device) -> int:
-    from .quality import evaluate_reuse, load_qkv
+    from .capture import load_qkv
+    from .quality import evaluate_reuse
 
     if args.plot:
         raise UsageError("--plot draws the mask variants; it does not go with --reuse-from")

@@ -102,14 +102,11 @@ def random_dense(batch, heads, nq, nk, density=0.5, empty_rows=()):
 
 
 def tiny_wan(seed=0, layers=2):
-    """A random-weight diffusers ``WanTransformer3DModel`` small enough for a CPU (needs diffusers)."""
-    from diffusers import WanTransformer3DModel
+    """A random-weight diffusers ``WanTransformer3DModel`` small enough for a CPU (needs diffusers): the
+    tiny Wan of ``tiny_models.py`` with ``layers`` blocks."""
+    from tiny_models import _wan
 
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
-    ).eval()
+    return _wan("WanTransformer3DModel", num_layers=layers)(seed)
 
 
 def wan_inputs(grid, batch=1):

@@ -7,7 +7,7 @@ from helpers import triton_device
 DEVICE = triton_device()
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[diffusers]'")
 
-from rainfusion_core.integrations.wan_prologue import rms_norm_rope  # noqa: E402
+from rainfusion_core.backends.triton.wan_prologue import rms_norm_rope  # noqa: E402
 from rainfusion_core.integrations.diffusers import apply_rainfusion  # noqa: E402
 
 from helpers import tiny_wan, wan_inputs as inputs  # noqa: E402

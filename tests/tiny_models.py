@@ -44,9 +44,9 @@ def _wan(cls, **extra):
         from diffusers import models
 
         torch.manual_seed(seed)
-        return getattr(models, cls)(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
-                                    in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=64,
-                                    num_layers=2, rope_max_seq_len=64, **extra).eval()
+        config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                      out_channels=4, text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+        return getattr(models, cls)(**{**config, **extra}).eval()
     return build
 
 

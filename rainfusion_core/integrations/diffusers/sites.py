@@ -17,7 +17,7 @@ import torch
 from ...api import run_sparse_call
 from ...call import resolve_sparse_call
 from ...layout import VideoLayout
-from ...quality import save_qkv
+from ...capture import save_qkv
 from . import routing
 from .adapters import DISPATCH, CallSite
 from .parallel import check_parallel_config, context_parallel, exchange, gathered_order

@@ -187,7 +187,6 @@ class CallState(NoCopy):
     last_timestep: float | None = None
     sparse: bool = True
     calls: int = 0
-    angle_tables: dict = field(default_factory=dict)  # float32 rotary tables of this call (Wan's fused prologue)
     crossover: object = None
     sparsity: object = None  # a StepSparsity (None: the site's one sparsity for every step)
     step_sparsity: float | None = None  # this call's, from ``sparsity``
@@ -222,7 +221,6 @@ class CallState(NoCopy):
         self.text = TextPadding.from_valid(valid, self.layout.video_len, self.adapter.text_position)
         self.calls += 1
         self.sparse = True
-        self.angle_tables.clear()
         if self.counts_steps:
             self._apply_schedule(bound)
         if not self.sparse:

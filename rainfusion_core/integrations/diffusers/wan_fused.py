@@ -43,15 +43,6 @@ def fused_prologue_problem(attn, hidden_states, rotary_emb, *, explicit: bool) -
     return None
 
 
-def _angle_tables(state, rotary_emb):
-    """Float32 ``[S, D]`` cos and sin, converted once per transformer call."""
-    cos, sin = rotary_emb
-    key = (cos.data_ptr(), sin.data_ptr(), cos.shape)
-    if key not in state.angle_tables:
-        state.angle_tables[key] = tuple(t.reshape(-1, t.shape[-1]).float().contiguous() for t in (cos, sin))
-    return state.angle_tables[key]
-
-
 def _rms_eps(norm, x: torch.Tensor) -> float:
     return norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
 
@@ -61,6 +52,19 @@ class WanFusedPrologue:
 
     def __init__(self, fuse: bool | None):
         self.fuse = fuse  # None: when it can run and the model is not being compiled; True: always
+        self._tables: dict = {}  # float32 rotary tables of one transformer call, by the tables they came from
+        self._call = None  # which call (CallState.calls) they belong to
+
+    def _angle_tables(self, state, rotary_emb):
+        """Float32 ``[S, D]`` cos and sin, converted once per transformer call."""
+        if self._call != state.calls:
+            self._tables.clear()
+            self._call = state.calls
+        cos, sin = rotary_emb
+        key = (cos.data_ptr(), sin.data_ptr(), cos.shape)
+        if key not in self._tables:
+            self._tables[key] = tuple(t.reshape(-1, t.shape[-1]).float().contiguous() for t in (cos, sin))
+        return self._tables[key]
 
     def __call__(self, processor, attn, args, kwargs):
         if self.fuse is False or (self.fuse is None and torch.compiler.is_compiling()):
@@ -76,10 +80,10 @@ class WanFusedPrologue:
             if self.fuse:
                 raise ValueError(f"fuse_prologue=True but the fused q/k prologue cannot run: {problem}")
             return None
-        from ..wan_prologue import rms_norm_rope
+        from ...backends.triton.wan_prologue import rms_norm_rope
 
         site = processor.site
-        tables = _angle_tables(site.state, rotary_emb)
+        tables = self._angle_tables(site.state, rotary_emb)
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
