@@ -273,30 +273,35 @@ def _check_contents(dense: torch.Tensor, kv_counts: torch.Tensor, kv_indices: to
                          "holds none: build the mask on a real device (BlockMask.from_dense accepts meta tensors)")
     nk = dense.shape[-1]
     counts, indices = kv_counts.long(), kv_indices.long()
-    bad = (counts < 0) | (counts > nk)
-    if bad.any():
-        at = _first(bad)
-        raise ValueError(f"BlockMask.kv_counts{list(at)} = {int(counts[at])} is outside [0, NK={nk}]")
+    # Every check is computed on the device and read back at once: one host synchronisation for a
+    # valid mask. The views' agreement is checked on the in-range slots only (the others fail earlier).
+    bad_counts = (counts < 0) | (counts > nk)
     live = torch.arange(nk, device=dense.device) < counts[..., None]  # the slots [..., :count]
-    bad = live & ((indices < 0) | (indices >= nk))
-    if bad.any():
-        at = _first(bad)
+    in_range = (indices >= 0) & (indices < nk)
+    bad_range = live & ~in_range
+    bad_order = live[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
+    listed = live & in_range
+    rebuilt = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
+    rebuilt.scatter_add_(-1, torch.where(listed, indices, 0), listed.to(torch.int32))
+    bad_views = rebuilt.bool() != dense
+    found = torch.stack([b.any() for b in (bad_counts, bad_range, bad_order, bad_views)]).tolist()
+    if found[0]:
+        at = _first(bad_counts)
+        raise ValueError(f"BlockMask.kv_counts{list(at)} = {int(counts[at])} is outside [0, NK={nk}]")
+    if found[1]:
+        at = _first(bad_range)
         raise ValueError(f"BlockMask.kv_indices{list(at)} = {int(indices[at])} is outside [0, NK={nk}) "
                          f"(kv_counts{list(at[:3])} = {int(counts[at[:3]])})")
-    bad = live[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
-    if bad.any():
-        at = _first(bad)
+    if found[2]:
+        at = _first(bad_order)
         at = (*at[:3], at[3] + 1)
         raise ValueError(
             f"BlockMask.kv_indices{list(at)} = {int(indices[at])} does not follow "
             f"{int(indices[(*at[:3], at[3] - 1)])}: each row's first kv_counts entries must be strictly "
             "ascending (no repeated block)"
         )
-    rebuilt = torch.zeros(dense.shape, dtype=torch.int32, device=dense.device)
-    rebuilt.scatter_add_(-1, torch.where(live, indices, 0), live.to(torch.int32))
-    bad = rebuilt.bool() != dense
-    if bad.any():
-        at = _first(bad)
+    if found[3]:
+        at = _first(bad_views)
         held = "keeps" if bool(dense[at]) else "does not keep"
         listed = "does not list" if bool(dense[at]) else "lists"
         raise ValueError(

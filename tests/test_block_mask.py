@@ -63,3 +63,18 @@ def test_flex_attention_conversion_matches_torch_backend(q_len, kv_len):
     ours = rf.block_sparse_attention(q, k, v, mask, backend="torch")
     torch.testing.assert_close(flex, ours, rtol=1e-10, atol=1e-10)
     assert ours[1, 0, bs : 2 * bs].abs().max() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_hand_built_mask_is_checked_with_one_host_synchronisation():
+    made = rf.BlockMask.from_dense(random_dense(1, 2, 8, 8).cuda(), block_size=64, q_len=512, kv_len=512)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rf.BlockMask(made.dense, made.kv_counts, made.kv_indices, 64, 512, 512)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
