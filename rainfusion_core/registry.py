@@ -322,6 +322,11 @@ def _candidates(device_type: str) -> list[Backend]:
     return sorted(found, key=lambda b: -b.priority)
 
 
+def available_backends(device_type: str) -> list[Backend]:
+    """The available backends automatic selection considers for ``device_type``, highest priority first."""
+    return [b for b in _candidates(device_type) if unavailable_reason(b) is None]
+
+
 def get_backend(spec: str | Backend | None = None, *, name: str | None = None) -> Backend:
     """Look up a backend.
 

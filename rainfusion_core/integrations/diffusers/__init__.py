@@ -24,7 +24,7 @@ from ...call import crossover_reason
 from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
 from ...reuse import MaskReuse
-from ...registry import device_type_of, get_backend, is_automatic, registered_backends, unavailable_reason
+from ...registry import available_backends, device_type_of, get_backend, is_automatic
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
 from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
@@ -254,8 +254,7 @@ def _check_precision_offered(precision: str, backend, transformers) -> None:
         parameter = next((p for t in transformers for p in t.parameters()), None)
         device_type = device_type_of(backend) if backend is not None else (
             parameter.device.type if parameter is not None else "cpu")
-        candidates = [b for b in registered_backends()
-                      if ("*" in b.device_types or device_type in b.device_types) and unavailable_reason(b) is None]
+        candidates = available_backends(device_type)  # the ones automatic selection would consider
         where = f"any available backend for {device_type} (the device of the model's weights)"
     if not any(precision in b.precisions for b in candidates):
         offered = "; ".join(f"{b.name}: {', '.join(b.precisions)}" for b in candidates) or "none"
