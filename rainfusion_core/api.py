@@ -170,17 +170,16 @@ def sparse_attention(
 
 
 def run_sparse_call(call: SparseCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    on_mask=None, step_sparsity: torch.Tensor | None = None, reuse=None, step=None) -> torch.Tensor:
+                    on_mask=None, step_sparsity: torch.Tensor | None = None, reuse=None) -> torch.Tensor:
     """A resolved call on ``[B, H, S, D]`` views of model-order q, k, v: dense below the crossover, else sparse.
 
     ``on_mask(mask)`` is called with each predicted mask on eager calls (the integration's density tally).
     ``step_sparsity``: a one-element CPU tensor whose value, read when the call runs, replaces the
-    call's sparsity (compiled code with a sparsity per step). ``reuse`` (a ``reuse.MaskReuse``) and
-    ``step`` (an int, or a one-element CPU tensor in compiled code): reuse a mask of an earlier
-    step (see ``ops.sparse_attention_op``).
+    call's sparsity (compiled code with a sparsity per step). ``reuse``: an ``ops.ReuseAt`` (eager)
+    or its CPU tensor (compiled code), to reuse a mask of an earlier step (``ops.sparse_attention_op``).
     """
     bsnd = call.tensor_layout == "BSND"
     if call.dense is not None:
         return dense_attention(q, k, v, call.scale, bsnd)
     return sparse_call(call.backend, q, k, v, call.layout, call.mask, call.scale, bsnd, call.precision, on_mask,
-                       step_sparsity, reuse, step)
+                       step_sparsity, reuse)

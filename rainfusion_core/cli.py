@@ -325,7 +325,7 @@ def cmd_evaluate(args) -> int:
 
     if bool(args.qkv) == bool(args.synthetic):
         raise UsageError("give --qkv FILE or --synthetic F,H,W (one of them)")
-    if args.reuse_from and not args.qkv:
+    if args.reuse_from is not None and not args.qkv:
         raise UsageError("--reuse-from needs --qkv: the later step's capture of the same layer")
     if args.qkv:
         try:
@@ -340,8 +340,8 @@ def cmd_evaluate(args) -> int:
         source = f"synthetic video-DiT q/k/v, seed {args.seed}"
     device = _device("--device", args.device)
     q, k, v = (x.to(device) for x in (q, k, v))
-    if args.reuse_from:
-        return _evaluate_reuse(args, q, k, v, layout, source, device)
+    if args.reuse_from is not None:
+        return _evaluate_reuse(args, q, k, v, layout, meta, source, device)
     print(f"evaluating {source}: {tuple(q.shape)} {q.dtype}, {layout}", flush=True)
     report = evaluate(q, k, v, layout, sparsities=args.sparsity, block_size=args.block_size, backend=args.backend)
     print(report.table())
@@ -352,19 +352,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _evaluate_reuse(args, q, k, v, layout, source: str, device) -> int:
+def _evaluate_reuse(args, q, k, v, layout, meta: dict, source: str, device) -> int:
     from .capture import load_qkv
     from .quality import evaluate_reuse
 
     if args.plot:
         raise UsageError("--plot draws the mask variants; it does not go with --reuse-from")
+    path = _input_file("--reuse-from", args.reuse_from)
+    if os.path.samefile(path, args.qkv):
+        raise UsageError(f"--reuse-from {path} is the --qkv capture itself: give the same layer at an earlier step")
     try:
-        old_q, old_k, _, old_layout, old_meta = load_qkv(_input_file("--reuse-from", args.reuse_from))
+        old_q, old_k, _, old_layout, old_meta = load_qkv(path)
     except ValueError as exc:
         raise UsageError(f"--reuse-from {exc}") from None
     if old_layout != layout or old_q.shape != q.shape or old_k.shape != k.shape:
-        raise UsageError(f"--reuse-from {args.reuse_from} holds {tuple(old_q.shape)} q for {old_layout}, --qkv "
+        raise UsageError(f"--reuse-from {path} holds {tuple(old_q.shape)} q for {old_layout}, --qkv "
                          f"{tuple(q.shape)} for {layout}: give captures of one layer at two steps")
+    if "layer" in meta and "layer" in old_meta and meta["layer"] != old_meta["layer"]:
+        raise UsageError(f"--reuse-from {path} is layer {old_meta['layer']}, --qkv layer {meta['layer']}: a mask "
+                         "is reused by its own layer")
+    if "step" in meta and "step" in old_meta and not old_meta["step"] < meta["step"]:
+        raise UsageError(f"--reuse-from {path} is step {old_meta['step']}, not earlier than --qkv's step "
+                         f"{meta['step']}")
     print(f"evaluating mask reuse: the mask of {args.reuse_from} {old_meta or ''} on {source}: "
           f"{tuple(q.shape)} {q.dtype}, {layout}", flush=True)
     report = evaluate_reuse((old_q.to(device), old_k.to(device)), q, k, v, layout, sparsities=args.sparsity,

@@ -17,6 +17,7 @@ the other side. Each call chooses its backend once.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -240,8 +241,7 @@ def sparse_attention_op(
     bsnd_out: bool = False,
     precision: str = DEFAULT_PRECISION,
     step_sparsity: Optional[torch.Tensor] = None,
-    reuse: int = -1,
-    step: Optional[torch.Tensor] = None,
+    reuse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A whole ``sparse_attention`` call after its checks: one backend chosen, the mask predicted, attention.
 
@@ -249,66 +249,84 @@ def sparse_attention_op(
     here, at run time, so no traced graph ever builds it or holds it as a constant.
     ``step_sparsity`` (a one-element CPU tensor) replaces ``keep`` by the budget of the sparsity it
     holds when the call runs: compiled code whose sparsity changes from step to step passes it, so
-    one graph serves every step. ``reuse`` (a :class:`~rainfusion_core.reuse.MaskReuse` id, ``-1``:
-    none) with ``step`` (a one-element CPU tensor, the denoising step) reuses a mask predicted at an
-    earlier step, looked up when the call runs.
+    one graph serves every step. ``reuse`` (a CPU int64 tensor ``[MaskReuse id, step, last step or
+    -1, layer or -1]``, what :func:`reuse_tensor` fills) reuses a mask predicted at an earlier step,
+    looked up when the call runs; the handle's id travels as data, so a new handle compiles nothing.
     """
     if step_sparsity is not None:
         keep = keep_blocks(num_blocks(k.shape[2], block_size), float(step_sparsity))
     spec = MaskSpec(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
-    reused = None if reuse < 0 else (MaskReuse.find(reuse), int(step))
+    reused = None
+    if reuse is not None:
+        reuse_id, step, last, layer = reuse.tolist()
+        reused = ReuseAt(MaskReuse.find(reuse_id), step, None if last < 0 else last, None if layer < 0 else layer)
     return _sparse_call_body(backend, q, k, v, _layout_of(layout), spec, scale, bsnd_out, precision, reuse=reused)
 
 
 @sparse_attention_op.register_fake
 def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
-      bsnd_out=False, precision=DEFAULT_PRECISION, step_sparsity=None, reuse=-1, step=None):
+      bsnd_out=False, precision=DEFAULT_PRECISION, step_sparsity=None, reuse=None):
     return _empty_out(q, bsnd_out)
 
 
 def _sparse_call_body(spec, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
-                      precision: str, on_mask=None, reuse: tuple | None = None) -> torch.Tensor:
+                      precision: str, on_mask=None, reuse: "ReuseAt | None" = None) -> torch.Tensor:
     order = cached_permutation(layout, q.device).indices  # never leaves this call
     chosen = prediction_backend(spec, q, k, mask_spec.block_size, precision)  # the one choice of this call
     mask = None
-    if reuse is not None:
-        held, step = reuse
-        slot = held.slot(layout, mask_spec, q.shape, k.shape, q.dtype, q.device)
-        mask = held.get(slot, step)
+    if reuse is not None:  # what the kept mask must have been made for (the layer, where eager code knows it)
+        where = reuse.store.slot()
+        depends = (reuse.layer, layout, mask_spec, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+        mask = reuse.store.get(where, depends, reuse.step, reuse.last_step)
     if mask is None:
         mask = predict(BackendChoice(), q, k, order, mask_spec, precision, chosen=chosen)
         if reuse is not None:
-            held.put(slot, mask, step)
+            reuse.store.put(where, depends, mask, reuse.step, reuse.last_step)
         if on_mask is not None:
             on_mask(mask)
     return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
 
 
+@dataclass(frozen=True)
+class ReuseAt:
+    """Where a call's mask may come from: a :class:`~rainfusion_core.reuse.MaskReuse`, the step, the
+    generation's last step (``None``: not known) and the attention layer (``None``: not known)."""
+
+    store: MaskReuse
+    step: int
+    last_step: int | None = None
+    layer: int | None = None
+
+    def as_tensor(self, out: torch.Tensor) -> torch.Tensor:
+        """Written into ``out`` (CPU int64 ``[4]``), as the whole-call op takes it."""
+        out.copy_(torch.tensor([self.store.id, self.step, -1 if self.last_step is None else self.last_step,
+                                -1 if self.layer is None else self.layer]))
+        return out
+
+
 def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float,
                 bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None,
-                step_sparsity: torch.Tensor | None = None, reuse: MaskReuse | None = None,
-                step: torch.Tensor | int | None = None) -> torch.Tensor:
+                step_sparsity: torch.Tensor | None = None, reuse: "ReuseAt | torch.Tensor | None" = None
+                ) -> torch.Tensor:
     """Prediction and attention of a resolved call on model-order q, k, v, with one backend choice: the op,
     or its body directly.
 
     ``on_mask(mask)`` sees each mask predicted when the body runs directly (never through the op).
-    ``step_sparsity``, ``reuse`` and ``step``: see :func:`sparse_attention_op`; with a tensor
-    for either the op is always used (compiled code passes them).
+    ``step_sparsity`` and ``reuse``: see :func:`sparse_attention_op`; as tensors (what compiled code
+    passes) the op is always used, and eager code may pass ``reuse`` as a :class:`ReuseAt`.
     """
-    if not isinstance(step_sparsity, torch.Tensor) and not isinstance(step, torch.Tensor) and (
+    if not isinstance(step_sparsity, torch.Tensor) and not isinstance(reuse, torch.Tensor) and (
             choice.obj is not None or runs_directly(q, k, v)):
-        reused = None if reuse is None else (reuse, step)
         return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, mask_spec, scale, bsnd_out, precision,
-                                 on_mask, reused)
+                                 on_mask, reuse)
     if choice.obj is not None:
         raise ValueError("a Backend object cannot cross the op boundary: with a per-step sparsity or mask reuse "
                          "under torch.compile, name a registered backend")
-    if reuse is not None and not isinstance(step, torch.Tensor):
-        raise ValueError("mask reuse through the op needs the step as a one-element CPU tensor")
+    if isinstance(reuse, ReuseAt):
+        reuse = reuse.as_tensor(torch.empty(4, dtype=torch.int64))
     return sparse_attention_op(q, k, v, layout_args(layout), mask_spec.block_size, mask_spec.scale, mask_spec.keep,
                                mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
-                               choice.spec, bsnd_out, precision, step_sparsity, -1 if reuse is None else reuse.id,
-                               step)
+                               choice.spec, bsnd_out, precision, step_sparsity, reuse)
 
 
 # --------------------------------------------------------------------------- no backward

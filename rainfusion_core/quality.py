@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_block_size, check_qkv, default_scale, describe
+from ._checks import check_block_size, check_qkv, check_sparsity, default_scale, describe
 from .api import block_sparse_attention
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches, num_blocks, query_chunks
@@ -213,6 +213,7 @@ def evaluate(
     check_qkv(q, k, v)
     block_size = check_block_size(block_size)
     _check_layout_of(layout, q, k, v)
+    sparsities = _check_sparsities(sparsities)
     scale = default_scale(scale, q.shape[-1])
     with progress(total=1 + len(sparsities) * len(variants), desc="evaluate", unit="step") as bar:
         bar.set_postfix_str("dense reference")
@@ -276,15 +277,19 @@ def evaluate_reuse(
     step's dense attention. A note per sparsity says how many of the fresh mask's tiles the
     reused one keeps and how much reuse moves the error.
     """
-    if not (isinstance(earlier, tuple) and len(earlier) == 2):
+    if not (isinstance(earlier, (tuple, list)) and len(earlier) == 2):
         raise TypeError(f"earlier must be (q, k) of an earlier step, got {describe(earlier)}")
     check_qkv(q, k, v)
     _check_layout_of(layout, q, k, v)
     block_size = check_block_size(block_size)
+    sparsities = _check_sparsities(sparsities)
     for name, x, want in (("q", earlier[0], q), ("k", earlier[1], k)):
         if not isinstance(x, torch.Tensor) or x.shape != want.shape:
             raise ValueError(f"the earlier step's {name} is {describe(x)}, the later step's has shape "
                              f"{tuple(want.shape)}: reuse needs captures of one layer at two steps")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the earlier step's {name} holds NaN or infinite values: its mask would keep every "
+                             "tile, which says nothing about reuse")
     scale = default_scale(scale, q.shape[-1])
     report = QualityReport()
     with progress(total=1 + len(sparsities), desc="evaluate reuse", unit="step") as bar:
@@ -309,6 +314,15 @@ def evaluate_reuse(
                                 f"{row.recall:.4f})")
             bar.update()
     return report
+
+
+def _check_sparsities(sparsities) -> tuple[float, ...]:
+    """``sparsities`` as a non-empty tuple of checked floats (one number counts as a list of one)."""
+    if isinstance(sparsities, (int, float)) and not isinstance(sparsities, bool):
+        sparsities = (sparsities,)
+    if not isinstance(sparsities, (list, tuple)) or not sparsities:
+        raise TypeError(f"sparsities must be a non-empty list of floats in [0, 1), got {describe(sparsities)}")
+    return tuple(check_sparsity(x) for x in sparsities)
 
 
 def _check_layout_of(layout, q, k, v) -> None:

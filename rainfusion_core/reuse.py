@@ -25,14 +25,20 @@ _IDS = itertools.count()
 
 
 class MaskReuse:
-    """Masks of one model's sparse calls, kept between steps; see the module docstring."""
+    """Masks of one model's sparse calls, kept between steps; see the module docstring.
+
+    Each slot holds one mask at most: a call whose shapes or mask parameters differ from the
+    kept mask's (another resolution, another sparsity, a layer that now runs elsewhere) predicts
+    and replaces it. ``last_step`` (the generation's last step, when the caller knows it) frees
+    each slot as its last call takes it, so nothing is held after a generation.
+    """
 
     def __init__(self, every: int):
         self.every = check_int("refresh_every", every)
-        self.id = next(_IDS)  # what crosses the op boundary (an int, the same for every layer)
+        self.id = next(_IDS)
         self.predicted = 0
         self.reused = 0
-        self._masks: dict = {}
+        self._masks: dict = {}  # (scope, slot) -> (what the mask depends on, mask, step)
         self._scope: tuple = ()
         self._slot = 0
         _LIVE[self.id] = self
@@ -49,23 +55,31 @@ class MaskReuse:
         self._scope, self._slot = scope, 0
 
     def clear(self) -> None:
-        """A new generation: forget every mask."""
+        """Forget every mask (a new generation, or the handle removed)."""
         self._masks.clear()
 
-    def slot(self, *shape_key) -> tuple:
-        """The next sparse call's key: its scope, its place in the model call, and what its mask depends on."""
-        key = (self._scope, self._slot, shape_key)
+    def slot(self) -> tuple:
+        """The next sparse call's place: its scope and its position in the model call."""
+        where = (self._scope, self._slot)
         self._slot += 1
-        return key
+        return where
 
-    def get(self, key: tuple, step: int):
-        """The mask kept under ``key`` if it may serve ``step``, else ``None``."""
-        held = self._masks.get(key)
-        if held is None or not 0 <= step - held[1] < self.every:
+    def get(self, where: tuple, depends: tuple, step: int, last_step: int | None = None):
+        """The mask kept at ``where`` if it was made for ``depends`` and may serve ``step``, else ``None``.
+
+        At ``last_step`` the slot is emptied as it is read: no later step will ask for it.
+        """
+        held = self._masks.pop(where, None) if last_step is not None and step >= last_step else \
+            self._masks.get(where)
+        if held is None or held[0] != depends or not 0 <= step - held[2] < self.every:
             return None
         self.reused += 1
-        return held[0]
+        return held[1]
 
-    def put(self, key: tuple, mask, step: int) -> None:
-        self._masks[key] = (mask, step)
+    def put(self, where: tuple, depends: tuple, mask, step: int, last_step: int | None = None) -> None:
+        """Keep ``mask`` at ``where`` (replacing what was there), unless no later step can use it."""
         self.predicted += 1
+        if last_step is not None and step >= last_step:
+            self._masks.pop(where, None)
+            return
+        self._masks[where] = (depends, mask, step)

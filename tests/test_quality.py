@@ -122,6 +122,12 @@ def test_reuse_rows_compare_a_layers_own_mask_with_an_earlier_steps(tmp_path, ca
     assert moved.get("reused", 0.5).rel_l2 != fresh.get("rainfusion", 0.5).rel_l2
     with pytest.raises(ValueError, match="reuse needs captures of one layer at two steps"):
         evaluate_reuse((q[:, :1], k), q, k, v, layout, block_size=32)
+    poisoned = q.clone()
+    poisoned[0, 0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="the earlier step's q holds NaN or infinite values"):
+        evaluate_reuse((poisoned, k), q, k, v, layout, block_size=32)
+    with pytest.raises(TypeError, match="sparsity must be a float"):
+        evaluate_reuse([q, k], q, k, v, layout, sparsities=("0.5",), block_size=32)
     # the CLI: --reuse-from EARLIER with --qkv LATER
     earlier, later = tmp_path / "step0.pt", tmp_path / "step4.pt"
     save_qkv(earlier, q, k, v, layout, layer=2, step=0)
@@ -132,7 +138,13 @@ def test_reuse_rows_compare_a_layers_own_mask_with_an_earlier_steps(tmp_path, ca
     assert "reused" in out and "the earlier step's mask keeps" in out
     other = tmp_path / "other.pt"
     save_qkv(other, *video_dit_qkv(rf.VideoLayout(2, 8, 16), 2, 32, seed=1), rf.VideoLayout(2, 8, 16))
+    layer3 = tmp_path / "layer3.pt"
+    save_qkv(layer3, q, k, v, layout, layer=3, step=0)
     for argv, message in ((["--synthetic", "2,8,8", "--reuse-from", str(earlier)], "--reuse-from needs --qkv"),
+                          (["--qkv", str(later), "--reuse-from", ""], "--reuse-from : no such file"),
+                          (["--qkv", str(later), "--reuse-from", str(later)], "is the --qkv capture itself"),
+                          (["--qkv", str(earlier), "--reuse-from", str(later)], "not earlier than --qkv's step 0"),
+                          (["--qkv", str(later), "--reuse-from", str(layer3)], "a mask is reused by its own layer"),
                           (["--qkv", str(later), "--reuse-from", str(other)], "captures of one layer at two steps"),
                           (["--qkv", str(later), "--reuse-from", str(earlier), "--plot", str(tmp_path / "p.png")],
                            "does not go with --reuse-from")):

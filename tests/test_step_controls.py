@@ -144,3 +144,93 @@ def test_a_compiled_model_reuses_masks_as_the_eager_one_does_with_one_graph():
     assert handle.stats().reused == 2 * len(model.blocks)  # steps 1 and 3
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_a_new_handle_compiles_nothing_new():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile_repeated_blocks(fullgraph=True, backend=counter)
+    for _ in range(3):  # the handle's store travels as data, not as a constant of the graph
+        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=2)
+        _call(model, latent, text, 900.0)
+        _call(model, latent, text, 800.0)
+        assert handle.stats().reused == len(model.blocks)
+        handle.remove()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_a_mask_is_predicted_again_when_the_sparsity_comes_back():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    latents = [latent] + [torch.randn_like(latent) for _ in range(2)]
+    timesteps = (900.0, 800.0, 700.0)
+    fresh = apply_rainfusion(model, sparsity=0.8, block_size=16, min_tokens=0, backend="torch")
+    want = [_call(model, x, text, t) for x, t in zip(latents, timesteps)]
+    fresh.remove()
+    handle = apply_rainfusion(model, sparsity=[0.8, 0.5, 0.8], block_size=16, min_tokens=0, backend="torch",
+                              refresh_every=3)
+    got = [_call(model, x, text, t) for x, t in zip(latents, timesteps)]
+    assert torch.equal(got[2], want[2]) and handle.stats().reused == 0  # one mask per call: step 1 replaced it
+    handle.remove()
+
+
+def test_kept_masks_are_one_per_call_and_freed_at_the_last_step_and_by_remove():
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    handle = apply_rainfusion(model, sparsity=lambda step: 0.5 + 0.1 * step, block_size=16, min_tokens=0,
+                              backend="torch", refresh_every=4)
+    store = handle.state.reuse
+    handle.new_generation(total_steps=4)
+    for step, t in enumerate((900.0, 800.0, 700.0)):
+        _call(model, latent, text, t)
+        assert len(store._masks) == len(model.blocks)  # a new sparsity replaces each call's mask
+    _call(model, latent, text, 600.0)  # the last step: nothing is kept for after it
+    assert not store._masks
+    _call(model, latent, text, 950.0)  # a new generation
+    assert len(store._masks) == len(model.blocks)
+    handle.remove()
+    assert not store._masks
+
+
+def test_steps_follow_the_pipelines_scheduler_when_timesteps_repeat():
+    import types
+
+    import diffusers
+
+    model, (latent, text) = tiny_wan(), wan_inputs((3, 16, 20))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(transformer=model, scheduler=scheduler)
+    lower = apply_rainfusion(pipe, sparsity=0.8, block_size=16, min_tokens=0, backend="torch", refresh_every=2)
+    upper = apply_rainfusion(pipe, sparsity=0.8, block_size=16, min_tokens=0, backend="torch")
+    upper.remove()  # the lower handle keeps following the scheduler
+    scheduler.set_timesteps(4)
+    for step in range(3):  # a timestep in bfloat16 can repeat from one step to the next
+        out = _call(model, latent, text, 996.0)
+        assert (lower.step, lower.state.call_in_step) == (step, 0)
+        scheduler.step(out, scheduler.timesteps[step], latent)
+    scheduler.set_timesteps(4)
+    _call(model, latent, text, 996.0)
+    assert lower.step == 0
+    lower.remove()
+    assert "set_timesteps" not in vars(scheduler) and "step" not in vars(scheduler)
+
+
+def test_step_controls_refuse_what_they_cannot_run():
+    import numpy as np
+
+    from rainfusion_core.backends.torch_backend import TorchBackend
+
+    model = tiny_wan()
+    with pytest.raises(ValueError, match="refresh_every > 1 needs a backend by name or device"):
+        apply_rainfusion(model, refresh_every=2, backend=TorchBackend())
+    asked = []
+    handle = apply_rainfusion(model, sparsity=lambda step: asked.append(step) or 0.7, block_size=16, min_tokens=0)
+    assert asked == []  # asked per step, from the first step on, never at apply time
+    latent, text = wan_inputs((3, 16, 20))
+    _call(model, latent, text, 900.0)
+    _call(model, torch.randn_like(latent), text, 900.0)  # guidance's second call: the same step
+    assert asked == [0]
+    handle.remove()
+    handle = apply_rainfusion(model, sparsity=np.linspace(0.5, 0.8, 3, dtype=np.float32), block_size=16)
+    assert handle.state.sparsity.values == pytest.approx((0.5, 0.65, 0.8))
+    handle.remove()

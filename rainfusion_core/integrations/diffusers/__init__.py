@@ -110,21 +110,30 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crosso
 
 
 class _GenerationStart:
-    """A pipeline starts every generation by setting its scheduler's timesteps: start counting steps anew there.
+    """The pipeline's scheduler tells the steps: ``set_timesteps`` starts every generation, ``step`` ends each step.
 
-    Wraps ``scheduler.set_timesteps`` on the instance; ``remove()`` puts the class's method back.
+    Wraps both methods on the scheduler instance. ``remove()`` puts back what was there before (another
+    handle's wrapper, or the class's method); a wrapper that another handle wrapped in turn stays in that
+    chain and passes calls through.
     """
 
     def __init__(self, scheduler, state):
-        self.scheduler, self.state = scheduler, state
-        original = scheduler.set_timesteps
+        self.scheduler, self.state, self.active = scheduler, state, True
+        self.installed = {}
+        for name, hook in (("set_timesteps", self._generation), ("step", state.scheduler_stepped)):
+            original = getattr(scheduler, name)
+            below = scheduler.__dict__.get(name)  # another handle's wrapper, if any
 
-        def set_timesteps(*args, **kwargs):
-            state.new_generation(count_steps=self.steps)
-            return original(*args, **kwargs)
+            def wrapper(*args, _original=original, _hook=hook, **kwargs):
+                if self.active:
+                    _hook()
+                return _original(*args, **kwargs)
 
-        self.wrapper = set_timesteps
-        scheduler.set_timesteps = set_timesteps
+            setattr(scheduler, name, wrapper)
+            self.installed[name] = (wrapper, below)
+
+    def _generation(self) -> None:
+        self.state.new_generation(count_steps=self.steps)
 
     def steps(self) -> int:
         """The steps this generation runs: the scheduler's timesteps past its begin index (img2img skips some)."""
@@ -132,8 +141,13 @@ class _GenerationStart:
         return max(1, len(self.scheduler.timesteps) - begin)
 
     def remove(self) -> None:
-        if self.scheduler.__dict__.get("set_timesteps") is self.wrapper:
-            del self.scheduler.set_timesteps
+        self.active = False
+        for name, (wrapper, below) in self.installed.items():
+            if self.scheduler.__dict__.get(name) is wrapper:
+                if below is None:
+                    del self.scheduler.__dict__[name]
+                else:
+                    setattr(self.scheduler, name, below)
 
 
 def apply_rainfusion(
@@ -186,9 +200,13 @@ def apply_rainfusion(
             ``handle.stats()`` counts the calls each way.
         refresh_every: predict each layer's mask once every this many denoising steps and
             reuse it in the steps between (``1``, the default: every step). A mask is
-            predicted again when the step's sparsity changes and at each new generation.
-            Works eager and compiled (the whole-call op looks the mask up when it runs; such
-            graphs are not captured in CUDA graphs: the step lives on the CPU).
+            predicted again when what it depends on changes (the step's sparsity, the shapes)
+            and at each new generation. One mask is kept per attention call of a step (memory:
+            a mask is ``B x H x NQ x NK`` bools and int32s), freed at a pipeline's last step and
+            by ``remove()``. Works eager and compiled (the whole-call op looks the mask up when it
+            runs; such graphs are not captured in CUDA graphs: the step lives on the CPU); in
+            compiled code masks are found by the call's position in the transformer call, so a
+            hook that skips attention calls at some steps must not be combined with it.
             ``handle.stats().reused`` counts the calls that reused a mask; ``rainfusion
             evaluate --reuse-from`` shows what reuse costs on captured q, k, v of two steps.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
@@ -216,15 +234,17 @@ def apply_rainfusion(
         raise ValueError(f"fuse_prologue=True: only Wan's self-attention has a fused prologue, not {adapter.family}")
 
     per_step = sparsity if isinstance(sparsity, StepSparsity) else None
-    if per_step is not None and isinstance(backend, Backend):
-        raise ValueError("a per-step sparsity needs a backend by name or device (a Backend object cannot cross the "
-                         "compiled op's boundary): register it and pass its name")
+    if (per_step is not None or refresh_every > 1) and isinstance(backend, Backend):
+        what = "a per-step sparsity" if per_step is not None else "refresh_every > 1"
+        raise ValueError(f"{what} needs a backend by name or device (a Backend object cannot cross the compiled "
+                         "op's boundary): register it and pass its name")
 
     def make_site(state, index, sites):
         if "sparse" not in sites:
             state.sparsity = per_step
             state.reuse = MaskReuse(refresh_every) if refresh_every > 1 else None
-            sites["sparse"] = SparseSite(state, sparsity=per_step.at(0) if per_step else sparsity,
+            # with a sparsity per step, every call takes the step's value: this one only stands in for it
+            sites["sparse"] = SparseSite(state, sparsity=0.5 if per_step else sparsity,
                                          block_size=block_size, backend=backend, first_frame_sink=first_frame_sink,
                                          precision=precision)
         return sites["sparse"]

@@ -227,6 +227,8 @@ class RainFusionHandle(NoCopy):
                 for above in reversed(chain):
                     above.link()
             # else: ours was replaced outright by someone else's processor and no longer runs
+        if self.state.reuse is not None:
+            self.state.reuse.clear()  # the kept masks go with the handle
         for hook in self._hooks:
             hook.remove()
         for site in self._sites:

@@ -186,12 +186,11 @@ class SparseSite(Site):
                 step_sparsity = self.state.sparsity_tensor
             else:
                 options = dict(options, sparsity=self.state.step_sparsity)
-        reuse, step = self.state.reuse, None
-        if reuse is not None:  # the step, for compiled code as a tensor read when the call runs
-            step = self.state.step_tensor if torch.compiler.is_compiling() else self.state.step
+        reuse = None
+        if self.state.reuse is not None:  # compiled code: the tensor the pre-hook filled, read when the op runs
+            reuse = self.state.reuse_tensor if torch.compiler.is_compiling() else self.state.reuse_at(self.state.layer)
         call, q, k, v = resolve_sparse_call(q, k, v, layout, share_batch_mask=False, min_tokens=0, **options)
-        return run_sparse_call(call, q, k, v, on_mask=self._tally, step_sparsity=step_sparsity, reuse=reuse,
-                               step=step)
+        return run_sparse_call(call, q, k, v, on_mask=self._tally, step_sparsity=step_sparsity, reuse=reuse)
 
     def _tally(self, mask) -> None:
         self.state.tally.add_mask(mask, self.state.layer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +24,11 @@ class Schedule:
 
     Attributes:
         dense_steps: the first denoising steps run dense. Steps are counted per
-            distinct timestep the transformer sees, so classifier-free guidance
-            (two calls, or one doubled batch, per step) counts once; a timestep
-            larger than the previous one starts a new generation at step 0.
+            distinct timestep the transformer sees and, on a pipeline, per call of its
+            scheduler's ``step`` (so a timestep that repeats in bfloat16 still counts),
+            so classifier-free guidance (two calls, or one doubled batch, per step)
+            counts once; a timestep larger than the previous one starts a new
+            generation at step 0.
         dense_above_timestep: run dense while the timestep is above this value,
             in the units the transformer receives (0-1000 for Wan, HunyuanVideo,
             CogVideoX and LTX-Video; Flux and Qwen-Image pipelines pass 0-1).
@@ -68,21 +71,26 @@ class StepSparsity:
 
     @classmethod
     def of(cls, sparsity) -> "float | StepSparsity":
-        """A checked float for one sparsity at every step, else the per-step rule."""
+        """A checked float for one sparsity at every step, else the per-step rule.
+
+        Numbers of any real type count (NumPy's included); a NumPy array or a 1-D tensor counts as a list.
+        """
         if callable(sparsity):
             return cls(function=sparsity)
+        if hasattr(sparsity, "tolist") and getattr(sparsity, "ndim", 0) == 1:
+            sparsity = sparsity.tolist()
         if isinstance(sparsity, (list, tuple)):
             if not sparsity:
                 raise ValueError("sparsity: a per-step list needs at least one value")
             values = []
             for step, value in enumerate(sparsity):
                 try:
-                    values.append(check_sparsity(value))
+                    values.append(_real_sparsity(value))
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"sparsity[{step}] (step {step}): {exc}") from None
             return cls(values=tuple(values))
-        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
-            return check_sparsity(sparsity)
+        if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+            return _real_sparsity(sparsity)
         raise TypeError(f"sparsity must be a float in [0, 1), a list of them (one per step) or a function of the "
                         f"step, got {describe(sparsity)}")
 
@@ -91,9 +99,16 @@ class StepSparsity:
             return self.values[min(step, len(self.values) - 1)]
         value = self.function(step)
         try:
-            return check_sparsity(value)
+            return _real_sparsity(value)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"the sparsity function returned {value!r} for step {step}: {exc}") from None
+
+
+def _real_sparsity(value) -> float:
+    """``check_sparsity`` of any real number (NumPy's float32 included), never a bool."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+    return check_sparsity(value)
 
 
 @dataclass(frozen=True)
@@ -192,11 +207,13 @@ class CallState(NoCopy):
     step_sparsity: float | None = None  # this call's, from ``sparsity``
     sparsity_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
     reuse: object = None  # a reuse.MaskReuse with refresh_every > 1: masks kept between steps
-    step_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))  # for compiled code
+    reuse_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))  # compiled code's
     call_in_step: int = 0  # transformer calls earlier in this step (guidance's second call: 1)
     tally: "Tally" = field(default_factory=lambda: Tally())
     total_steps: int | None = None  # of the current generation, for Schedule.dense_last_steps
     count_steps: object = None  # () -> total_steps, asked at the first step (a pipeline's scheduler)
+    scheduler_steps: int | None = None  # the pipeline scheduler's steps this generation (None: no pipeline)
+    steps_seen: int | None = None  # scheduler_steps at the previous transformer call
 
     @property
     def reads_host(self) -> bool:
@@ -226,12 +243,12 @@ class CallState(NoCopy):
         if not self.sparse:
             self.tally.dense_by_schedule += 1
             return
-        if self.sparsity is not None:
-            self.step_sparsity = self.sparsity.at(self.step)
+        if self.sparsity is not None and (self.call_in_step == 0 or self.step_sparsity is None):
+            self.step_sparsity = self.sparsity.at(self.step)  # asked once per step
             self.sparsity_tensor.fill_(self.step_sparsity)  # what compiled blocks read, in place: no recompile
         if self.reuse is not None:  # this call's sparse calls find the masks of the same call at earlier steps
             self.reuse.begin((id(module), self.call_in_step))
-            self.step_tensor.fill_(self.step)
+            self.reuse_at(None).as_tensor(self.reuse_tensor)  # what compiled blocks hand the op, in place
         reason = self.crossover(_device_type(bound), self.layout, self.step_sparsity) \
             if self.crossover is not None else None
         if reason is not None:
@@ -240,6 +257,14 @@ class CallState(NoCopy):
             self.tally.last_dense_reason = reason
         else:
             self.tally.sparse += 1
+
+    def reuse_at(self, layer: int | None):
+        """Where this call's masks may come from (``ops.ReuseAt``): the handle's store, the step, the
+        generation's last step when known (its masks are not kept), the layer when known."""
+        from ...ops import ReuseAt
+
+        last = self.total_steps - 1 if self.total_steps is not None else None
+        return ReuseAt(self.reuse, self.step, last, layer)
 
     def new_generation(self, total_steps: int | None = None, count_steps=None) -> None:
         """The next call starts a new generation: step 0, whatever its timestep.
@@ -253,25 +278,35 @@ class CallState(NoCopy):
             self.reuse.clear()
         self.total_steps = total_steps
         self.count_steps = count_steps
+        self.scheduler_steps = self.steps_seen = 0 if count_steps is not None else None
+
+    def scheduler_stepped(self) -> None:
+        """The pipeline's scheduler finished a step: the next transformer call belongs to the next one."""
+        if self.scheduler_steps is not None:
+            self.scheduler_steps += 1
 
     def _apply_schedule(self, bound) -> None:
         # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
         # the rest the step's noise level; CogVideoX also takes a plain number.
         t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
+        # In a pipeline the scheduler's step also ends a step: timesteps passed in bfloat16 (HunyuanVideo's
+        # pipeline) can round two steps to one value.
+        stepped = self.scheduler_steps is not None and self.scheduler_steps != self.steps_seen
+        self.steps_seen = self.scheduler_steps
         if self.last_timestep is None or t > self.last_timestep:
             self.step, self.call_in_step = 0, 0
             if self.reuse is not None:
                 self.reuse.clear()  # a new generation predicts its own masks
-        elif t != self.last_timestep:
+        elif stepped or t != self.last_timestep:
             self.step, self.call_in_step = self.step + 1, 0
         else:
             self.call_in_step += 1
         self.last_timestep = t
+        if self.step == 0 and self.call_in_step == 0 and self.count_steps is not None:
+            self.total_steps = self.count_steps()
         if self.step < self.schedule.dense_steps:
             self.sparse = False
         if self.schedule.dense_last_steps:
-            if self.step == 0 and self.count_steps is not None:
-                self.total_steps = self.count_steps()
             if self.total_steps is None:
                 raise RuntimeError("Schedule(dense_last_steps=...) needs the number of steps of the generation: "
                                    "apply_rainfusion to the pipeline (its scheduler says), or call "
