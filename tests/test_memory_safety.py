@@ -143,21 +143,19 @@ MUTATED_MID_CALL = textwrap.dedent("""
     good_counts, good_indices = mask.kv_counts.clone(), mask.kv_indices.clone()
     stop, go = threading.Event(), threading.Event()
 
-    def vandal():  # another thread edits the mask in place while a call runs
+    def vandal():  # another thread edits the mask in place, in short bursts, while a call runs
         values = (-10 ** 6, 2 ** 30, -1, 32)
         rng, i = random.Random(0), 0
         while not stop.is_set():
             if not go.wait(0.01):
                 continue
-            go.clear()
-            time.sleep(rng.uniform(0, 0.004))  # some calls are edited during their checks, most after them
-            end = time.perf_counter() + 0.005
-            while time.perf_counter() < end:
+            for _ in range(4):  # a short burst, then a pause: most checks see a valid mask
                 mask.kv_indices.fill_(values[i % 4])
                 mask.kv_counts.fill_(values[(i + 1) % 4])
                 mask.kv_indices.copy_(good_indices)
                 mask.kv_counts.copy_(good_counts)
                 i += 1
+            time.sleep(rng.uniform(0, 0.002))
 
     thread = threading.Thread(target=vandal)
     thread.start()
@@ -170,6 +168,8 @@ MUTATED_MID_CALL = textwrap.dedent("""
                 ran += 1
             except ValueError:
                 refused += 1
+            finally:
+                go.clear()
     finally:
         stop.set()
         thread.join()
