@@ -323,10 +323,10 @@ def cmd_evaluate(args) -> int:
     from .quality import evaluate
     from .synthetic import video_dit_qkv
 
-    if bool(args.qkv) == bool(args.synthetic):
-        raise UsageError("give --qkv FILE or --synthetic F,H,W (one of them)")
     if args.reuse_from is not None and not args.qkv:
         raise UsageError("--reuse-from needs --qkv: the later step's capture of the same layer")
+    if bool(args.qkv) == bool(args.synthetic):
+        raise UsageError("give --qkv FILE or --synthetic F,H,W (one of them)")
     if args.qkv:
         try:
             q, k, v, layout, meta = load_qkv(_input_file("--qkv", args.qkv))
@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="backend for the sparse outputs (default: the best one for the device)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of recall against sparsity here")
     p.add_argument("--reuse-from", metavar="FILE",
-                   help="a capture of the same layer at an earlier step: compare --qkv's own mask with this "
-                        "step's mask reused on it (what apply_rainfusion(refresh_every=N) costs)")
+                   help="a capture of the same layer at an earlier step: compare --qkv's own mask with the mask "
+                        "of this earlier capture reused on it (what apply_rainfusion(refresh_every=N) costs)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -364,7 +364,7 @@ def _fp8_attention(backend, q, k, v, full: BlockMask, report: QualityReport):
     if not reasons:
         return lambda q, k, v, mask, scale: block_sparse_attention(q, k, v, mask, scale=scale, backend=backend,
                                                                    precision="fp8")
-    report.notes.append(f"fp8 rows: backend {chosen.name!r} cannot run them in FP8 ({'; '.join(reasons)}); they come "
+    report.notes.append(f"fp8 rows: backend {chosen.name!r} cannot run them in FP8: {'; '.join(reasons)}. They come "
                         "from the FP8 reference (rainfusion_core.precision), which rounds q, k, v and P as the "
                         "Hopper kernel does")
     return fp8_reference_attention

@@ -116,8 +116,9 @@ class RainFusionStats:
         layers: per attention layer (its name in :func:`attention_layers`), the masks tallied and
             their mean density; layers that ran no eager sparse call are absent. A pipeline's
             second transformer (Wan2.2's ``transformer_2``) adds to the layer of the same index.
-        reused: sparse calls that ran on a mask predicted at an earlier step (``refresh_every``),
-            eager and compiled.
+        reused: attention calls (one per layer and call, unlike ``sparse_calls``, which counts
+            transformer calls) that ran on a mask kept from an earlier step (``refresh_every``),
+            eager and compiled; ``masks`` and ``mean_density`` count the masks predicted.
     """
 
     sparse_calls: int
