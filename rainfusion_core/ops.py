@@ -250,7 +250,7 @@ def sparse_attention_op(
     ``step_sparsity`` (a one-element CPU tensor) replaces ``keep`` by the budget of the sparsity it
     holds when the call runs: compiled code whose sparsity changes from step to step passes it, so
     one graph serves every step. ``reuse`` (a CPU int64 tensor ``[MaskReuse id, step, last step or
-    -1, layer or -1]``, what :func:`reuse_tensor` fills) reuses a mask predicted at an earlier step,
+    -1, layer or -1]``, as :meth:`ReuseAt.as_tensor` writes it) reuses a mask predicted at an earlier step,
     looked up when the call runs; the handle's id travels as data, so a new handle compiles nothing.
     """
     if step_sparsity is not None:
