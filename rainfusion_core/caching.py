@@ -9,8 +9,8 @@ def may_cache(device: torch.device) -> bool:
 
     Never while ``torch.compile`` traces: the tensor is a stand-in of the graph, and a cache
     write would be replayed after each run of the compiled code, storing graph outputs that a
-    CUDA-graph replay may overwrite (compiled code reads what eager calls cached, and builds
-    the rest inside its graph). Never inside a CUDA-graph capture on ``device``'s type either:
+    CUDA-graph replay may overwrite (the library's ops look their cached tensors up when they
+    run, outside any trace). Never inside a CUDA-graph capture on ``device``'s type either:
     tensors built there are recorded, not written, until the graph replays.
     """
     if torch.compiler.is_compiling():

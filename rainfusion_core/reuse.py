@@ -36,7 +36,6 @@ class MaskReuse:
     def __init__(self, every: int):
         self.every = check_int("refresh_every", every)
         self.id = next(_IDS)
-        self.predicted = 0
         self.reused = 0
         self._masks: dict = {}  # (scope, slot) -> (what the mask depends on, mask, step)
         self._scope: tuple = ()
@@ -78,7 +77,6 @@ class MaskReuse:
 
     def put(self, where: tuple, depends: tuple, mask, step: int, last_step: int | None = None) -> None:
         """Keep ``mask`` at ``where`` (replacing what was there), unless no later step can use it."""
-        self.predicted += 1
         if last_step is not None and step >= last_step:
             self._masks.pop(where, None)
             return

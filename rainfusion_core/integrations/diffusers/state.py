@@ -16,6 +16,7 @@ import torch
 
 from ..._checks import check_int, check_sparsity, describe
 from ...layout import VideoLayout
+from ...ops import ReuseAt
 
 
 @dataclass(frozen=True)
@@ -261,8 +262,6 @@ class CallState(NoCopy):
     def reuse_at(self, layer: int | None):
         """Where this call's masks may come from (``ops.ReuseAt``): the handle's store, the step, the
         generation's last step when known (its masks are not kept), the layer when known."""
-        from ...ops import ReuseAt
-
         last = self.total_steps - 1 if self.total_steps is not None else None
         return ReuseAt(self.reuse, self.step, last, layer)
 
@@ -353,10 +352,6 @@ class Tally:
             entry.kept.add_(kept)
         entry.masks += 1
         entry.tiles += mask.kv_indices.numel()
-
-    @property
-    def masks(self) -> int:
-        return sum(entry.masks for entry in self.layers.values())
 
     def kept_tiles(self) -> dict:
         """``{layer: kept tiles}`` of the layers tallied so far; one host synchronisation for all of them."""
