@@ -141,28 +141,43 @@ MUTATED_MID_CALL = textwrap.dedent("""
     q = torch.randn(1, 4, 2048, 64)
     mask = rf.BlockMask.from_dense(torch.rand(1, 4, 32, 32) < 0.5, block_size=64, q_len=2048, kv_len=2048)
     good_counts, good_indices = mask.kv_counts.clone(), mask.kv_indices.clone()
-    stop, go = threading.Event(), threading.Event()
 
-    def vandal():  # another thread edits the mask in place, in short bursts, while a call runs
-        values = (-10 ** 6, 2 ** 30, -1, 32)
-        rng, i = random.Random(0), 0
+    def burst(i):
+        edits[0] += go.is_set()  # edits made while a call runs
+        mask.kv_indices.fill_(values[i % 4])
+        mask.kv_counts.fill_(values[(i + 1) % 4])
+        mask.kv_indices.copy_(good_indices)
+        mask.kv_counts.copy_(good_counts)
+
+    def vandal():  # another thread edits the mask in place while a call runs
+        rng, i, seen = random.Random(0), 0, -1
         while not stop.is_set():
-            if not go.wait(0.01):
+            if not go.wait(0.01) or calls[0] == seen:
+                time.sleep(0.0002)
                 continue
-            for _ in range(4):  # a short burst, then a pause: most checks see a valid mask
-                mask.kv_indices.fill_(values[i % 4])
-                mask.kv_counts.fill_(values[(i + 1) % 4])
-                mask.kv_indices.copy_(good_indices)
-                mask.kv_counts.copy_(good_counts)
+            seen = calls[0]  # one visit per call
+            if storm.is_set():  # edits all through the call: its checks see some of them
+                while go.is_set() and calls[0] == seen:
+                    burst(i)
+                    i += 1
+                continue
+            time.sleep(rng.uniform(0, 0.02))  # one short burst at a random moment: mostly during its kernel
+            for _ in range(4):
+                burst(i)
                 i += 1
-            time.sleep(rng.uniform(0, 0.002))
 
+    values, edits, calls = (-10 ** 6, 2 ** 30, -1, 32), [0], [0]
+    stop, go, storm = threading.Event(), threading.Event(), threading.Event()
     thread = threading.Thread(target=vandal)
     thread.start()
     ran = refused = 0
     try:
-        for _ in range(int(sys.argv[1])):
+        for call in range(int(sys.argv[1])):
+            (storm.set if call % 2 else storm.clear)()
+            calls[0] = call
             go.set()
+            if storm.is_set():
+                time.sleep(0.001)  # the storm has begun
             try:
                 rf.block_sparse_attention(q, q, q, mask, backend="cpu")
                 ran += 1
@@ -173,7 +188,7 @@ MUTATED_MID_CALL = textwrap.dedent("""
     finally:
         stop.set()
         thread.join()
-    print("SURVIVED", ran, refused)
+    print("SURVIVED", ran, refused, edits[0])
 """)
 
 
@@ -183,8 +198,8 @@ def test_a_mask_edited_by_another_thread_mid_call_never_crashes_the_cpu_kernel()
     run = subprocess.run([sys.executable, "-c", MUTATED_MID_CALL, "200"], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, RAINFUSION_PROGRESS="0", OMP_NUM_THREADS="2"))
     assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-3000:]}"
-    ran, refused = map(int, run.stdout.split()[1:3])
-    assert ran + refused == 200 and ran > 0, run.stdout
+    ran, refused, edits = map(int, run.stdout.split()[1:4])
+    assert ran + refused == 200 and ran > 0 and edits >= 200, run.stdout  # the kernel ran while the mask changed
 
 
 def _where(backend):
@@ -274,7 +289,7 @@ def test_a_block_size_far_beyond_the_sequence_costs_no_memory(backend):
 HUGE_BLOCK_EVALUATE = textwrap.dedent("""
     import resource, torch
     import rainfusion_core as rf
-    from rainfusion_core.precision import fp8_reference_attention
+    from rainfusion_core.fp8 import fp8_reference_attention
     from rainfusion_core.quality import evaluate
     layout = rf.VideoLayout(2, 8, 8)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 64) for _ in range(3))
