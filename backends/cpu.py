@@ -59,14 +59,10 @@ class CpuBackend(Backend):
     name = "cpu"
     device_types = ("cpu",)
     priority = 10
+    dtypes = _HALF + _NATIVE
 
     def unavailable_reason(self):
         return _load_kernel()[1]
-
-    def unsupported_reasons(self, q, k, v, block_mask):
-        if q.dtype not in _NATIVE + _HALF:
-            return [f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64 are)"]
-        return []
 
     def forward(self, q, k, v, block_mask, scale):
         kernel, reason = _load_kernel()

@@ -27,10 +27,6 @@ import torch
 
 from rainfusion_core.backend import Backend
 
-_DTYPES = (torch.float16, torch.bfloat16)
-_HEAD_DIMS = (64, 128)
-_BLOCK_MULTIPLE = 128
-
 
 def _torch_npu():
     return importlib.import_module("torch_npu")
@@ -42,7 +38,10 @@ class NpuBackend(Backend):
     name = "npu"
     device_types = ("npu",)
     priority = 20
-    head_dims = _HEAD_DIMS
+    # what npu_block_sparse_attention takes
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    block_multiple = 128
 
     def unavailable_reason(self):
         if importlib.util.find_spec("torch_npu") is None:
@@ -57,22 +56,6 @@ class NpuBackend(Backend):
         if not hasattr(torch_npu, "npu_block_sparse_attention"):
             return "this torch_npu has no npu_block_sparse_attention (torch_npu >= 2.6 needed)"
         return None
-
-    def unsupported_reasons(self, q, k, v, block_mask):
-        reasons = []
-        if q.dtype not in _DTYPES:
-            reasons.append(
-                f"npu_block_sparse_attention takes float16 or bfloat16, not {q.dtype}; cast the inputs "
-                "or use backend='torch'"
-            )
-        if q.shape[-1] not in _HEAD_DIMS:
-            reasons.append(f"npu_block_sparse_attention supports head dim 64 or 128, not {q.shape[-1]}")
-        if block_mask.block_size % _BLOCK_MULTIPLE:
-            reasons.append(
-                f"npu_block_sparse_attention needs key blocks that are a multiple of {_BLOCK_MULTIPLE} tokens; "
-                f"block_size={block_mask.block_size} is not"
-            )
-        return reasons
 
     def forward(self, q, k, v, block_mask, scale):
         op = _torch_npu().npu_block_sparse_attention

@@ -48,16 +48,21 @@ class Backend:
     **Optional, with defaults**:
 
     * ``priority`` (int, default 0) -- higher wins when several backends fit one device.
-    * ``head_dims`` -- the head dims the conformance kit proves (default 32, 64, 128).
+    * What it computes, as data (``rainfusion_core.limits``; ``None`` means any): ``dtypes``
+      (a tuple of torch dtypes), ``head_dims`` (a tuple, or a ``range``), ``block_multiple``
+      (mask block sizes must be a multiple of it; default 1) and ``precision_limits``
+      (``{"fp8": Limits(...)}``: what a precision narrows further). The registry refuses
+      every other call with a reason naming the limit; the conformance kit tests the head
+      dims 32, 64 and 128 that ``head_dims`` allows, or the ones it lists.
     * ``precisions`` -- the compute precisions it offers (default ``("bf16",)``: the
-      inputs' own precision; add ``"fp8"`` for the recipe of ``rainfusion_core.precision``).
+      inputs' own precision; add ``"fp8"`` for the recipe of ``rainfusion_core.fp8``).
       A call in another precision than ``"bf16"`` passes ``precision=`` as a keyword to
       ``unsupported_reasons``, ``forward`` and the model-order function; a backend that
       does not list it is never asked and never chosen for it.
     * :meth:`unavailable_reason` -- ``None`` (available) unless overridden to say why
       not (package missing, no device, extension not built). Called lazily.
-    * :meth:`unsupported_reasons` -- sentences for every property of a call the
-      backend cannot handle (dtype, head dim, block size, GQA ratio); empty by default.
+    * :meth:`unsupported_reasons` -- sentences for what the data above cannot say (a GPU
+      generation, a stride, a GQA ratio); asked only for calls the data allows; empty by default.
 
     **Optional capabilities** -- each hook returns ``None`` when the backend does not offer it:
 
@@ -86,10 +91,16 @@ class Backend:
     name: str = ""
     device_types: tuple[str, ...] = ()
     priority: int = 0
-    #: head dims the conformance kit tests (``rainfusion_core.testing``); ``None``: 32, 64 and 128
-    head_dims: tuple[int, ...] | None = None
+    #: dtypes of q, k and v it computes in; ``None``: every float dtype
+    dtypes: tuple[torch.dtype, ...] | None = None
+    #: head dims it computes (a tuple or a ``range``); ``None``: any
+    head_dims: tuple[int, ...] | range | None = None
+    #: mask block sizes must be a multiple of this
+    block_multiple: int = 1
     #: compute precisions offered (``rainfusion_core.precision.PRECISIONS``); ``"bf16"`` always
     precisions: tuple[str, ...] = ("bf16",)
+    #: what a precision other than the default narrows further: ``{name: rainfusion_core.limits.Limits}``
+    precision_limits: dict = {}
     #: Whether the model-order function is known to write every output row (the built-in ones,
     #: proven by their tests). Otherwise its output is NaN-filled before it runs, so a row it
     #: leaves unwritten reads NaN, never stale memory (one fill per call).

@@ -161,7 +161,7 @@ def _output_png(option: str, path: str) -> str:
     return path
 
 
-def _backend_line(spec, q, k, v, mask, precision: str = "bf16") -> str:
+def _backend_line(spec, q, k, v, mask, precision: str) -> str:
     """Which backend runs this call, and for the C++ one what it runs with."""
     from .registry import select_backend
 
@@ -206,7 +206,7 @@ def cmd_parity(args) -> int:
     import torch
 
     from . import registry
-    from .testing import DTYPES, check_backend, default_cases
+    from .testing import DTYPES, check_backend, default_cases, kit_head_dims
 
     if not args.all and not args.backend:
         raise UsageError("give --backend NAME or --all")
@@ -220,7 +220,7 @@ def cmd_parity(args) -> int:
     failed = False
     for name in names:
         backend = registry.get_backend(name=name)
-        cases = default_cases(tuple(backend.head_dims or (32, 64, 128)), long=not args.quick)
+        cases = default_cases(kit_head_dims(backend), long=not args.quick)
         print(f"== {name} ==", flush=True)
         report = check_backend(backend, device=device, dtypes=dtypes, cases=cases, precision=args.precision)
         print(report.table(), flush=True)
@@ -240,6 +240,7 @@ def cmd_bench(args) -> int:
     from .call import crossover_reason
     from .files import save_figure
     from .layout import VideoLayout
+    from .precision import get_precision
     from .registry import is_automatic
     from .synthetic import video_like_qkv
 
@@ -262,7 +263,7 @@ def cmd_bench(args) -> int:
                                                 precision=args.precision, min_tokens=0), device, repeats=args.repeats)
         results.append(ms)
         dense_why = None
-        if args.precision == "bf16" and is_automatic(args.backend):  # a named backend always runs
+        if get_precision(args.precision).is_default and is_automatic(args.backend):  # a named backend always runs
             dense_why = crossover_reason(device.type, layout, sparsity, 128, None, None)
         rule = f"runs dense by default ({dense_why})" if dense_why else "runs sparse by default"
         print(f"  [{i}/{len(args.sparsity)}] sparsity {sparsity:.2f}: density {plan.density:.3f} (kept tiles, "
@@ -401,7 +402,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _precision_help() -> str:
+    from .precision import TABLE
+
+    return "; ".join(f"{p.name}: {p.help}" for p in TABLE.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .precision import DEFAULT_PRECISION, PRECISIONS
+
     fmt = _DefaultsFormatter
     parser = _Parser(prog="rainfusion", description="RainFusion2.0 sparse attention tools", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -421,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_dtypes, metavar="LIST",
                    help="comma-separated dtypes to check (default: " + ",".join(DTYPE_NAMES) + ")")
     p.add_argument("--quick", action="store_true", help="skip the cases above 4K tokens")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="fp8: check the backend's FP8 path against the FP8 reference")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="check the backend in this precision, against its low-precision reference: "
+                        + _precision_help())
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="time sparse against dense attention on a video shape",
@@ -440,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_sparsities, default=[0.5, 0.8, 0.9], metavar="LIST",
                    help="comma-separated sparsities in [0, 1)")
     p.add_argument("--repeats", type=POSITIVE, default=5, help="timed calls per measurement")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="precision of the sparse attention (fp8 needs an NVIDIA Hopper GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="precision of the sparse attention: " + _precision_help())
     p.add_argument("--plot", metavar="PNG", help="write a plot of time against sparsity here")
     p.set_defaults(func=cmd_bench)
 

@@ -15,7 +15,7 @@ import pytest
 from rainfusion_core.errors import BackendError
 from rainfusion_core.precision import DEFAULT_PRECISION, PRECISIONS
 from rainfusion_core.registry import get_backend
-from rainfusion_core.testing import DEFAULT_HEAD_DIMS, DTYPES, default_cases, run_case
+from rainfusion_core.testing import DTYPES, default_cases, kit_head_dims, run_case
 
 
 class _ConfigError(Exception):
@@ -46,7 +46,7 @@ def _configure():
     precision = os.environ.get("RAINFUSION_PRECISION") or DEFAULT_PRECISION
     if precision not in PRECISIONS:
         raise _ConfigError(f"RAINFUSION_PRECISION: unknown precision {precision!r}; expected one of {PRECISIONS}")
-    return name, backend, device, dtypes, default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS)), precision
+    return name, backend, device, dtypes, default_cases(kit_head_dims(backend)), precision
 
 
 try:

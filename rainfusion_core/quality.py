@@ -26,13 +26,15 @@ from .dtypes import accumulation_dtype
 from .files import save_figure
 from .layout import VideoLayout
 from .permutation import build_permutation
-from .precision import fp8_reference_attention
+from .precision import TABLE, Precision
 from .prediction import predict_block_mask
 from .progress import progress
 from .registry import get_backend, refusal_reasons
 from .selection import block_means, pooled_scores
 
-VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random", "fp8", "fp8_dense")
+#: each precision's evaluator rows (``precision.TABLE``): row -> (precision, whether every block is kept)
+_PRECISION_ROWS = {row: (p, kept_all) for p in TABLE.values() for row, kept_all in zip(p.evaluator_rows, (False, True))}
+VARIANTS = ("rainfusion", "no_permutation", "no_sink", "oracle", "random", *_PRECISION_ROWS)
 CHUNK_ELEMENTS = 1 << 25
 
 
@@ -202,7 +204,7 @@ def evaluate(
     that count). ``fp8``: rainfusion's mask with ``precision="fp8"``; ``fp8_dense``: every
     block kept, in FP8 (one row, at sparsity 0), so the error of each of sparsity and
     precision can be read apart. FP8 runs on ``backend``'s FP8 kernel when it offers one,
-    else through :func:`~rainfusion_core.precision.fp8_reference_attention` (same
+    else through :func:`~rainfusion_core.fp8.fp8_reference_attention` (same
     roundings; the report says so). Columns: tile density,
     attention recall, relative L2 error and cosine similarity of the output
     against dense attention.
@@ -222,18 +224,18 @@ def evaluate(
         bar.update()
         gen = torch.Generator().manual_seed(seed)
         report = QualityReport()
-        fp8_attention = (_fp8_attention(backend, qp, kp, vp, full, report) if {"fp8", "fp8_dense"} & set(variants)
-                         else None)
-        if "fp8_dense" in variants:
-            bar.set_postfix_str("fp8_dense")
-            out = fp8_attention(qp, kp, vp, full, scale).double()
-            report.rows.append(QualityRow("fp8_dense", 0.0, 1.0, 1.0, *_errors(out, dense)))
+        in_precision = {p.name: _precision_attention(backend, p, qp, kp, vp, full, report)
+                        for p in {_PRECISION_ROWS[v][0] for v in variants if v in _PRECISION_ROWS}}
+        for variant in (v for v in variants if _PRECISION_ROWS.get(v, (None, False))[1]):  # every block kept
+            bar.set_postfix_str(variant)
+            out = in_precision[_PRECISION_ROWS[variant][0].name](qp, kp, vp, full, scale).double()
+            report.rows.append(QualityRow(variant, 0.0, 1.0, 1.0, *_errors(out, dense)))
         for sparsity in sparsities:
             predicted = predict_block_mask(qp, kp, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-            for variant in (v for v in variants if v != "fp8_dense"):
+            for variant in (v for v in variants if not _PRECISION_ROWS.get(v, (None, False))[1]):
                 bar.set_postfix_str(f"sparsity {sparsity:g} {variant}")
                 order_q, order_k, order_v, ref = qp, kp, vp, dense
-                if variant in ("rainfusion", "fp8"):
+                if variant == "rainfusion" or variant in _PRECISION_ROWS:
                     mask = predicted
                 elif variant == "no_sink":
                     mask = _predicted_top(qp, kp, layout, predicted, scale)
@@ -245,8 +247,8 @@ def evaluate(
                     order_q, order_k, order_v = q, k, v
                     ref = dense_model_order
                     mask = predict_block_mask(q, k, layout, sparsity=sparsity, block_size=block_size, scale=scale)
-                if variant == "fp8":
-                    out = fp8_attention(qp, kp, vp, mask, scale).double()
+                if variant in _PRECISION_ROWS:
+                    out = in_precision[_PRECISION_ROWS[variant][0].name](qp, kp, vp, mask, scale).double()
                 else:
                     out = block_sparse_attention(order_q, order_k, order_v, mask, scale=scale,
                                                  backend=backend).double()
@@ -352,22 +354,23 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
 
 
-def _fp8_attention(backend, q, k, v, full: BlockMask, report: QualityReport):
-    """``run(q, k, v, mask, scale)`` in FP8: the backend's FP8 kernel where it takes these inputs, else the reference.
+def _precision_attention(backend, precision: Precision, q, k, v, full: BlockMask, report: QualityReport):
+    """``run(q, k, v, mask, scale)`` in ``precision``: the backend's kernel where it takes these inputs in it,
+    else the precision's reference.
 
-    The FP8 rows are a measurement of the recipe, so where the kernel cannot run them (no FP8
-    kernel, float32 inputs, a head dim or block size it lacks) they come from the float64 FP8
-    reference, which rounds as the kernel does, and the report says why.
+    A precision's rows are a measurement of its recipe, so where the kernel cannot run them (no
+    kernel in that precision, float32 inputs, a head dim or block size it lacks) they come from
+    the recipe's float64 reference, which rounds as the kernel does, and the report says why.
     """
     chosen = backend if isinstance(backend, Backend) else get_backend(str(q.device) if backend is None else backend)
-    reasons = refusal_reasons(chosen, q, k, v, full, "fp8")
+    reasons = refusal_reasons(chosen, q, k, v, full, precision.name)
     if not reasons:
         return lambda q, k, v, mask, scale: block_sparse_attention(q, k, v, mask, scale=scale, backend=backend,
-                                                                   precision="fp8")
-    report.notes.append(f"fp8 rows: backend {chosen.name!r} cannot run them in FP8: {'; '.join(reasons)}. They come "
-                        "from the FP8 reference (rainfusion_core.precision), which rounds q, k, v and P as the "
-                        "Hopper kernel does")
-    return fp8_reference_attention
+                                                                   precision=precision.name)
+    report.notes.append(f"{precision.name} rows: backend {chosen.name!r} cannot run them: "
+                        f"{'; '.join(reasons)}. They come from the {precision.name.upper()} reference "
+                        f"(rainfusion_core.{precision.recipe}), which rounds q, k, v and P as the kernel does")
+    return precision.reference
 
 
 def _add_findings(report: QualityReport, sparsities, variants) -> None:
@@ -375,10 +378,11 @@ def _add_findings(report: QualityReport, sparsities, variants) -> None:
     for sparsity in sparsities:
         if "rainfusion" not in variants:
             return
-        if "fp8" in variants:
-            bf16, fp8 = report.get("rainfusion", sparsity), report.get("fp8", sparsity)
-            report.notes.append(f"sparsity {sparsity:.2f}: FP8 moves the error against dense attention from rel L2 "
-                                f"{bf16.rel_l2:.4f} to {fp8.rel_l2:.4f} (cosine {bf16.cosine:.4f} to {fp8.cosine:.4f})")
+        for variant in (v for v in variants if v in _PRECISION_ROWS and not _PRECISION_ROWS[v][1]):
+            base, low = report.get("rainfusion", sparsity), report.get(variant, sparsity)
+            report.notes.append(f"sparsity {sparsity:.2f}: {_PRECISION_ROWS[variant][0].name.upper()} moves the error "
+                                f"against dense attention from rel L2 {base.rel_l2:.4f} to {low.rel_l2:.4f} (cosine "
+                                f"{base.cosine:.4f} to {low.cosine:.4f})")
         rf_row = report.get("rainfusion", sparsity)
         if "oracle" in variants:
             ratio = rf_row.recall / max(report.get("oracle", sparsity).recall, 1e-12)

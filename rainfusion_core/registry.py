@@ -27,7 +27,8 @@ import torch
 
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError, UnsupportedInputError
-from .precision import DEFAULT_PRECISION, NEEDS, PRECISIONS, backend_keywords
+from .limits import Limits, declared_limits, declared_reasons
+from .precision import DEFAULT_PRECISION, PRECISIONS, backend_keywords, get_precision
 
 ENTRY_POINT_GROUP = "rainfusion_core.backends"
 _BUILTINS = (
@@ -146,6 +147,15 @@ def _check_declaration(backend: Backend) -> None:
             or not set(precisions) <= set(PRECISIONS)):
         raise ValueError(f"backend {backend.name!r}: precisions must be a tuple of {PRECISIONS} holding "
                          f"{DEFAULT_PRECISION!r}, got {precisions!r}")
+    narrower = backend.precision_limits
+    if (not isinstance(narrower, dict) or not set(narrower) <= set(precisions) - {DEFAULT_PRECISION}
+            or not all(isinstance(x, Limits) for x in narrower.values())):
+        raise ValueError(f"backend {backend.name!r}: precision_limits must map precisions it offers other than "
+                         f"{DEFAULT_PRECISION!r} to rainfusion_core.limits.Limits, got {narrower!r}")
+    for limits in (declared_limits(backend), *narrower.values()):
+        problems = limits.problems()
+        if problems:
+            raise ValueError(f"backend {backend.name!r}: " + "; ".join(problems))
 
 
 def _add(table: dict[str, Backend], backend: Backend, replace: bool) -> None:
@@ -429,7 +439,8 @@ class _Call:
     precision: str
 
     def reasons(self, backend: Backend) -> list[str]:
-        """Why ``backend`` cannot run this call (empty when it can).
+        """Why ``backend`` cannot run this call (empty when it can): first what it declares as data
+        (``rainfusion_core.limits``), then, for a call the data allows, its ``unsupported_reasons`` hook.
 
         A precision other than the default is asked only of backends that list it, and
         reaches them as the keyword ``precision=``; other backends never see it.
@@ -437,6 +448,9 @@ class _Call:
         if self.precision not in backend.precisions:
             return [f"it does not compute in precision {self.precision!r} (it offers "
                     f"{', '.join(backend.precisions)})"]
+        declared = declared_reasons(backend, self.q, self.block_mask.block_size, self.precision)
+        if declared:
+            return declared
         try:  # a plugin's hook is guarded as its availability check is: it names the plugin, never breaks selection
             reasons = backend.unsupported_reasons(self.q, self.k, self.v, self.block_mask,
                                                   **backend_keywords(self.precision))
@@ -469,5 +483,5 @@ def _choose(device_type: str, call: _Call | None, spec: str) -> Backend:
     if not refused:
         raise BackendError(f"no backend is registered for device type {device_type!r} ({spec})")
     lines = "\n".join(f"  - {name}: {why}" for name, why in refused)
-    needs = NEEDS.get(call.precision) if call is not None else None
+    needs = get_precision(call.precision).needs if call is not None else None
     raise BackendError(f"{needs + '; ' if needs else ''}no backend can run on {spec}:\n{lines}")

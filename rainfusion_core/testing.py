@@ -29,7 +29,7 @@ from .backend import Backend
 from .block_mask import BlockMask
 from .errors import UnsupportedInputError
 from .parity import parity
-from .precision import DEFAULT_PRECISION, backend_keywords, check_precision, fp8_reference_attention
+from .precision import DEFAULT_PRECISION, get_precision
 from .progress import progress
 from .registry import get_backend, select_backend
 
@@ -51,6 +51,14 @@ class Case:
     pattern: str = "random"  # random | full | one_per_row | empty_rows
     bsnd: bool = False
     batch: int = 1
+
+
+def kit_head_dims(backend: Backend) -> tuple[int, ...]:
+    """The head dims the kit tests on ``backend``: the ones it lists, or those of 32, 64 and 128 it computes."""
+    declared = backend.head_dims
+    if isinstance(declared, tuple):
+        return declared
+    return tuple(d for d in DEFAULT_HEAD_DIMS if declared is None or d in declared)
 
 
 def default_cases(head_dims: tuple[int, ...] = DEFAULT_HEAD_DIMS, *, long: bool = True) -> list[Case]:
@@ -142,8 +150,8 @@ def _poison(shape, dtype, device) -> None:
 
 def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: int = 0,
              precision: str = DEFAULT_PRECISION) -> CaseResult:
-    precision = check_precision(precision)
-    extra = backend_keywords(precision)
+    recipe = get_precision(precision)
+    extra = recipe.backend_keywords()
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _inputs(case, gen)
     dense = _mask(case, gen)
@@ -157,8 +165,8 @@ def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: 
     except UnsupportedInputError as exc:
         return CaseResult(case.name, name, math.nan, math.nan, "refused", str(exc).split(": ", 1)[-1])
     golden = get_backend("torch").forward(q, k, v, mask, scale)
-    if precision == "fp8":  # the same roundings, from the same low-precision inputs, on the CPU
-        ref_lp = fp8_reference_attention(*(x.cpu() for x in low), mask, scale)
+    if recipe.reference is not None:  # the precision's roundings, from the same low-precision inputs, on the CPU
+        ref_lp = recipe.reference(*(x.cpu() for x in low), mask, scale)
     else:
         ref_lp = get_backend("torch").forward(*low, mask_dev, scale)
     _poison(ref_lp.shape, dtype, device)
@@ -190,7 +198,7 @@ def check_backend(
         backend_or_name: a ``Backend`` or a registered backend name.
         device: where to run; default the backend's first device type (``"cpu"`` for ``"*"``).
         dtypes: dtypes to try; default all four float dtypes (refusals are reported).
-        cases: default :func:`default_cases` with the backend's ``head_dims``.
+        cases: default :func:`default_cases` with :func:`kit_head_dims` of the backend.
         precision: ``"bf16"`` (the inputs' precision) or ``"fp8"`` (judged against the FP8
             reference; cases the backend refuses in FP8 are reported as refused).
     """
@@ -199,7 +207,7 @@ def check_backend(
         first = backend.device_types[0]
         device = "cpu" if first == "*" else first
     device = torch.device(device)
-    cases = cases if cases is not None else default_cases(tuple(backend.head_dims or DEFAULT_HEAD_DIMS))
+    cases = cases if cases is not None else default_cases(kit_head_dims(backend))
     report = ConformanceReport(backend.name, str(device))
     dtypes = list(dtypes or DTYPES)
     with progress(total=len(cases) * len(dtypes), desc=f"parity {backend.name}", unit="case") as bar:

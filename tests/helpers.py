@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 
-from rainfusion_core import precision as fp8
+from rainfusion_core import fp8
 from rainfusion_core.backend import Backend
 from rainfusion_core.backends.torch_backend import masked_attention
 

@@ -76,9 +76,9 @@ def test_empty_rows_are_zero_even_though_the_operator_leaves_nan(torch_npu):
 @pytest.mark.parametrize(
     "dtype, dim, block_size, match",
     [
-        (torch.float32, 64, 128, "takes float16 or bfloat16, not torch.float32"),
-        (torch.float16, 96, 128, "supports head dim 64 or 128, not 96"),
-        (torch.float16, 64, 64, "multiple of 128 tokens; block_size=64 is not"),
+        (torch.float32, 64, 128, "dtype torch.float32 is not supported \\(float16, bfloat16 are\\)"),
+        (torch.float16, 96, 128, "head dim 96 is not supported \\(64, 128 are\\)"),
+        (torch.float16, 64, 64, "mask block size 64 is not a multiple of 128"),
     ],
 )
 def test_refusals_are_sentences(torch_npu, dtype, dim, block_size, match):

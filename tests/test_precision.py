@@ -13,7 +13,7 @@ import torch
 
 import rainfusion_core as rf
 from helpers import Fp8Emulation, random_dense
-from rainfusion_core import precision as fp8
+from rainfusion_core import fp8
 from rainfusion_core.backends.torch_backend import masked_attention
 from rainfusion_core.errors import BackendError, UnsupportedInputError
 from rainfusion_core.testing import Case, check_backend

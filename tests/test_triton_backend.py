@@ -21,8 +21,8 @@ ON_GPU = DEVICE == "cuda"
     "dtype, dim, block_size, match",
     [
         (torch.float64, 64, 128, "dtype torch.float64 is not supported"),
-        (torch.float16, 8, 128, "head dim 8 is outside the supported range 16..256"),
-        (torch.float16, 320, 128, "head dim 320 is outside"),
+        (torch.float16, 8, 128, "head dim 8 is not supported \\(16..256 are\\)"),
+        (torch.float16, 320, 128, "head dim 320 is not supported"),
         (torch.float16, 64, 24, "mask block size 24 is not a multiple of 16"),
     ],
 )

@@ -219,7 +219,7 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_fp8_kernel_meets_the_fp8_rule_through_the_permutation(name, bsnd, dtype, head_dim):
     from rainfusion_core.backends.torch_backend import masked_attention
-    from rainfusion_core.precision import fp8_reference_attention
+    from rainfusion_core.fp8 import fp8_reference_attention
 
     layout, q, k, v, mask = _problem(name, dtype, bsnd=bsnd, head_dim=head_dim)
     order = rf.build_permutation(layout, DEVICE).indices
@@ -262,7 +262,7 @@ def test_fp8_sparse_attention_is_close_to_bf16_and_captures_in_a_cuda_graph():
 @ON_HOPPER
 def test_fp8_refusals_on_hopper():
     _, q, k, v, mask = _problem("ragged-7x11", torch.float32)
-    with pytest.raises(rf.UnsupportedInputError, match="FP8 runs on the Hopper kernel, and it needs float16"):
+    with pytest.raises(rf.UnsupportedInputError, match="in fp8, dtype torch.float32 is not supported \\(float16, bfloat16 are\\)"):
         rf.block_sparse_attention(q, k, v, mask, backend="triton", precision="fp8")
     _, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
     with pytest.raises(ValueError, match="kernel='triton' names the portable kernel"):

@@ -12,11 +12,11 @@ import importlib
 import torch
 
 from rainfusion_core.backend import Backend, MaskPredictor
+from rainfusion_core.fp8 import FP8_DTYPE
+from rainfusion_core.limits import Limits
+from rainfusion_core.precision import DEFAULT_PRECISION, get_precision
 
-from .launch import block_sparse_attention_triton, interpreting
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+from .launch import block_sparse_attention_triton, fp8_unavailable_reason, interpreting
 
 
 class TritonBackend(Backend):
@@ -25,7 +25,13 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
     priority = 20
-    precisions = ("bf16", "fp8")  # fp8: the Hopper kernel only (launch.fp8_unavailable_reason)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dims = range(16, 257)
+    block_multiple = 16
+    precisions = ("bf16", "fp8")
+    # fp8 runs on the Hopper kernel only: its dtypes, head dims (hopper.attention.TUNING) and block;
+    # the GPU generation and strides are the hook's (launch.fp8_unavailable_reason)
+    precision_limits = {"fp8": Limits(dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128), block_sizes=(128,))}
     writes_every_row = True  # every program stores its 128 (or fewer) rows, kept blocks or none
 
     def unavailable_reason(self):
@@ -40,34 +46,23 @@ class TritonBackend(Backend):
     def runs_on(self, device_type: str) -> bool:
         return device_type == "cuda" or (device_type == "cpu" and interpreting())
 
-    def unsupported_reasons(self, q, k, v, block_mask, precision="bf16"):
-        reasons = []
-        if precision == "fp8":
-            from .launch import fp8_unavailable_reason
-
+    def unsupported_reasons(self, q, k, v, block_mask, precision=DEFAULT_PRECISION):
+        if get_precision(precision).operand_dtype == FP8_DTYPE:
             reason = fp8_unavailable_reason(q, block_mask.block_size)
-            if reason is not None:
-                reasons.append(reason)
-        if q.dtype not in _DTYPES:
-            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16 and float32 are)")
-        head_dim = q.shape[-1]
-        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            reasons.append(f"head dim {head_dim} is outside the supported range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
-        if block_mask.block_size % 16:
-            reasons.append(f"mask block size {block_mask.block_size} is not a multiple of 16")
-        return reasons
+            return [] if reason is None else [reason]
+        return []
 
-    def forward(self, q, k, v, block_mask, scale, precision="bf16"):
+    def forward(self, q, k, v, block_mask, scale, precision=DEFAULT_PRECISION):
         return block_sparse_attention_triton(q, k, v, block_mask, scale, precision=precision)
 
     def model_order_attention(self):
         return _attend_in_model_order
 
     def mask_predictor(self, dtype):
-        return _PREDICTOR if dtype in _DTYPES else None
+        return _PREDICTOR if dtype in self.dtypes else None
 
 
-def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision="bf16") -> None:
+def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision=DEFAULT_PRECISION) -> None:
     """The kernels read q, k, v rows through the permutation and write each output row back through it."""
     block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision)
 

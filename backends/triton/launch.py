@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from rainfusion_core.caching import may_cache
+from rainfusion_core.fp8 import FP8_DTYPE
+from rainfusion_core.precision import DEFAULT_PRECISION, get_precision
 
 
 def interpreting() -> bool:
@@ -80,7 +82,7 @@ _PLANS_SIZE = 256
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None,
-                                  options: TritonOptions | None = None, precision: str = "bf16", **legacy):
+                                  options: TritonOptions | None = None, precision: str = DEFAULT_PRECISION, **legacy):
     """Launch a kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
@@ -127,13 +129,13 @@ def _signature(x: torch.Tensor) -> tuple:
 
 
 def plan_launch(q, k, v, out, block_mask, order, options: TritonOptions = DEFAULT_OPTIONS,
-                precision: str = "bf16") -> LaunchPlan:
+                precision: str = DEFAULT_PRECISION) -> LaunchPlan:
     """The launch plan of this call's class, made once and cached (no host synchronisation)."""
     key = (_signature(q), _signature(k), _signature(v), _signature(out), block_mask.block_size,
            tuple(block_mask.kv_indices.shape[2:]), order is None, options, precision)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _make_fp8_plan(q, out, block_mask, options) if precision == "fp8" else \
+        plan = _make_fp8_plan(q, out, block_mask, options) if get_precision(precision).operand_dtype == FP8_DTYPE else \
             _make_plan(q, k, v, out, block_mask, order, options)
         if len(_PLANS) >= _PLANS_SIZE:
             _PLANS.clear()

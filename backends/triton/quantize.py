@@ -1,4 +1,4 @@
-"""Triton pass that prepares k and v for the FP8 Hopper kernel (``rainfusion_core.precision``'s recipe).
+"""Triton pass that prepares k and v for the FP8 Hopper kernel (``rainfusion_core.fp8``'s recipe).
 
 One program per (mask block of keys, batch x kv head) reads its rows through the
 permutation and writes
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rainfusion_core.precision import FP8_DTYPE, MIN_AMAX, TOP_EXPONENT, power_of_two_scale
+from rainfusion_core.fp8 import FP8_DTYPE, MIN_AMAX, TOP_EXPONENT, power_of_two_scale
 
 
 @triton.jit

@@ -14,7 +14,7 @@ and runs three partitions:
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
-rows on Hopper). In FP8 (``precision="fp8"``, ``rainfusion_core.precision``) the same
+rows on Hopper). In FP8 (``precision="fp8"``, ``rainfusion_core.fp8``) the same
 program runs both products on the 8-bit tensor cores: k is float8, v float8 and transposed
 (written by ``quantize.py``), q and P are rounded in the kernel. Covers 16-bit inputs, head dims 64
 and 128 (``TUNING``) and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from rainfusion_core import precision
+from rainfusion_core import fp8 as recipe
 
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -52,10 +52,10 @@ SUPPORTED_HEAD_DIMS = tuple(sorted(TUNING))
 # Registers per thread: each consumer warpgroup holds S, P and O tiles of 64 x 128; the loader only
 # scalars. (2 * 240 + 24) / 3 = 168 per thread on average fills the 64K-register file with 12 warps.
 CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
-# The FP8 recipe's constants (rainfusion_core.precision), as the kernel sees them.
-TOP_EXPONENT: gl.constexpr = gl.constexpr(precision.TOP_EXPONENT)
-MIN_AMAX: gl.constexpr = gl.constexpr(precision.MIN_AMAX)
-P_MULT: gl.constexpr = gl.constexpr(precision.P_MULTIPLIER)
+# The FP8 recipe's constants (rainfusion_core.fp8), as the kernel sees them.
+TOP_EXPONENT: gl.constexpr = gl.constexpr(recipe.TOP_EXPONENT)
+MIN_AMAX: gl.constexpr = gl.constexpr(recipe.MIN_AMAX)
+P_MULT: gl.constexpr = gl.constexpr(recipe.P_MULTIPLIER)
 # FP8: kept tiles O accumulates inside the tensor cores before it is added to its float32 total (_consumer).
 # H100, Wan2.1-1.3B shape: every 4 tiles 1.00x the bf16 kernel, every 8 tiles 1.08x; the error is the
 # roundings' alone at both (cosine 0.9992 against bf16), against 0.998 with no flush at 1.17x.
@@ -108,7 +108,7 @@ def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK
 @gluon.jit
 def _power_of_two_scale(amax):
     """``(multiplier, descale)`` of a group whose largest magnitude is ``amax``: exact powers of two
-    (``rainfusion_core.precision.power_of_two_scale``, from the float32 bits)."""
+    (``rainfusion_core.fp8.power_of_two_scale``, from the float32 bits)."""
     bits = gl.maximum(amax, MIN_AMAX).to(gl.int32, bitcast=True)
     top = ((bits >> 23) & 0xFF) - 127
     multiplier = ((127 + TOP_EXPONENT - top) << 23).to(gl.float32, bitcast=True)
@@ -151,7 +151,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
               FP8: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
-    FP8 (``rainfusion_core.precision``): q is rounded here with one power-of-two scale for the
+    FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
     warpgroup's rows; each k tile brings its block's scale (``K_DESCALE``), folded into the
     softmax scale of that tile; P is stored as ``p * P_MULT`` and v (transposed) has one scale
     per channel (``V_DESCALE``), both undone in the epilogue.
@@ -343,7 +343,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
     [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
 
-    FP8 (``rainfusion_core.precision``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
+    FP8 (``rainfusion_core.fp8``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
     v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 16) with
     ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
     """
