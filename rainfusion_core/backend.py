@@ -7,9 +7,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import describe
 from .block_mask import BlockMask
-from .errors import BackendError
 
 
 class MaskPredictor(abc.ABC):
@@ -151,6 +149,8 @@ class Backend:
         Attention of model-order tensors into ``out``: gathers permuted copies, runs
         :meth:`forward`, scatters its rows back.
         """
+        from .ops import attend_permuted_copies  # the library's own path, as for a backend without the hook
+
         attend_permuted_copies(self, q, k, v, block_mask, scale, order, out)
 
     def runs_on(self, device_type: str) -> bool:
@@ -187,25 +187,3 @@ def _deprecated(backend: Backend, old: str, new: str) -> None:
         _WARNED_DEPRECATED.add((backend.name, old))
         warnings.warn(f"backend {backend.name!r} uses {old}, deprecated: define {new} instead", DeprecationWarning,
                       stacklevel=3)
-
-
-def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
-    """``out`` if it is what :meth:`Backend.forward` must return for ``q``; else an error naming the backend."""
-    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype
-            or out.device != q.device):
-        where = f" on {out.device}" if isinstance(out, torch.Tensor) else ""
-        raise BackendError(
-            f"backend {backend.name!r} returned {describe(out)}{where} from forward(); expected a {q.dtype} "
-            f"tensor of shape {tuple(q.shape)} on {q.device}"
-        )
-    return out
-
-
-def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
-                           out: torch.Tensor, **extra) -> None:
-    """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
-    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``.
-    ``extra`` (``precision=``, only when not the default) is passed on to ``forward``."""
-    permuted = [x.index_select(2, order) for x in (q, k, v)]
-    result = backend.forward(*permuted, block_mask, scale, **extra)
-    out.index_copy_(2, order, checked_output(backend, result, permuted[0]))

@@ -5,19 +5,15 @@ Every public entry point calls one of these once; everything below them
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ._checks import (
-    check_block_size, check_bool, check_int, check_optional_bool, check_qkv, check_sparsity, check_tensor_layout,
-    default_scale, describe,
-)
+from ._checks import check_int, check_qkv, check_tensor_layout, describe
 from .backend import Backend
-from .block_mask import num_blocks
 from .crossover import dense_reason, expected_density
 from .layout import VideoLayout
+from .mask_rule import MaskRule
 from .precision import DEFAULT_PRECISION, check_precision
 from .registry import check_device_matches, is_automatic
 
@@ -47,32 +43,20 @@ def resolve_backend(backend, device: torch.device | None = None) -> BackendChoic
 
 
 @dataclass(frozen=True)
-class MaskSpec:
-    """What RainFusion2.0 mask prediction needs, resolved: the parameters of the prediction op."""
-
-    block_size: int
-    scale: float  # of the pooled scores
-    keep: int  # key blocks kept per row before the forced ones
-    sink_blocks: int  # first-frame blocks forced as whole rows and columns
-    text_blocks: int  # text blocks forced likewise
-    share_batch_mask: bool
-
-
-@dataclass(frozen=True)
 class SparseCall:
     """One ``sparse_attention`` / ``plan_sparse_attention`` call, validated."""
 
     layout: VideoLayout
     tensor_layout: str
-    mask: MaskSpec
+    mask: MaskRule
     scale: float  # softmax scale of the attention
     backend: BackendChoice
     precision: str = DEFAULT_PRECISION  # of the attention; the mask is predicted in the inputs' precision
     dense: str | None = None  # why this call runs dense attention instead (crossover.py); None: sparse
 
 
-def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
-                      share_batch_mask) -> MaskSpec:
+def resolve_mask_rule(q, k, layout, *, sparsity, block_size, first_frame_sink, scale,
+                      share_batch_mask) -> MaskRule:
     """Check the prediction arguments of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]`` and resolve them."""
     _check_layout(layout)
     for name, x in (("q", q), ("k", k)):
@@ -80,8 +64,8 @@ def resolve_mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, s
             raise ValueError(
                 f"{name} sequence length ({x.shape[2]}) must equal layout.seq_len ({layout.seq_len}) for {layout}"
             )
-    return _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size, first_frame_sink=first_frame_sink,
-                      scale=scale, share_batch_mask=share_batch_mask)
+    return MaskRule.for_layout(layout, k.shape[2], q.shape[-1], sparsity=sparsity, block_size=block_size,
+                               first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
 
 
 def _check_layout(layout) -> None:
@@ -89,44 +73,21 @@ def _check_layout(layout) -> None:
         raise TypeError(f"layout must be a rainfusion_core.VideoLayout, got {describe(layout)}")
 
 
-def _mask_spec(q, k, layout, *, sparsity, block_size, first_frame_sink, scale, share_batch_mask) -> MaskSpec:
-    """The prediction parameters, for q and k already checked against ``layout``."""
-    sparsity = check_sparsity(sparsity)
-    block_size = check_block_size(block_size)
-    keep, sink_blocks, text_blocks = mask_budget(layout, k.shape[2], sparsity, block_size, first_frame_sink)
-    return MaskSpec(
-        block_size=block_size,
-        scale=default_scale(scale, q.shape[-1]),
-        keep=keep,
-        sink_blocks=sink_blocks,
-        text_blocks=text_blocks,
-        share_batch_mask=check_bool("share_batch_mask", share_batch_mask),
-    )
-
-
-def mask_budget(layout: VideoLayout, kv_len: int, sparsity: float, block_size: int,
-                first_frame_sink: bool | None) -> tuple[int, int, int]:
-    """``(keep, sink_blocks, text_blocks)`` of a RainFusion2.0 mask: key blocks kept per row before the
-    forced ones, and the forced first-frame and text blocks (the sink is on by default for videos)."""
-    if check_optional_bool("first_frame_sink", first_frame_sink) is None:
-        first_frame_sink = layout.frames > 1
-    return (keep_blocks(num_blocks(kv_len, block_size), sparsity),
-            num_blocks(layout.frame_len, block_size) if first_frame_sink else 0,
-            num_blocks(layout.text_len, block_size))
-
-
-def keep_blocks(kv_blocks: int, sparsity: float) -> int:
-    """Key blocks each row keeps by score at ``sparsity`` (before the forced sink and text blocks)."""
-    return min(kv_blocks, max(1, math.ceil(kv_blocks * (1.0 - sparsity))))
-
-
 def crossover_reason(device_type: str, layout: VideoLayout, sparsity: float, block_size: int,
                      first_frame_sink: bool | None, min_tokens: int | None) -> str | None:
-    """Why a call of this grid runs dense attention on ``device_type`` (``crossover.py``); ``None``: sparse."""
+    """Why a call of this grid and these mask arguments runs dense attention on ``device_type``
+    (``crossover.py``); ``None``: sparse."""
     if min_tokens == 0:
         return None
-    keep, sink_blocks, text_blocks = mask_budget(layout, layout.seq_len, sparsity, block_size, first_frame_sink)
-    density = expected_density(layout.seq_len, block_size, keep, sink_blocks + text_blocks)
+    rule = MaskRule.for_layout(layout, layout.seq_len, 1, sparsity=sparsity, block_size=block_size,
+                               first_frame_sink=first_frame_sink, scale=1.0)  # the scale plays no part
+    return _rule_crossover_reason(device_type, layout, rule, min_tokens)
+
+
+def _rule_crossover_reason(device_type: str, layout: VideoLayout, rule: MaskRule, min_tokens: int | None):
+    if min_tokens == 0:
+        return None
+    density = expected_density(layout.seq_len, rule.block_size, rule.keep, rule.forced_blocks)
     return dense_reason(device_type, layout.video_len, density, min_tokens)
 
 
@@ -158,15 +119,15 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
     a device string): FP8 and a backend named explicitly are asked for by name and never run dense.
     """
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
-    mask = _mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
-                      first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
+    mask = MaskRule.for_layout(layout, k.shape[2], q.shape[-1], sparsity=sparsity, block_size=block_size,
+                               first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
     precision = check_precision(precision)
     if min_tokens is not None:
         check_int("min_tokens", min_tokens, minimum=0)
     dense = None
     # FP8, and a backend named explicitly, are asked for by name: never replaced by dense attention.
     if precision == DEFAULT_PRECISION and is_automatic(backend):
-        dense = crossover_reason(q.device.type, layout, sparsity, mask.block_size, first_frame_sink, min_tokens)
+        dense = _rule_crossover_reason(q.device.type, layout, mask, min_tokens)
     call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend, q.device),  # one scale
                       precision, dense)
     return call, q, k, v

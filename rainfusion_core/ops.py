@@ -23,15 +23,17 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .backend import Backend, MaskPredictor, attend_permuted_copies, checked_output
+from ._checks import describe
+from .backend import Backend, MaskPredictor
 from .block_mask import BlockMask, num_blocks
-from .call import BackendChoice, MaskSpec, keep_blocks
+from .call import BackendChoice
+from .errors import BackendError
 from .layout import VideoLayout
+from .mask_rule import MaskRule
 from .permutation import cached_permutation
 from .precision import DEFAULT_PRECISION, backend_keywords
 from .reuse import MaskReuse
 from .registry import select_backend
-from .selection import compute_block_mask
 
 
 # --------------------------------------------------------------------------- choosing
@@ -89,8 +91,8 @@ def predict_block_mask_op(
     backend: Optional[str],
     precision: str = DEFAULT_PRECISION,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return compute_block_mask(q, k, order, block_size=block_size, scale=scale, keep=keep, sink_blocks=sink_blocks,
-                              text_blocks=text_blocks, predictor=_predictor(backend, q, k, block_size, precision))
+    rule = MaskRule(block_size, scale, keep, sink_blocks, text_blocks)
+    return rule.predict(q, k, order, _predictor(backend, q, k, block_size, precision))
 
 
 @predict_block_mask_op.register_fake
@@ -103,30 +105,50 @@ def _(q, k, order, block_size, scale, keep, sink_blocks, text_blocks, backend, p
 
 
 def predict(choice: BackendChoice, q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None,
-            spec: MaskSpec, precision: str = DEFAULT_PRECISION, chosen: Backend | None = None) -> BlockMask:
+            rule: MaskRule, precision: str = DEFAULT_PRECISION, chosen: Backend | None = None) -> BlockMask:
     """The RainFusion2.0 mask of ``q``, ``k`` (read through ``order``, or as they are) for a resolved call.
 
     ``precision`` only picks the backend (the one that will attend); the mask does not depend on it.
     ``chosen``: the backend this call already chose (then nothing is selected again).
     """
     batch, length = q.shape[0], q.shape[2]
-    if spec.share_batch_mask:
+    if rule.share_batch_mask:
         q, k = q[:1], k[:1]
-    params = dict(block_size=spec.block_size, scale=spec.scale, keep=spec.keep, sink_blocks=spec.sink_blocks,
-                  text_blocks=spec.text_blocks)
     if chosen is not None:
-        parts = compute_block_mask(q, k, order, predictor=chosen.mask_predictor(q.dtype), **params)
+        parts = rule.predict(q, k, order, chosen.mask_predictor(q.dtype))
     elif choice.obj is not None or runs_directly(q, k, order):  # the op's body, without the dispatcher
-        predictor = _predictor(choice.obj or choice.spec, q, k, spec.block_size, precision)
-        parts = compute_block_mask(q, k, order, predictor=predictor, **params)
+        parts = rule.predict(q, k, order, _predictor(choice.obj or choice.spec, q, k, rule.block_size, precision))
     else:
-        parts = predict_block_mask_op(q, k, order, backend=choice.spec, precision=precision, **params)
-    if spec.share_batch_mask:
+        parts = predict_block_mask_op(q, k, order, rule.block_size, rule.scale, rule.keep, rule.sink_blocks,
+                                      rule.text_blocks, choice.spec, precision)
+    if rule.share_batch_mask:
         parts = tuple(x.expand(batch, *x.shape[1:]) for x in parts)
-    return BlockMask.from_tuple((*parts, spec.block_size), length, length)
+    return BlockMask.from_tuple((*parts, rule.block_size), length, length)
 
 
 # --------------------------------------------------------------------------- attention
+def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
+    """``out`` if it is what :meth:`Backend.forward` must return for ``q``; else an error naming the backend."""
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype
+            or out.device != q.device):
+        where = f" on {out.device}" if isinstance(out, torch.Tensor) else ""
+        raise BackendError(
+            f"backend {backend.name!r} returned {describe(out)}{where} from forward(); expected a {q.dtype} "
+            f"tensor of shape {tuple(q.shape)} on {q.device}"
+        )
+    return out
+
+
+def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
+                           out: torch.Tensor, **extra) -> None:
+    """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
+    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``.
+    ``extra`` (``precision=``, only when not the default) is passed on to ``forward``."""
+    permuted = [x.index_select(2, order) for x in (q, k, v)]
+    result = backend.forward(*permuted, block_mask, scale, **extra)
+    out.index_copy_(2, order, checked_output(backend, result, permuted[0]))
+
+
 @torch.library.custom_op("rainfusion::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(
     q: torch.Tensor,
@@ -253,14 +275,14 @@ def sparse_attention_op(
     -1, layer or -1]``, as :meth:`ReuseAt.as_tensor` writes it) reuses a mask predicted at an earlier step,
     looked up when the call runs; the handle's id travels as data, so a new handle compiles nothing.
     """
+    rule = MaskRule(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
     if step_sparsity is not None:
-        keep = keep_blocks(num_blocks(k.shape[2], block_size), float(step_sparsity))
-    spec = MaskSpec(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
+        rule = rule.at_sparsity(float(step_sparsity), k.shape[2])
     reused = None
     if reuse is not None:
         reuse_id, step, last, layer = reuse.tolist()
         reused = ReuseAt(MaskReuse.find(reuse_id), step, None if last < 0 else last, None if layer < 0 else layer)
-    return _sparse_call_body(backend, q, k, v, _layout_of(layout), spec, scale, bsnd_out, precision, reuse=reused)
+    return _sparse_call_body(backend, q, k, v, _layout_of(layout), rule, scale, bsnd_out, precision, reuse=reused)
 
 
 @sparse_attention_op.register_fake
@@ -269,17 +291,17 @@ def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, s
     return _empty_out(q, bsnd_out)
 
 
-def _sparse_call_body(spec, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float, bsnd_out: bool,
+def _sparse_call_body(spec, q, k, v, layout: VideoLayout, rule: MaskRule, scale: float, bsnd_out: bool,
                       precision: str, on_mask=None, reuse: "ReuseAt | None" = None) -> torch.Tensor:
     order = cached_permutation(layout, q.device).indices  # never leaves this call
-    chosen = prediction_backend(spec, q, k, mask_spec.block_size, precision)  # the one choice of this call
+    chosen = prediction_backend(spec, q, k, rule.block_size, precision)  # the one choice of this call
     mask = None
     if reuse is not None:  # what the kept mask must have been made for (the layer, where eager code knows it)
         where = reuse.store.slot()
-        depends = (reuse.layer, layout, mask_spec, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+        depends = (reuse.layer, layout, rule, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         mask = reuse.store.get(where, depends, reuse.step, reuse.last_step)
     if mask is None:
-        mask = predict(BackendChoice(), q, k, order, mask_spec, precision, chosen=chosen)
+        mask = predict(BackendChoice(), q, k, order, rule, precision, chosen=chosen)
         if reuse is not None:
             reuse.store.put(where, depends, mask, reuse.step, reuse.last_step)
         if on_mask is not None:
@@ -304,7 +326,7 @@ class ReuseAt:
         return out
 
 
-def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, mask_spec: MaskSpec, scale: float,
+def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, rule: MaskRule, scale: float,
                 bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None,
                 step_sparsity: torch.Tensor | None = None, reuse: "ReuseAt | torch.Tensor | None" = None
                 ) -> torch.Tensor:
@@ -317,15 +339,15 @@ def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, mask_spec: 
     """
     if not isinstance(step_sparsity, torch.Tensor) and not isinstance(reuse, torch.Tensor) and (
             choice.obj is not None or runs_directly(q, k, v)):
-        return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, mask_spec, scale, bsnd_out, precision,
+        return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, rule, scale, bsnd_out, precision,
                                  on_mask, reuse)
     if choice.obj is not None:
         raise ValueError("a Backend object cannot cross the op boundary: with a per-step sparsity or mask reuse "
                          "under torch.compile, name a registered backend")
     if isinstance(reuse, ReuseAt):
         reuse = reuse.as_tensor(torch.empty(4, dtype=torch.int64))
-    return sparse_attention_op(q, k, v, layout_args(layout), mask_spec.block_size, mask_spec.scale, mask_spec.keep,
-                               mask_spec.sink_blocks, mask_spec.text_blocks, mask_spec.share_batch_mask, scale,
+    return sparse_attention_op(q, k, v, layout_args(layout), rule.block_size, rule.scale, rule.keep,
+                               rule.sink_blocks, rule.text_blocks, rule.share_batch_mask, scale,
                                choice.spec, bsnd_out, precision, step_sparsity, reuse)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from ._checks import check_qkv
 from .block_mask import BlockMask
-from .call import resolve_backend, resolve_mask_spec
+from .call import resolve_backend, resolve_mask_rule
 from .layout import VideoLayout
 from .ops import predict
 from .selection import block_means
@@ -68,6 +68,6 @@ def predict_mask(q, k, layout, order, *, sparsity, block_size, first_frame_sink,
     resolves its arguments once and calls :func:`rainfusion_core.ops.predict` directly.
     """
     check_qkv(q, k, k)
-    spec = resolve_mask_spec(q, k, layout, sparsity=sparsity, block_size=block_size,
+    rule = resolve_mask_rule(q, k, layout, sparsity=sparsity, block_size=block_size,
                              first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
-    return predict(resolve_backend(backend), q, k, order, spec)
+    return predict(resolve_backend(backend), q, k, order, rule)

@@ -25,12 +25,12 @@ from .capture import load_qkv, save_qkv  # noqa: F401  (the capture format, also
 from .dtypes import accumulation_dtype
 from .files import save_figure
 from .layout import VideoLayout
+from .mask_rule import MaskRule
 from .permutation import build_permutation
 from .precision import TABLE, Precision
 from .prediction import predict_block_mask
 from .progress import progress
 from .registry import get_backend, refusal_reasons
-from .selection import block_means, pooled_scores
 
 #: each precision's evaluator rows (``precision.TABLE``): row -> (precision, whether every block is kept)
 _PRECISION_ROWS = {row: (p, kept_all) for p in TABLE.values() for row, kept_all in zip(p.evaluator_rows, (False, True))}
@@ -117,9 +117,10 @@ def _predicted_top(q, k, layout: VideoLayout, like: BlockMask, scale: float) -> 
     density. Text blocks stay first in line (they are forced in both).
     """
     block = like.block_size
-    acc = accumulation_dtype(q.dtype)
-    probs = torch.softmax(pooled_scores(block_means(q, block, acc), block_means(k, block, acc)) * scale, dim=-1)
-    text = num_blocks(layout.text_len, block)
+    rule = MaskRule.for_layout(layout, k.shape[2], q.shape[-1], sparsity=0.0, block_size=block, first_frame_sink=False,
+                               scale=scale)  # the rule's scores; this variant's own budget and no sink
+    probs = torch.softmax(rule.scores(q, k) * rule.scale, dim=-1)
+    text = rule.text_blocks
     if text:
         probs[..., probs.shape[-1] - text:] += 2.0  # above any probability: kept first
     return BlockMask.from_dense(_keep_top(probs, like.kv_counts), block_size=block, q_len=like.q_len,

@@ -1,7 +1,7 @@
 """The steps of RainFusion2.0 mask prediction, as eager reference definitions.
 
-``compute_block_mask`` runs block means -> pooled scores -> per-row selection.
-A backend with a mask predictor (``Backend.mask_predictor``) replaces
+``mask_rule.MaskRule.predict`` runs block means -> pooled scores -> per-row selection
+with these. A backend with a mask predictor (``Backend.mask_predictor``) replaces
 the two heavy steps, :func:`block_means` and :func:`select_blocks`, with
 kernels that must give the same result; the pooled scores are always the one
 batched matmul below, so both paths rank the same numbers.
@@ -13,7 +13,6 @@ import torch
 from ._checks import describe
 from .backend import MaskPredictor
 from .block_mask import BlockMask
-from .dtypes import accumulation_dtype
 from .errors import BackendError
 
 
@@ -68,30 +67,7 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     return made.dense, made.kv_counts, made.kv_indices
 
 
-def compute_block_mask(
-    q: torch.Tensor, k: torch.Tensor, order: torch.Tensor | None, *, block_size: int, scale: float, keep: int,
-    sink_blocks: int, text_blocks: int, predictor: MaskPredictor | None,
-):
-    """``(dense, kv_counts, kv_indices)`` of the RainFusion2.0 mask of ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]``.
-
-    ``predictor``: a backend's kernels for the means and the selection
-    (``Backend.mask_predictor``), or ``None`` for the eager definitions of this module.
-    """
-    if predictor is None:
-        acc = accumulation_dtype(q.dtype)
-        q_mean, k_mean = block_means(q, block_size, acc, order), block_means(k, block_size, acc, order)
-        select = select_blocks
-    else:
-        q_mean, k_mean = predictor.block_means(q, block_size, order), predictor.block_means(k, block_size, order)
-        select = predictor.select_blocks
-    scores = pooled_scores(q_mean, k_mean)
-    parts = select(scores, scale=scale, keep=keep, sink_blocks=sink_blocks, text_blocks=text_blocks)
-    if predictor is not None:
-        _check_predicted(predictor, parts, scores)
-    return parts
-
-
-def _check_predicted(predictor: MaskPredictor, parts, scores: torch.Tensor) -> None:
+def check_predicted(predictor: MaskPredictor, parts, scores: torch.Tensor) -> None:
     """A backend's ``select_blocks`` must return both mask views with the scores' shape: else an error naming it."""
     shape = tuple(scores.shape)
     expected = (("dense", torch.bool, shape), ("kv_counts", torch.int32, shape[:3]), ("kv_indices", torch.int32, shape))

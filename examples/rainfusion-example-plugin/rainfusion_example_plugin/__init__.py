@@ -2,11 +2,13 @@
 
 It reads the index view of the mask (``kv_counts``/``kv_indices``), as an
 accelerator kernel would, and is a template for vendors: replace ``forward``
-with a call into your device's kernel, declare the device types, and refuse
-what the kernel cannot do in ``unsupported_reasons``.
+with a call into your device's kernel, declare the device types and what the
+kernel computes (``dtypes``, ``head_dims``, ``block_multiple``), and refuse
+what data cannot say in ``unsupported_reasons``.
 
 Required: ``name``, ``device_types``, ``forward``. Optional, with defaults:
-``priority``, ``head_dims``, ``unavailable_reason``, ``unsupported_reasons``.
+``priority``, ``dtypes``, ``head_dims``, ``block_multiple``, ``precisions``,
+``precision_limits``, ``unavailable_reason``, ``unsupported_reasons``.
 Optional capabilities, not offered here (each returns ``None`` by default):
 ``mask_predictor(dtype)`` to predict masks on your kernels, and
 ``model_order_attention()`` to read q/k/v through the permutation instead of
@@ -24,12 +26,8 @@ class BlockwiseBackend(rf.Backend):
     name = "example_blockwise"
     device_types = ("cpu",)
     priority = -10  # never preferred over the built-ins; name it to use it
+    dtypes = (torch.bfloat16, torch.float32, torch.float64)  # no float16: a template's limit, declared as data
     head_dims = (64, 128)
-
-    def unsupported_reasons(self, q, k, v, block_mask):
-        if q.dtype == torch.float16:
-            return ["float16 is not supported by this example (use bfloat16 or float32)"]
-        return []
 
     def forward(self, q, k, v, block_mask, scale):
         batch, q_heads, q_len, _ = q.shape
