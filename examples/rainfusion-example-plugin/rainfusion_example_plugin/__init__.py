@@ -27,7 +27,7 @@ class BlockwiseBackend(rf.Backend):
     device_types = ("cpu",)
     priority = -10  # never preferred over the built-ins; name it to use it
     dtypes = (torch.bfloat16, torch.float32, torch.float64)  # no float16: a template's limit, declared as data
-    head_dims = (64, 128)
+    # head_dims: not declared, it computes any (an accelerator would list its own, e.g. (64, 128))
 
     def forward(self, q, k, v, block_mask, scale):
         batch, q_heads, q_len, _ = q.shape
