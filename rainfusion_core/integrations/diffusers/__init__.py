@@ -19,6 +19,8 @@ import errno
 import os
 from pathlib import Path
 
+import torch
+
 from ..._checks import check_block_size, check_indices, check_int, check_optional_bool, describe
 from ...call import crossover_reason
 from ...backend import Backend
@@ -32,7 +34,7 @@ from .state import CallState, Schedule, StepSparsity
 from .wan_fused import WanFusedPrologue
 
 __all__ = ["apply_rainfusion", "capture_qkv", "attention_layers", "supported_models", "Schedule",
-           "RainFusionHandle", "RainFusionStats", "RainFusionAttnProcessor"]
+           "RainFusionHandle", "RainFusionStats", "RainFusionAttnProcessor", "ModelAdapter"]
 
 
 def supported_models() -> dict[str, tuple[str, ...]]:
@@ -40,16 +42,28 @@ def supported_models() -> dict[str, tuple[str, ...]]:
     return {adapter.family: adapter.classes for adapter in ADAPTERS}
 
 
-def _transformers(model) -> tuple[ModelAdapter, list]:
-    """The supported transformers of a pipeline (``transformer``, ``transformer_2``) or the model itself."""
-    if adapter_for(model) is not None:
+def _transformers(model, adapter: ModelAdapter | None = None) -> tuple[ModelAdapter, list]:
+    """The transformers of a pipeline (``transformer``, ``transformer_2``) or the model itself, and their
+    adapter: ``adapter`` when given, else the built-in one of their class."""
+    if adapter is not None and not isinstance(adapter, ModelAdapter):
+        raise TypeError(f"adapter must be a rainfusion_core.integrations.diffusers.ModelAdapter, got "
+                        f"{describe(adapter)}")
+    if isinstance(model, torch.nn.Module) and (adapter is not None or adapter_for(model) is not None):
         found = [model]
     else:
         found = [t for t in (getattr(model, name, None) for name in ("transformer", "transformer_2")) if t is not None]
+    if adapter is not None:
+        if not found:
+            raise TypeError(f"expected a diffusers transformer or a pipeline holding one, got {describe(model)}")
+        return adapter, found
     if not found or any(adapter_for(t) is None for t in found):
         names = ", ".join(type(t).__name__ for t in found) or type(model).__name__
         raise TypeError(f"expected a supported diffusers transformer or a pipeline holding one, got {names}; "
-                        f"supported: {', '.join(supported_classes())}")
+                        f"supported: {', '.join(supported_classes())}. For another model, say where its video "
+                        "tokens are: apply_rainfusion(model, adapter=ModelAdapter(family=..., attention_modules="
+                        "[(block list attribute, attention attribute)], grid=(transformer, forward arguments) -> "
+                        "(frames, height, width), text_position='head', 'tail' or None)); docs/design.md, "
+                        "'Writing an adapter'")
     adapters = {adapter_for(t).family: adapter_for(t) for t in found}
     if len(adapters) != 1:
         raise TypeError(f"a pipeline whose transformers are of different families: "
@@ -57,16 +71,16 @@ def _transformers(model) -> tuple[ModelAdapter, list]:
     return next(iter(adapters.values())), found
 
 
-def attention_layers(model) -> list[str]:
+def attention_layers(model, *, adapter: ModelAdapter | None = None) -> list[str]:
     """Names of the attention modules RainFusion replaces, in the order ``layers=`` indexes them."""
-    adapter, transformers = _transformers(model)
+    adapter, transformers = _transformers(model, adapter)
     return [name for name, _ in adapter.attention_modules(transformers[0])]
 
 
 def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None,
-             dense_layers=None) -> RainFusionHandle:
+             dense_layers=None, adapter: ModelAdapter | None = None) -> RainFusionHandle:
     """Swap the processors of the chosen attention modules and hook the transformers; all or nothing."""
-    adapter, transformers = _transformers(model)
+    adapter, transformers = _transformers(model, adapter)
     names = [name for name, _ in adapter.attention_modules(transformers[0])]
     layers = check_indices("layers", layers, names)
     dense = check_indices("dense_layers", dense_layers, names)
@@ -85,10 +99,10 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crosso
         for index in range(len(modules)) if layers is None else layers:
             name, attn = modules[index]
             base = base_processor(attn.processor)
-            call_site = adapter.processors.get(type(base).__name__)
+            call_site = adapter.call_site(base)
             if call_site is None:
                 raise TypeError(f"{name} runs {type(base).__name__}; RainFusion routes the attention of "
-                                f"{', '.join(adapter.processors)} in {adapter.family} models")
+                                f"{adapter.routed_processors()} in {adapter.family} models")
             plan.append((index, attn, call_site, base))
     state = CallState(schedule, adapter, crossover=crossover)
     handle = RainFusionHandle(state, names)
@@ -164,6 +178,7 @@ def apply_rainfusion(
     min_tokens: int | None = None,
     dense_layers=None,
     refresh_every: int = 1,
+    adapter: ModelAdapter | None = None,
 ) -> RainFusionHandle:
     """Make the self- and joint attention of a diffusers transformer (or of a pipeline's) RainFusion2.0-sparse.
 
@@ -209,6 +224,9 @@ def apply_rainfusion(
             hook that skips attention calls at some steps must not be combined with it.
             ``handle.stats().reused`` counts the calls that reused a mask; ``rainfusion
             evaluate --reuse-from`` shows what reuse costs on captured q, k, v of two steps.
+        adapter: for a transformer no built-in adapter serves, a :class:`ModelAdapter` saying
+            which attention modules to patch and where the video tokens are (docs/design.md,
+            "Writing an adapter"); it also replaces the built-in adapter of a supported class.
     Each batch item gets its own mask, so the halves of a guidance batch differ.
     Padded text tokens (HunyuanVideo, Qwen-Image) are never keys of the sparse call;
     their own rows run dense, exactly as in the model.
@@ -225,7 +243,7 @@ def apply_rainfusion(
     refresh_every = check_int("refresh_every", refresh_every, minimum=1)
     if backend is not None:
         get_backend(backend)  # an unknown name, a missing device or an unavailable backend fails here, not mid-run
-    adapter, transformers = _transformers(model)
+    adapter, transformers = _transformers(model, adapter)
     _check_precision_offered(precision, backend, transformers)
     shortcut = None
     if adapter.family == "Wan":
@@ -255,7 +273,7 @@ def apply_rainfusion(
         return crossover_reason(device_type, layout, sparsity if step_sparsity is None else step_sparsity,
                                 block_size, first_frame_sink, min_tokens)
 
-    return _install(model, schedule, layers, make_site, shortcut, crossover, dense_layers)
+    return _install(model, schedule, layers, make_site, shortcut, crossover, dense_layers, adapter)
 
 
 def _check_precision_offered(precision: str, backend, transformers) -> None:
@@ -289,7 +307,7 @@ class _CountSteps(Schedule):
         return True
 
 
-def capture_qkv(model, directory, *, layers=(0,), steps=(0,)) -> RainFusionHandle:
+def capture_qkv(model, directory, *, layers=(0,), steps=(0,), adapter: ModelAdapter | None = None) -> RainFusionHandle:
     """Save self-attention q, k, v of the given layers at the given denoising steps, for ``rainfusion evaluate``.
 
     Files are ``qkv_layer{L}_step{S}_call{C}.pt`` in ``directory`` (BNSD, model order,
@@ -308,4 +326,4 @@ def capture_qkv(model, directory, *, layers=(0,), steps=(0,)) -> RainFusionHandl
         sites[index] = CaptureSite(state, directory=directory, steps=steps, layer=index)
         return sites[index]
 
-    return _install(model, _CountSteps(), layers, make_site)
+    return _install(model, _CountSteps(), layers, make_site, adapter=adapter)

@@ -37,18 +37,33 @@ SDPA = CallSite("F", "BNSD")
 class ModelAdapter:
     """What RainFusion needs to know about one family of diffusers transformers.
 
+    The built-in families have one each (:data:`ADAPTERS`); for a transformer no adapter
+    names, build one and pass it as ``apply_rainfusion(model, adapter=...)``::
+
+        ModelAdapter(family="MyDiT", attention_modules=[("blocks", "attn1")],
+                     grid=lambda transformer, args: (args["hidden_states"].shape[2],
+                                                     args["hidden_states"].shape[3] // 2,
+                                                     args["hidden_states"].shape[4] // 2))
+
     Attributes:
         family: the name users know (``"Wan"``, ``"HunyuanVideo"``...).
-        classes: transformer class names this adapter serves.
         attention_modules: ``transformer -> [(name, attention module)]``, the self- or
-            joint-attention modules in the order the model runs them; ``layers=``
-            indexes this list.
-        processors: processor class name -> how it calls attention; any other
-            processor on those modules is refused at ``apply_rainfusion``.
+            joint-attention modules in the order the model runs them (``layers=`` indexes
+            this list); or, as a shorthand, ``[(block list attribute, attention attribute), ...]``
+            such as ``[("blocks", "attn1")]``.
         grid: ``(transformer, forward arguments by name) -> (frames, height, width)`` of
-            the latent token grid (after patching), in frame-major raster order.
+            the latent token grid (after patching), in frame-major raster order: the video
+            tokens of the attention's sequence must be in that order.
+        classes: transformer class names this adapter serves (the built-in table looks
+            models up by them; a user's adapter may leave it empty).
+        processors: processor class name -> how it calls attention; any other
+            processor on those modules is refused at ``apply_rainfusion``. ``None``: any
+            processor whose ``__call__`` calls ``dispatch_attention_fn`` (``[B, S, H, D]``)
+            or ``F.scaled_dot_product_attention`` (``[B, H, S, D]``), told apart by the names
+            it calls.
         text_position: where text tokens sit in the joint sequence (``"head"``, ``"tail"``),
-            ``None`` when the self-attention sees video tokens only.
+            ``None`` when the self-attention sees video tokens only. Every token that is not
+            a video token counts as text: its rows and columns stay dense.
         text_valid: ``(transformer, arguments) -> [B, T] bool`` of real text tokens, or
             ``None`` when all are real; the same rule the model uses to build its mask.
             Set only for models that mask padded text; their layers' attention mask is
@@ -59,18 +74,50 @@ class ModelAdapter:
     """
 
     family: str
-    classes: tuple[str, ...]
-    attention_modules: Callable
-    processors: dict
+    attention_modules: Callable | tuple
     grid: Callable
+    classes: tuple[str, ...] = ()
+    processors: dict | None = None
     text_position: str | None = None
     text_valid: Callable | None = None
     timestep: str = "timestep"
     grid_reads_host: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.family, str) or not self.family:
+            raise ValueError(f"ModelAdapter.family must be a non-empty string, got {self.family!r}")
+        if not callable(self.attention_modules):
+            pairs = tuple(self.attention_modules) if isinstance(self.attention_modules, (list, tuple)) else ()
+            if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                    for p in pairs):
+                raise ValueError("ModelAdapter.attention_modules must be a function (transformer -> [(name, "
+                                 "module)]) or pairs of (block list attribute, attention attribute) such as "
+                                 f"[('blocks', 'attn1')], got {self.attention_modules!r}")
+            object.__setattr__(self, "attention_modules", _modules(*map(tuple, pairs)))
+        if not callable(self.grid):
+            raise ValueError("ModelAdapter.grid must be a function (transformer, forward arguments by name) -> "
+                             f"(frames, height, width), got {self.grid!r}")
         if self.text_position is not None and self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"ModelAdapter.text_position must be None or one of {TEXT_POSITIONS}")
+        if self.text_valid is not None and self.text_position is None:
+            raise ValueError("ModelAdapter.text_valid needs a text_position (where the text tokens are)")
+
+    def call_site(self, processor) -> CallSite | None:
+        """How ``processor`` calls attention, if this adapter routes it; ``None`` if not."""
+        if self.processors is not None:
+            return self.processors.get(type(processor).__name__)
+        names = getattr(getattr(type(processor).__call__, "__code__", None), "co_names", ())
+        if DISPATCH.name in names:
+            return DISPATCH
+        if SDPA.name in names and "scaled_dot_product_attention" in names:
+            return SDPA
+        return None
+
+    def routed_processors(self) -> str:
+        """The processors this adapter routes, in words (for errors)."""
+        if self.processors is not None:
+            return ", ".join(self.processors)
+        return "any processor that calls dispatch_attention_fn or F.scaled_dot_product_attention"
 
 
 # --------------------------------------------------------------------------- grids
