@@ -19,7 +19,7 @@ WORLD = 2
 # The families whose diffusers transformer has a context-parallel plan; their tiny grids split evenly in 2.
 # LTX-2 has a plan too, but diffusers 0.42's own context-parallel forward of it fails (its audio-to-video
 # attention gets the whole rotary table for a split sequence), dense or not.
-FAMILIES = ["Wan", "LTX-Video", "Flux", "Qwen-Image"]
+FAMILIES = ["Wan", "LTX-Video", "Flux", "Qwen-Image", "MiniMax-H3"]  # MiniMax-H3 splits its packed sequence whole
 
 
 def _grid(tiny):

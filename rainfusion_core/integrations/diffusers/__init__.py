@@ -27,7 +27,7 @@ from ...backend import Backend
 from ...precision import DEFAULT_PRECISION, check_precision
 from ...reuse import MaskReuse
 from ...registry import available_backends, device_type_of, get_backend, is_automatic
-from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes
+from .adapters import ADAPTERS, ModelAdapter, adapter_for, supported_classes, unsupported_reason
 from .processor import RainFusionAttnProcessor, RainFusionHandle, RainFusionStats, base_processor, processor_type
 from .sites import CaptureSite, SparseSite
 from .state import CallState, Schedule, StepSparsity
@@ -48,10 +48,15 @@ def _transformers(model, adapter: ModelAdapter | None = None) -> tuple[ModelAdap
     if adapter is not None and not isinstance(adapter, ModelAdapter):
         raise TypeError(f"adapter must be a rainfusion_core.integrations.diffusers.ModelAdapter, got "
                         f"{describe(adapter)}")
-    if isinstance(model, torch.nn.Module) and (adapter is not None or adapter_for(model) is not None):
+    if isinstance(model, torch.nn.Module) and (adapter is not None or adapter_for(model) is not None
+                                               or unsupported_reason(model) is not None):
         found = [model]
     else:
         found = [t for t in (getattr(model, name, None) for name in ("transformer", "transformer_2")) if t is not None]
+    for transformer in found:
+        reason = unsupported_reason(transformer)
+        if reason is not None:
+            raise TypeError(f"{type(transformer).__name__} cannot run with RainFusion: {reason}")
     if adapter is not None:
         if not found:
             raise TypeError(f"expected a diffusers transformer or a pipeline holding one, got {describe(model)}")
@@ -75,6 +80,14 @@ def attention_layers(model, *, adapter: ModelAdapter | None = None) -> list[str]
     """Names of the attention modules RainFusion replaces, in the order ``layers=`` indexes them."""
     adapter, transformers = _transformers(model, adapter)
     return [name for name, _ in adapter.attention_modules(transformers[0])]
+
+
+def _heads(attn) -> int:
+    """An attention module's head count (``heads`` in diffusers' ``Attention``; ``num_heads`` in Kandinsky 6's)."""
+    heads = getattr(attn, "heads", None) or getattr(attn, "num_heads", None)
+    if not isinstance(heads, int):
+        raise TypeError(f"{type(attn).__name__} has neither heads nor num_heads: RainFusion needs its head count")
+    return heads
 
 
 def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crossover=None,
@@ -109,9 +122,9 @@ def _install(model, schedule: Schedule, layers, make_site, shortcut=None, crosso
     sites = {}
     chosen = [make_site(state, index, sites) for index, _, _, _ in plan]
     for site, (_, attn, _, base) in zip(chosen, plan):
-        site.check_parallel(getattr(base, "_parallel_config", None), attn.heads)  # enable_parallelism came first
+        site.check_parallel(getattr(base, "_parallel_config", None), _heads(attn))  # enable_parallelism came first
     for site, (index, attn, call_site, base) in zip(chosen, plan):
-        attn.processor = processor_type(type(base))(attn.processor, site, call_site, index, attn.heads, shortcut)
+        attn.processor = processor_type(type(base))(attn.processor, site, call_site, index, _heads(attn), shortcut)
         handle._installed.append((attn, attn.processor))
     handle._sites.extend({id(s): s for s in sites.values()}.values())
     for transformer in transformers:

@@ -68,9 +68,15 @@ class ModelAdapter:
             ``None`` when all are real; the same rule the model uses to build its mask.
             Set only for models that mask padded text; their layers' attention mask is
             then that padding, and no other mask is accepted.
-        timestep: the forward argument holding the timestep.
+        timestep: the forward argument holding the timestep, falling through a generation (1000 ->
+            0, or 1 -> 0); or, for a model whose time runs the other way, ``(transformer, arguments)
+            -> float`` giving the step's noise level on such a falling scale. Steps are counted by it.
         grid_reads_host: ``grid`` reads tensor values (not only shapes), a host
             synchronisation per transformer call.
+        cp_splits_joint_sequence: under diffusers' context parallelism the model splits its
+            whole packed sequence into contiguous chunks (MiniMax-H3), not each stream apart
+            (Flux, Qwen-Image: ``[text chunk, video chunk]`` per rank), so the gathered
+            sequence is already in the model's order.
     """
 
     family: str
@@ -80,8 +86,9 @@ class ModelAdapter:
     processors: dict | None = None
     text_position: str | None = None
     text_valid: Callable | None = None
-    timestep: str = "timestep"
+    timestep: str | Callable = "timestep"
     grid_reads_host: bool = False
+    cp_splits_joint_sequence: bool = False
 
     def __post_init__(self):
         if not isinstance(self.family, str) or not self.family:
@@ -99,8 +106,18 @@ class ModelAdapter:
                              f"(frames, height, width), got {self.grid!r}")
         if self.text_position is not None and self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"ModelAdapter.text_position must be None or one of {TEXT_POSITIONS}")
+        if not callable(self.timestep) and not isinstance(self.timestep, str):
+            raise ValueError("ModelAdapter.timestep must be the name of a forward argument or a function "
+                             f"(transformer, arguments) -> noise level, got {self.timestep!r}")
         if self.text_valid is not None and self.text_position is None:
             raise ValueError("ModelAdapter.text_valid needs a text_position (where the text tokens are)")
+
+    def noise_level(self, transformer, arguments) -> float:
+        """The step's noise level, falling through a generation (one host read). From a timestep argument,
+        its largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and the rest the step's level."""
+        if callable(self.timestep):
+            return float(self.timestep(transformer, arguments))
+        return float(torch.as_tensor(arguments[self.timestep]).max())
 
     def call_site(self, processor) -> CallSite | None:
         """How ``processor`` calls attention, if this adapter routes it; ``None`` if not."""
@@ -130,6 +147,13 @@ def _grid_bcfhw(transformer, arguments, frames_first: bool = False):
         p_t, p_h, p_w = patch
     else:
         p_t, p_h, p_w = getattr(transformer.config, "patch_size_t", None) or 1, patch, patch
+    return frames // p_t, height // p_h, width // p_w
+
+
+def _grid_channels_last(transformer, arguments):
+    """Kandinsky 6: a channels-last ``[B, F, H, W, C]`` latent and the config's ``(p_t, p_h, p_w)``."""
+    frames, height, width = arguments["hidden_states"].shape[1:4]
+    p_t, p_h, p_w = transformer.config.patch_size
     return frames // p_t, height // p_h, width // p_w
 
 
@@ -175,6 +199,104 @@ def _grid_qwen(transformer, arguments):
     return frames, height, width
 
 
+def _grid_patched_2d(transformer, arguments):
+    """SD3, HiDream, Lumina2: a ``[B, C, H, W]`` latent and the config's (square) patch."""
+    hidden = arguments["hidden_states"]
+    if hidden.dim() != 4:
+        raise ValueError(f"RainFusion needs the latent as [B, C, H, W] in this transformer call, got shape "
+                         f"{tuple(hidden.shape)} (pre-patched input is not supported)")
+    patch = transformer.config.patch_size
+    return 1, hidden.shape[-2] // patch, hidden.shape[-1] // patch
+
+
+def _grid_lumina2(transformer, arguments):
+    """Lumina2 puts each item's real caption before its image: one grid needs one caption length (a host read)."""
+    mask = arguments.get("encoder_attention_mask")
+    if mask is not None and mask.dim() == 2:
+        counts = mask.sum(dim=1).tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(f"this Lumina2 call has {counts} real caption tokens per item, so its image starts at a "
+                             "different offset in each item's sequence; RainFusion needs the same caption length for "
+                             "every item (the Lumina2 pipeline's separate conditional and unconditional calls have it)")
+    return _grid_patched_2d(transformer, arguments)
+
+
+def _image_ids(ids, what: str, columns: int):
+    """The rows of a Flux 2 / Flux 3 ``img_ids`` (``[N, 4]`` or ``[B, N, 4]``) on the host (one read)."""
+    if ids is None:
+        raise ValueError(f"RainFusion needs img_ids in the {what} transformer call to know the image grid")
+    return (ids[0] if ids.dim() == 3 else ids).reshape(-1, columns).cpu()
+
+
+def _grid_from_ids(ids, tokens: int, what: str):
+    """``(1, height, width)`` of ids rows ``(t, h, w, l)`` of one image at ``t = 0``, ``l = 0``."""
+    if bool((ids[:, 0] != 0).any()) or bool((ids[:, 3] != 0).any()):
+        raise ValueError(f"this {what} call joins reference images to the generated one (img_ids with a non-zero t "
+                         "or l column); RainFusion supports one image grid")
+    height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if height * width != tokens:
+        raise ValueError(f"the {what} call has {tokens} image tokens but img_ids span a {height}x{width} grid")
+    return 1, height, width
+
+
+def _grid_flux2(transformer, arguments):
+    if arguments.get("kv_cache_mode") is not None:
+        raise ValueError("Flux 2's KV-cache mode (reference images kept as keys) is not supported; RainFusion "
+                         "supports one image grid")
+    return _grid_from_ids(_image_ids(arguments["img_ids"], "Flux 2", 4), arguments["hidden_states"].shape[1],
+                          "Flux 2")
+
+
+def _grid_flux3(transformer, arguments):
+    if arguments.get("image_cond_hidden_states") is not None:
+        raise ValueError("this Flux 3 call has reference images (image_cond_hidden_states), joined after the image "
+                         "in its blocks; RainFusion supports one image grid")
+    return _grid_from_ids(_image_ids(arguments["img_ids"], "Flux 3", 4), arguments["hidden_states"].shape[1],
+                          "Flux 3")
+
+
+def _grid_zimage(transformer, arguments):
+    """Z-Image takes a list of ``[C, F, H, W]`` latents and its patch sizes as arguments."""
+    latents = arguments["x"]
+    if isinstance(latents[0], (list, tuple)):
+        raise ValueError("Z-Image's omni mode (condition images and SigLIP tokens in the joint sequence) is not "
+                         "supported; RainFusion supports one image grid")
+    shapes = {tuple(item.shape[1:]) for item in latents}
+    if len(shapes) != 1:
+        raise ValueError(f"Z-Image latents of different sizes in one call ({sorted(shapes)}): RainFusion needs one grid")
+    (frames, height, width), = shapes
+    patch, frame_patch = arguments["patch_size"], arguments["f_patch_size"]
+    return frames // frame_patch, height // patch, width // patch
+
+
+def _grid_minimax_h3(transformer, arguments):
+    """MiniMax-H3 packs ``[text | conditioning | audio | generated video]``: the generated video is the contiguous
+    tail of ``video_indices``, frame-major by its ``position_ids`` (one host read)."""
+    positions, video = arguments["position_ids"], arguments["video_indices"]
+    length, rows = positions.shape[0], video.shape[0]
+    video = video.cpu()
+    tail = 0
+    if rows and int(video[-1]) == length - 1:
+        tail = int((video == torch.arange(length - rows, length)).sum())
+    if tail == 0:
+        raise ValueError("RainFusion needs the generated video rows at the tail of the MiniMax-H3 packed sequence")
+    grid = positions[length - tail:].cpu()
+    axes = [torch.unique(grid[:, i]) for i in range(3)]
+    frames, height, width = (a.numel() for a in axes)
+    raster = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    if frames * height * width != tail or not torch.equal(raster.to(grid.dtype), grid):
+        raise ValueError(f"the {tail} video rows at the tail of the MiniMax-H3 sequence are not one frame-major grid "
+                         f"(their positions span {frames}x{height}x{width})")
+    return frames, height, width
+
+
+def _rising_time(name: str):
+    """The noise level of a model whose time argument rises from 0 (noise) to 1 (clean): ``1000 (1 - min t)``."""
+    def level(transformer, arguments):
+        return 1000.0 * (1.0 - float(torch.as_tensor(arguments[name]).min()))
+    return level
+
+
 # --------------------------------------------------------------------------- text
 def _first_real(count: torch.Tensor, length: int) -> torch.Tensor:
     """``[B, length]``: the first ``count[b]`` tokens of each item real, the rest padding."""
@@ -208,6 +330,34 @@ def _qwen_text(transformer, arguments):
     return None if mask is None else mask.bool()
 
 
+def _motif_text(transformer, arguments):
+    """Motif-Video joins ``[video, image-encoder tokens (all real), text]`` and masks with ``encoder_attention_mask``."""
+    mask = arguments.get("encoder_attention_mask")
+    if mask is None:
+        return None
+    valid = mask.bool()
+    image = arguments.get("image_embeds")
+    if image is not None:
+        valid = torch.cat([valid.new_ones(image.shape[:2]), valid], dim=1)
+    return valid
+
+
+def _zimage_text(transformer, arguments):
+    """Z-Image joins per item ``[image, image padding, caption, caption padding]`` (each padded to a multiple of
+    32 with learned tokens, all attended), then pads the batch to its longest item, masked. Every token after
+    the image counts as text; the batch padding is not real."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    frames, height, width = _grid_zimage(transformer, arguments)
+    video = frames * height * width
+    image = video + (-video) % SEQ_MULTI_OF
+    captions = arguments["cap_feats"]
+    lengths = torch.tensor([image + len(c) + (-len(c)) % SEQ_MULTI_OF for c in captions])
+    if bool((lengths == lengths.max()).all()):
+        return None  # no batch padding: the model passes no mask either
+    return (torch.arange(int(lengths.max()) - video)[None, :] < (lengths - video)[:, None]).to(captions[0].device)
+
+
 # --------------------------------------------------------------------------- modules
 def _modules(*paths: tuple[str, str]):
     """``attention_modules`` over ``(block list attribute, attention attribute)`` pairs, in that order."""
@@ -220,10 +370,51 @@ def _modules(*paths: tuple[str, str]):
     return collect
 
 
+def _flux3_modules(transformer):
+    """Flux 3: the image stream's mode blocks (a ``ModuleDict`` entry), then the single blocks over
+    ``[text, image]``; the text mode blocks see text only and stay dense."""
+    found = [(f"mode_blocks.image.{i}.attn", block.attn) for i, block in enumerate(transformer.mode_blocks["image"])]
+    return found + [(f"single_transformer_blocks.{i}.attn", block.attn)
+                    for i, block in enumerate(transformer.single_transformer_blocks)]
+
+
+def _sd3_modules(transformer):
+    """SD3: each block's joint attention, and SD3.5's image-only second attention where a block has one."""
+    found = []
+    for index, block in enumerate(transformer.transformer_blocks):
+        found.append((f"transformer_blocks.{index}.attn", block.attn))
+        if getattr(block, "attn2", None) is not None:
+            found.append((f"transformer_blocks.{index}.attn2", block.attn2))
+    return found
+
+
+def _hidream_modules(transformer):
+    """HiDream-I1 wraps each block in ``.block``."""
+    return [(f"{blocks}.{index}.block.attn1", block.block.attn1)
+            for blocks in ("double_stream_blocks", "single_stream_blocks")
+            for index, block in enumerate(getattr(transformer, blocks))]
+
+
+def _kandinsky6_modules(transformer):
+    """Kandinsky 6: the video self-attention of each visual block; text, audio and cross-modal attention stay dense."""
+    return [(f"visual_transformer_blocks.{i}.video_dec_block.self_attention", block.video_dec_block.self_attention)
+            for i, block in enumerate(transformer.visual_transformer_blocks)]
+
+
+def _motif_modules(transformer):
+    """Motif-Video: the joint attention of the dual-stream blocks and of the encoder's single-stream blocks. The
+    last ``num_decoder_layers`` single blocks attend over [decoder video; encoder video], twice the grid: dense."""
+    singles = transformer.single_transformer_blocks
+    encoder = len(singles) - (transformer.config.num_decoder_layers or 0)
+    return _modules(("transformer_blocks", "attn"))(transformer) + [
+        (f"single_transformer_blocks.{i}.attn", block.attn) for i, block in enumerate(singles[:encoder])]
+
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
     ModelAdapter(
         family="Wan",
-        classes=("WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel"),
+        classes=("WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel",
+                 "WanAnimateTransformer3DModel"),  # Animate: frame 0 is the reference latent, in the grid
         attention_modules=_modules(("blocks", "attn1"), ("vace_blocks", "attn1")),
         processors={"WanAttnProcessor": DISPATCH, "SkyReelsV2AttnProcessor": DISPATCH},
         grid=_grid_bcfhw,
@@ -265,11 +456,96 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         grid=_grid_ltx,
     ),
     ModelAdapter(
+        family="Mochi",
+        classes=("MochiTransformer3DModel",),
+        # joint attention, [video | the item's real text]: the processor drops padded text itself and attends
+        # one batch item at a time, so each call's text length is its item's real count
+        attention_modules=_modules(("transformer_blocks", "attn1")),
+        processors={"MochiAttnProcessor2_0": SDPA},
+        grid=_grid_bcfhw, text_position="tail",
+    ),
+    ModelAdapter(
+        family="Cosmos",
+        classes=("CosmosTransformer3DModel",),  # Cosmos 1, 2 and 2.5; attn2 is cross-attention to text
+        attention_modules=_modules(("transformer_blocks", "attn1")),
+        processors={"CosmosAttnProcessor2_0": DISPATCH},
+        grid=_grid_bcfhw,
+    ),
+    ModelAdapter(
         family="Flux",
         classes=("FluxTransformer2DModel",),
         attention_modules=_modules(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
         processors={"FluxAttnProcessor": DISPATCH},
         grid=_grid_flux, text_position="head", grid_reads_host=True,
+    ),
+    ModelAdapter(
+        family="Kandinsky 6",
+        classes=("Kandinsky6Transformer3DModel",),
+        attention_modules=_kandinsky6_modules,
+        processors={"Kandinsky6AttnProcessor": DISPATCH},
+        grid=_grid_channels_last,
+    ),
+    ModelAdapter(
+        family="Motif-Video",
+        classes=("MotifVideoTransformer3DModel",),
+        attention_modules=_motif_modules,
+        processors={"MotifVideoAttnProcessor2_0": DISPATCH},
+        grid=_grid_bcfhw, text_position="tail", text_valid=_motif_text,
+    ),
+    ModelAdapter(
+        family="MiniMax-H3",
+        classes=("MiniMaxH3Transformer3DModel",),
+        # the joint blocks over [text | conditioning | audio | video]; token_refiner's blocks see text only
+        attention_modules=_modules(("transformer_blocks", "attn")),
+        processors={"MiniMaxH3AttnProcessor": DISPATCH},
+        grid=_grid_minimax_h3, text_position="head", grid_reads_host=True,
+        timestep=_rising_time("timestep"), cp_splits_joint_sequence=True,
+    ),
+    ModelAdapter(
+        family="Flux.2",
+        classes=("Flux2Transformer2DModel",),
+        attention_modules=_modules(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
+        processors={"Flux2AttnProcessor": DISPATCH, "Flux2ParallelSelfAttnProcessor": DISPATCH},
+        grid=_grid_flux2, text_position="head", grid_reads_host=True,
+    ),
+    ModelAdapter(
+        family="Flux.3",
+        classes=("Flux3Transformer2DModel",),
+        attention_modules=_flux3_modules,
+        processors={"Flux3AttnProcessor": DISPATCH},
+        grid=_grid_flux3, text_position="head", grid_reads_host=True,
+    ),
+    ModelAdapter(
+        family="SD3",
+        classes=("SD3Transformer2DModel",),
+        attention_modules=_sd3_modules,
+        processors={"JointAttnProcessor2_0": SDPA, "FusedJointAttnProcessor2_0": SDPA},
+        grid=_grid_patched_2d, text_position="tail",
+    ),
+    ModelAdapter(
+        family="HiDream-I1",
+        classes=("HiDreamImageTransformer2DModel",),
+        # [image, padding up to max_seq (attended: the model zeroes its keys only), text]: all after the image is text
+        attention_modules=_hidream_modules,
+        processors={"HiDreamAttnProcessor": SDPA},
+        grid=_grid_patched_2d, text_position="tail", timestep="timesteps",
+    ),
+    ModelAdapter(
+        family="Z-Image",
+        classes=("ZImageTransformer2DModel",),
+        # the main layers over [image, caption]; noise_refiner (image and its padding) and context_refiner
+        # (caption) stay dense
+        attention_modules=_modules(("layers", "attention")),
+        processors={"ZSingleStreamAttnProcessor": DISPATCH},
+        grid=_grid_zimage, text_position="tail", text_valid=_zimage_text, timestep=_rising_time("t"),
+    ),
+    ModelAdapter(
+        family="Lumina2",
+        classes=("Lumina2Transformer2DModel",),
+        # [real caption, image]: noise_refiner sees the image alone; context_refiner (caption only) stays dense
+        attention_modules=_modules(("noise_refiner", "attn"), ("layers", "attn")),
+        processors={"Lumina2AttnProcessor2_0": SDPA},
+        grid=_grid_lumina2, text_position="head", grid_reads_host=True, timestep=_rising_time("timestep"),
     ),
     ModelAdapter(
         family="Qwen-Image",
@@ -281,8 +557,37 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
 )
 
 
+#: transformer classes RainFusion refuses, and why: their attention is not one video grid plus one dense span
+UNSUPPORTED: dict[str, str] = {
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "HunyuanVideo-Framepack joins history latents (4x and 2x downsampled, and clean frames at other frame "
+        "indices) before the video tokens and image and text tokens after them; RainFusion's layout has one video "
+        "grid plus a single text span at the head or the tail"),
+    "SanaVideoTransformer3DModel": (
+        "Sana-Video's self-attention (SanaLinearAttnProcessor3_0) is linear attention, with no softmax score "
+        "matrix to make block-sparse; its only softmax attention is the cross-attention to text, which stays dense"),
+    "Cosmos3OmniTransformer": (
+        "Cosmos3-Omni packs every batch item into one unbatched sequence placed by vision_sequence_indexes; its "
+        "generation attention has queries over video tokens only but keys over text and video, with grouped-query "
+        "heads, and its text pathway is causal: not one square block-sparse attention over a video grid"),
+    "QwenImage21Transformer2DModel": (
+        "Qwen-Image 2.1's attention is block-causal: text rows are causal, and its processor splits each layer into "
+        "per-segment calls whose queries (the target image) and keys (the whole prefix and the image) differ, not "
+        "one bidirectional joint attention"),
+    "WanAnimate2Transformer3DModel": (
+        "Wan-Animate 2's cached self-attention packs the video queries into a padded buffer, takes keys over the "
+        "video and a cached reference, and runs its own FlexAttention block mask with a fixed backend: there is "
+        "no dispatcher call over a video grid to route"),
+}
+
+
 def supported_classes() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.classes]
+
+
+def unsupported_reason(transformer) -> str | None:
+    """Why RainFusion refuses this transformer's class (or a class it derives from), else ``None``."""
+    return next((UNSUPPORTED[cls.__name__] for cls in type(transformer).__mro__ if cls.__name__ in UNSUPPORTED), None)
 
 
 def adapter_for(transformer) -> ModelAdapter | None:

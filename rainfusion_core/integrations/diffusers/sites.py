@@ -209,8 +209,9 @@ class SparseSite(Site):
         video_len = grid.video_len if grid is not None else q.shape[1]
         key = (q.shape[1], cp.ulysses_degree, video_len, q.device)
         if key not in self._orders:
-            self._orders[key] = gathered_order(q.shape[1], cp.ulysses_degree, video_len,
-                                               self.state.adapter.text_position, q.device)
+            joint = self.state.adapter.cp_splits_joint_sequence  # the exchange gives back the model's order
+            self._orders[key] = None if joint else gathered_order(q.shape[1], cp.ulysses_degree, video_len,
+                                                                   self.state.adapter.text_position, q.device)
         order = self._orders[key]
         if order is not None:
             q, k, v = (x.index_select(1, order[0]) for x in (q, k, v))

@@ -240,7 +240,7 @@ class CallState(NoCopy):
         self.calls += 1
         self.sparse = True
         if self.counts_steps:
-            self._apply_schedule(bound)
+            self._apply_schedule(module, bound)
         if not self.sparse:
             self.tally.dense_by_schedule += 1
             return
@@ -284,10 +284,8 @@ class CallState(NoCopy):
         if self.scheduler_steps is not None:
             self.scheduler_steps += 1
 
-    def _apply_schedule(self, bound) -> None:
-        # One host sync per call. The largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and
-        # the rest the step's noise level; CogVideoX also takes a plain number.
-        t = float(torch.as_tensor(bound[self.adapter.timestep]).max())
+    def _apply_schedule(self, module, bound) -> None:
+        t = self.adapter.noise_level(module, bound)  # one host sync per call
         # In a pipeline the scheduler's step also ends a step: timesteps passed in bfloat16 (HunyuanVideo's
         # pipeline) can round two steps to one value.
         stepped = self.scheduler_steps is not None and self.scheduler_steps != self.steps_seen
