@@ -274,8 +274,29 @@ def test_capture_with_padded_text_saves_the_real_tokens_per_group(tmp_path):
         assert q.shape[0] == 1 and q.shape[2] == layout.seq_len
 
 
+def test_capture_of_a_model_attending_per_item_saves_every_item(tmp_path):
+    """Mochi attends one batch item at a time, each over its own real text: one file per call, none overwritten."""
+    from rainfusion_core.integrations.diffusers import capture_qkv
+    from rainfusion_core.quality import load_qkv
+
+    tiny = next(m for m in MODELS if m.family == "Mochi")
+    model = tiny.build(0)
+    kwargs = tiny.inputs(grids(tiny)[0], 2, True, 500)  # item b has TEXT - 2 - b real text tokens
+    handle = capture_qkv(model, tmp_path, layers=(0,), steps=(0,))
+    forward(model, kwargs)
+    handle.remove()
+    files = sorted(tmp_path.glob("qkv_layer0_step0_*.pt"))
+    assert [f.name for f in files] == ["qkv_layer0_step0_call1.pt", "qkv_layer0_step0_call1_part1.pt"]
+    assert [load_qkv(f)[3].text_len for f in files] == [TEXT - 2, TEXT - 3]
+
+
 @pytest.mark.parametrize("family, change, message", [
     ("Flux", lambda kw: kw["img_ids"].__setitem__((slice(None), 0), 1.0), "joins several images"),
+    ("Flux.2", lambda kw: kw.__setitem__("img_ids", kw["img_ids"] + torch.tensor([10, 0, 0, 0])),
+     "joins reference images"),
+    ("Flux.3", lambda kw: kw.__setitem__("image_cond_hidden_states", torch.randn(2, 4, 4)), "has reference images"),
+    ("Lumina2", lambda kw: kw["encoder_attention_mask"].__setitem__((0, slice(None)), 1), "same caption length"),
+    ("MiniMax-H3", lambda kw: kw.__setitem__("video_indices", kw["video_indices"][:-1]), "at the tail"),
     ("Qwen-Image", lambda kw: kw.__setitem__("img_shapes", [[(1, 8, 10), (1, 4, 4)]] * 2), "one image grid per call"),
     ("LTX-Video", lambda kw: kw.__setitem__("num_frames", None), "needs num_frames, height and width"),
     ("LTX-Video", lambda kw: kw.__setitem__("num_frames", 4), "num_frames x height x width = 4x8x10"),

@@ -271,6 +271,7 @@ class CaptureSite(Site):
     def __init__(self, state: CallState, *, directory: Path, steps, layer: int):
         super().__init__(state)
         self.directory, self.steps, self.layer = directory, frozenset(steps), layer
+        self._last_stem, self._part = None, 0  # a layer attending per batch item (Mochi) saves several parts
 
     def active(self) -> bool:
         return self.state.step in self.steps
@@ -286,6 +287,10 @@ class CaptureSite(Site):
             layout = self.layout_of(q.shape[seq], "self-attention")
             bnsd = [x.transpose(1, 2) if tensor_layout == "BSND" else x for x in (q, k, v)]
             stem = f"qkv_layer{self.layer}_step{self.state.step}_call{self.state.calls}"
+            self._part = self._part + 1 if stem == self._last_stem else 0
+            self._last_stem = stem
+            if self._part:
+                stem = f"{stem}_part{self._part}"
             padding = self.state.text
             if padding is None:
                 save_qkv(self.directory / f"{stem}.pt", *bnsd, layout, layer=self.layer, step=self.state.step)
