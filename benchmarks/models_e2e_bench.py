@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import comma_choices, event_median_ms
 from rainfusion_core.integrations.diffusers import apply_rainfusion, attention_layers
+from rainfusion_core.precision import PRECISIONS
 
 DENSE = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -110,6 +111,42 @@ def _qwen_inputs():
                 timestep=_t(0.5), img_shapes=[[(1, 83, 83)]])
 
 
+def _mochi_inputs():
+    """Mochi 1 at 848 x 480, 163 frames: a [1, 12, 28, 60, 106] latent; a 100-token prompt padded to 256."""
+    mask = torch.zeros(1, 256, dtype=torch.int64, device="cuda")
+    mask[:, :100] = 1
+    return dict(hidden_states=_randn(1, 12, 28, 60, 106), encoder_hidden_states=_randn(1, 256, 4096),
+                encoder_attention_mask=mask, timestep=_t(500.0))
+
+
+def _cosmos_inputs():
+    """Cosmos-1.0 7B at 1280 x 704, 121 frames: a [1, 16, 16, 88, 160] latent, 512 T5 tokens."""
+    return dict(hidden_states=_randn(1, 16, 16, 88, 160), encoder_hidden_states=_randn(1, 512, 1024),
+                timestep=_t(500.0), fps=24)
+
+
+def _minimax_h3_inputs(frames=37, height=24, width=42, text=300, audio=200):
+    """MiniMax-H3 text-to-video-and-audio at 768 x 1344, 124 frames: [text | stereo audio | video], packed as its
+    pipeline's builders pack it (positions (time, row, column)); its time runs 0 = noise -> 1 = clean."""
+    def inputs():
+        video, rows = frames * height * width, 2 * audio
+        length = text + rows + video
+        positions = torch.zeros(length, 3, device="cuda")
+        positions[:text, 0] = torch.arange(text, device="cuda")
+        positions[text:text + rows, 0] = (text + torch.arange(audio, device="cuda")).repeat(2)
+        positions[text:text + rows, 2] = torch.tensor([0.0, width - 1.0], device="cuda").repeat_interleave(audio)
+        f, h, w = torch.meshgrid(*(torch.arange(n, device="cuda") for n in (frames, height, width)), indexing="ij")
+        positions[text + rows:] = torch.stack([text + 5 * f.flatten(), h.flatten(), w.flatten()], -1).float()
+        tags = torch.cat([torch.full((text,), 1), torch.full((rows,), 2), torch.full((video,), 0)]).cuda()
+        return dict(hidden_states=_randn(1, video, 24 * 4), audio_hidden_states=_randn(1, rows, 32),
+                    encoder_hidden_states=_randn(1, text, 5120), timestep=_t(0.5),
+                    timestep_indices=torch.zeros(length, dtype=torch.long, device="cuda"), token_tags=tags,
+                    position_ids=positions, video_indices=torch.arange(text + rows, length, device="cuda"),
+                    audio_indices=torch.arange(text, text + rows, device="cuda"),
+                    text_indices=torch.arange(text, device="cuda"))
+    return inputs
+
+
 MODELS = {
     "wan-1.3b": Model("WanTransformer3DModel", WAN_1_3B, _wan_inputs(21, 60, 104), (21, 30, 52), 12, 128),
     "wan-14b": Model("WanTransformer3DModel", WAN_14B, _wan_inputs(21, 90, 160), (21, 45, 80), 40, 128),
@@ -125,6 +162,13 @@ MODELS = {
     "flux-dev-2048": Model("FluxTransformer2DModel", dict(guidance_embeds=True), _flux_inputs(128), (1, 128, 128), 24,
                            128, text=512),
     "qwen-image": Model("QwenImageTransformer2DModel", dict(), _qwen_inputs, (1, 83, 83), 24, 128, text=128),
+    "mochi": Model("MochiTransformer3DModel", dict(), _mochi_inputs, (28, 30, 53), 24, 128, text=256,
+                   text_position="tail", real_text=100),
+    # concat_padding_mask off: it concatenates a padding-mask channel before patching (torchvision), not attention
+    "cosmos-7b": Model("CosmosTransformer3DModel", dict(concat_padding_mask=False), _cosmos_inputs, (16, 44, 80), 32,
+                       128),
+    "minimax-h3": Model("MiniMaxH3Transformer3DModel", dict(), _minimax_h3_inputs(), (37, 24, 42), 56, 128,
+                        text=700),  # the dense head: 300 text tokens and 400 audio rows
 }
 
 
@@ -221,7 +265,7 @@ def main() -> None:
                         help="backend for RainFusion (default: automatic, with the dense crossover; naming one, "
                              "e.g. triton, always runs sparse)")
     args = parser.parse_args()
-    precisions = comma_choices(parser, "--precisions", args.precisions, ("bf16", "fp8"))
+    precisions = comma_choices(parser, "--precisions", args.precisions, PRECISIONS)
     names = comma_choices(parser, "--models", args.models, MODELS)
     modes = args.modes.split(",")
     rows = []
