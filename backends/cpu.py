@@ -16,6 +16,7 @@ import os
 import torch
 
 from rainfusion_core.backend import Backend
+from rainfusion_core.dtypes import accumulation_dtype
 
 _NATIVE = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -60,11 +61,12 @@ class CpuBackend(Backend):
     device_types = ("cpu",)
     priority = 10
     dtypes = _HALF + _NATIVE
+    returns_lse = True
 
     def unavailable_reason(self):
         return _load_kernel()[1]
 
-    def forward(self, q, k, v, block_mask, scale):
+    def forward(self, q, k, v, block_mask, scale, return_lse=False):
         kernel, reason = _load_kernel()
         if kernel is None:
             raise RuntimeError(reason)
@@ -80,9 +82,11 @@ class CpuBackend(Backend):
                 raise ValueError(f"{ISA_VARIABLE}={isa!r}: {exc}") from None
         mask = (block_mask.kv_counts.contiguous().numpy(), block_mask.kv_indices.contiguous().numpy(),
                 block_mask.block_size, float(scale), torch.get_num_threads(), isa)
+        lse = torch.empty(q.shape[:3], dtype=accumulation_dtype(q.dtype)) if return_lse else None
+        where = None if lse is None else lse.numpy()
         if q.dtype in _NATIVE:
-            kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *mask)
+            kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *mask, lse=where)
         else:  # float16 / bfloat16 bits, converted by the kernel as it packs tiles: no float32 copies
             bits = [x.view(torch.int16).numpy() for x in (q, k, v, out)]
-            kernel.forward_16bit(*bits, *mask, str(q.dtype).removeprefix("torch."))
-        return out
+            kernel.forward_16bit(*bits, *mask, str(q.dtype).removeprefix("torch."), lse=where)
+        return out if lse is None else (out, lse)

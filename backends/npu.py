@@ -42,6 +42,7 @@ class NpuBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16)
     head_dims = (64, 128)
     block_multiple = 128
+    returns_lse = True
 
     def unavailable_reason(self):
         if importlib.util.find_spec("torch_npu") is None:
@@ -57,16 +58,20 @@ class NpuBackend(Backend):
             return "this torch_npu has no npu_block_sparse_attention (torch_npu >= 2.6 needed)"
         return None
 
-    def forward(self, q, k, v, block_mask, scale):
+    def forward(self, q, k, v, block_mask, scale, return_lse=False):
         op = _torch_npu().npu_block_sparse_attention
         bs = block_mask.block_size
-        out, _ = op(
+        out, lse = op(
             q.contiguous(), k.contiguous(), v.contiguous(),
             block_mask.dense.to(torch.int8), [bs, bs],
             q_input_layout="BNSD", kv_input_layout="BNSD",
             num_key_value_heads=k.shape[1], scale_value=float(scale), inner_precise=0,
-            softmax_lse_flag=0,
+            softmax_lse_flag=int(return_lse),  # the operator's own log-sum-exp, [B, N, S, 1] float32
         )
-        # Rows whose query block keeps nothing are zero by our contract, whatever the operator wrote.
-        has_keys = (block_mask.kv_counts > 0).repeat_interleave(bs, dim=2)[:, :, : q.shape[2], None]
-        return torch.where(has_keys, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        # Rows whose query block keeps nothing are zero (lse -inf) by our contract, whatever the operator wrote.
+        has_keys = (block_mask.kv_counts > 0).repeat_interleave(bs, dim=2)[:, :, : q.shape[2]]
+        out = torch.where(has_keys[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        if not return_lse:
+            return out
+        lse = lse.reshape(q.shape[:3]).float()
+        return out, torch.where(has_keys, lse, torch.full((), float("-inf"), device=lse.device))

@@ -19,7 +19,7 @@ CHUNK_ELEMENTS = 1 << 26
 
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
-    *, chunk_elements: int = CHUNK_ELEMENTS,
+    *, chunk_elements: int = CHUNK_ELEMENTS, lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(scale * q k^T + mask) v`` with the block pattern of ``block_mask``.
 
@@ -29,6 +29,10 @@ def masked_attention(
     inputs), so ``q . k`` beyond the input dtype's range stays finite, as in a
     flash kernel's float32 accumulator; ``P @ V`` runs in the input dtype. A
     query row whose block keeps no key block is zero.
+
+    ``lse``: a ``[B, Hq, Sq]`` tensor (float32, or float64 for float64 inputs) that receives
+    each row's natural log-sum-exp of its scaled scores over its kept keys (``-inf`` for a
+    row with none).
     """
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -45,6 +49,8 @@ def masked_attention(
         scores = (q_grouped[:, :, :, start:stop].to(softmax_dtype) @ k_t) * scale  # [B, Hkv, G, rows, Sk]
         keep = block_mask.token_mask(start, stop).unflatten(1, (kv_heads, group))
         scores = scores.masked_fill(~keep, float("-inf"))
+        if lse is not None:
+            lse[:, :, start:stop] = torch.logsumexp(scores, dim=-1).flatten(1, 2)
         # --- softmax over kept keys; rows with no kept key are zeros, not NaN
         probs = torch.softmax(scores, dim=-1)
         probs = torch.where(keep.any(dim=-1, keepdim=True), probs, 0.0)
@@ -58,6 +64,10 @@ class TorchBackend(Backend):
     name = "torch"
     device_types = ("*",)
     priority = 0
+    returns_lse = True
 
-    def forward(self, q, k, v, block_mask, scale):
-        return masked_attention(q, k, v, block_mask, scale)
+    def forward(self, q, k, v, block_mask, scale, return_lse=False):
+        if not return_lse:
+            return masked_attention(q, k, v, block_mask, scale)
+        lse = torch.empty(q.shape[:3], dtype=accumulation_dtype(q.dtype), device=q.device)
+        return masked_attention(q, k, v, block_mask, scale, lse=lse), lse

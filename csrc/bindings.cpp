@@ -54,8 +54,9 @@ template <typename T, typename S = T>
 void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::array_t<T, 0> out,
              py::array_t<int32_t, py::array::c_style> kv_counts,
              py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
-             int num_threads, const std::string& isa) {
+             int num_threads, const std::string& isa, const py::object& lse) {
   static_assert(sizeof(T) == sizeof(S), "the storage type reinterprets the array's elements");
+  using L = typename rainfusion::ComputeType<S>::type;
   const rainfusion::Isa path = rainfusion::parse_isa(isa.c_str());  // throws for an unknown or unavailable one
   AttentionArgs<S> a{};
   a.q_strides = element_strides(q, "q");
@@ -83,6 +84,15 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
   a.v = reinterpret_cast<const S*>(v.data()), a.out = reinterpret_cast<S*>(out.mutable_data());
   a.kv_counts = counts.data(), a.kv_indices = indices.data();
   a.block_size = block_size, a.scale = scale, a.num_threads = num_threads;
+  if (!lse.is_none()) {  // the exact dtype and layout, never a converted copy the kernel would write instead
+    if (!py::isinstance<py::array_t<L, py::array::c_style>>(lse))
+      throw std::invalid_argument(std::string("lse must be a C-contiguous ") + (sizeof(L) == 8 ? "float64" : "float32") +
+                                  " array [B, Hq, Sq]");
+    auto lse_array = py::reinterpret_borrow<py::array_t<L, py::array::c_style>>(lse);
+    if (lse_array.size() != a.batch * a.q_heads * a.q_len || !lse_array.writeable())
+      throw std::invalid_argument("lse must be a writeable array of B * Hq * Sq elements");
+    a.lse = lse_array.mutable_data();
+  }
   py::gil_scoped_release release;
   rainfusion::block_sparse_attention_forward(a, path);
 }
@@ -92,14 +102,15 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
 PYBIND11_MODULE(_cpu_kernel, m) {
   m.doc() = "RainFusion2.0 block-sparse flash attention forward, C++17 CPU kernel (instruction set chosen at run time)";
   const char* doc =
-      "forward(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa='')\n"
-      "isa: 'avx512', 'avx2', 'generic', or '' for the fastest this CPU runs";
+      "forward(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa='', lse=None)\n"
+      "isa: 'avx512', 'avx2', 'generic', or '' for the fastest this CPU runs; lse: a float32 (float64 for float64 "
+      "inputs) C-contiguous [B, Hq, Sq] array that receives each row's log-sum-exp";
   m.def("forward", &forward<float>, doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("kv_counts"), py::arg("kv_indices"), py::arg("block_size"), py::arg("scale"), py::arg("num_threads"),
-        py::arg("isa") = "");
+        py::arg("isa") = "", py::arg("lse") = py::none());
   m.def("forward", &forward<double>, doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("kv_counts"), py::arg("kv_indices"), py::arg("block_size"), py::arg("scale"), py::arg("num_threads"),
-        py::arg("isa") = "");
+        py::arg("isa") = "", py::arg("lse") = py::none());
   const char* doc16 =
       "forward_16bit(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa, dtype)\n"
       "q, k, v, out: int16 arrays holding float16 or bfloat16 bits (dtype 'float16' or 'bfloat16'); computed in "
@@ -107,15 +118,18 @@ PYBIND11_MODULE(_cpu_kernel, m) {
   m.def("forward_16bit", [](py::array_t<int16_t, 0> q, py::array_t<int16_t, 0> k, py::array_t<int16_t, 0> v,
                             py::array_t<int16_t, 0> out, py::array_t<int32_t, py::array::c_style> kv_counts,
                             py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,
-                            int num_threads, const std::string& isa, const std::string& dtype) {
+                            int num_threads, const std::string& isa, const std::string& dtype,
+                            const py::object& lse) {
     if (dtype == "float16")
-      return forward<int16_t, rainfusion::Half>(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa);
+      return forward<int16_t, rainfusion::Half>(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa,
+                                                lse);
     if (dtype == "bfloat16")
       return forward<int16_t, rainfusion::BFloat16>(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads,
-                                                    isa);
+                                                    isa, lse);
     throw std::invalid_argument("dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
   }, doc16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("kv_counts"), py::arg("kv_indices"),
-        py::arg("block_size"), py::arg("scale"), py::arg("num_threads"), py::arg("isa"), py::arg("dtype"));
+        py::arg("block_size"), py::arg("scale"), py::arg("num_threads"), py::arg("isa"), py::arg("dtype"),
+        py::arg("lse") = py::none());
   m.def("has_openmp", &rainfusion::has_openmp);
   m.def("isa", [](const std::string& name) { return std::string(rainfusion::isa_key(rainfusion::parse_isa(name.c_str()))); },
         "the path that runs for a request ('' = the fastest); raises ValueError when unavailable", py::arg("name") = "");

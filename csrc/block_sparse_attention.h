@@ -33,6 +33,8 @@ struct Strides4 {
 // callers check that first (the Python binding does, in O(B * Hq * NQ * NK)).
 // Query head h reads key/value head h / (Hq / Hkv). Rows whose block keeps no key
 // block are written as zeros.
+//   lse [B, Hq, Sq] (contiguous, the compute type), or null: each row's natural log-sum-exp of its
+//   scaled scores over its kept keys, -inf for a row with none.
 template <typename T>  // the storage type: float, double, Half or BFloat16
 struct AttentionArgs {
   const T* q;
@@ -46,6 +48,7 @@ struct AttentionArgs {
   int64_t block_size;
   double scale;
   int num_threads;  // <= 0: the OpenMP default
+  typename ComputeType<T>::type* lse = nullptr;
 };
 
 // The instruction-set paths of the kernel. Each is compiled in its own file with its own flags

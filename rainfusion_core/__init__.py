@@ -18,6 +18,7 @@ _EXPORTS = {
     "BackendError": "errors", "BackendUnavailableError": "errors", "UnknownBackendError": "errors",
     "UnsupportedInputError": "errors",
     "VideoLayout": "layout",
+    "merge_attention": "merge",
     "Permutation": "permutation", "build_permutation": "permutation",
     "block_means": "prediction", "predict_block_mask": "prediction",
     "BackendInfo": "registry", "get_backend": "registry", "list_backends": "registry",

@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 
-from ._checks import check_qkv, default_scale
+from ._checks import check_bool, check_qkv, default_scale
 from .backend import Backend
 from .block_mask import BlockMask, check_mask_matches
 from .call import SparseCall, model_order_views, resolve_backend, resolve_sparse_call
@@ -31,7 +31,8 @@ def block_sparse_attention(
     scale: float | None = None,
     backend=None,
     precision: str = "bf16",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of ``q [B, Hq, Sq, D]`` over ``k, v [B, Hkv, Sk, D]`` on the tiles ``block_mask`` keeps.
 
     Inputs are in the order the mask was made for (permuted order when it
@@ -41,11 +42,15 @@ def block_sparse_attention(
     ``precision``: ``"bf16"`` (the inputs' own precision) or ``"fp8"`` (operands rounded
     to float8, ``rainfusion_core.precision``; a backend that cannot is an error, never a fallback).
     Returns ``[B, Hq, Sq, D]`` in ``q.dtype``; rows with no kept block are zero.
+    ``return_lse=True`` returns ``(out, lse)``: ``lse [B, Hq, Sq]`` (float32; float64 for float64
+    inputs) is the natural log-sum-exp of each row's scaled scores over its kept keys, ``-inf``
+    for a row with none, so partial results over disjoint keys merge exactly
+    (:func:`rainfusion_core.merge.merge_attention`). Only backends with ``returns_lse`` run it.
     """
     check_qkv(q, k, v)
     check_mask_matches(q, k, block_mask)
     return attention(resolve_backend(backend, q.device), q, k, v, block_mask, default_scale(scale, q.shape[-1]),
-                     precision=check_precision(precision))
+                     precision=check_precision(precision), return_lse=check_bool("return_lse", return_lse))
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +146,8 @@ def sparse_attention(
     share_batch_mask: bool = False,
     precision: str = "bf16",
     min_tokens: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """RainFusion2.0 self-attention of a video sequence in the model's token order.
 
     Permutes q, k, v into 8x8 spatial tiles (text last), predicts the block
@@ -161,11 +167,18 @@ def sparse_attention(
     there. ``min_tokens``: ``None`` uses the measured crossover of q's device (or
     ``$RAINFUSION_MIN_TOKENS``); a number replaces its token count; ``0`` always runs sparse.
     The rule is part of automatic selection: a backend named explicitly, and FP8, always run.
+
+    ``return_lse=True`` returns ``(out, lse)``, ``lse [B, H, S]`` each row's log-sum-exp in the
+    model's token order (as :func:`block_sparse_attention` describes it); such a call always runs
+    sparse, on a backend with ``returns_lse``.
     """
     call, q, k, v = resolve_sparse_call(q, k, v, layout, sparsity=sparsity, block_size=block_size,
                                         tensor_layout=tensor_layout, backend=backend, scale=scale,
                                         first_frame_sink=first_frame_sink, share_batch_mask=share_batch_mask,
-                                        precision=precision, min_tokens=min_tokens)
+                                        precision=precision, min_tokens=min_tokens, return_lse=return_lse)
+    if return_lse:
+        return sparse_call(call.backend, q, k, v, call.layout, call.mask, call.scale, call.tensor_layout == "BSND",
+                           call.precision, return_lse=True)
     return run_sparse_call(call, q, k, v)
 
 

@@ -57,6 +57,8 @@ class Backend:
       A call in another precision than ``"bf16"`` passes ``precision=`` as a keyword to
       ``unsupported_reasons``, ``forward`` and the model-order function; a backend that
       does not list it is never asked and never chosen for it.
+    * ``returns_lse`` -- whether it can return each row's log-sum-exp beside the output
+      (what merging partial results needs: ring attention, ``rainfusion_core.merge``).
     * :meth:`unavailable_reason` -- ``None`` (available) unless overridden to say why
       not (package missing, no device, extension not built). Called lazily.
     * :meth:`unsupported_reasons` -- sentences for what the data above cannot say (a GPU
@@ -103,6 +105,11 @@ class Backend:
     #: proven by their tests). Otherwise its output is NaN-filled before it runs, so a row it
     #: leaves unwritten reads NaN, never stale memory (one fill per call).
     writes_every_row: bool = False
+    #: Whether ``forward(..., return_lse=True)`` returns ``(out, lse)`` (``lse`` float32 ``[B, Hq, Sq]``, the
+    #: natural log-sum-exp of each row's scaled scores over its kept keys, ``-inf`` for a row with none) and the
+    #: model-order function takes ``lse=`` (a ``[B, Hq, Sq]`` float32 view it writes through the permutation).
+    #: A call that asks for the log-sum-exp never selects a backend without it.
+    returns_lse: bool = False
     #: Deprecated (one release): set :meth:`mask_predictor` instead. Dtypes for which this
     #: backend defines ``block_means(x, block_size, order)`` and ``select_blocks(scores, ...)``.
     fused_prediction_dtypes: tuple[torch.dtype, ...] = ()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int, check_qkv, check_tensor_layout, describe
+from ._checks import check_bool, check_int, check_qkv, check_tensor_layout, describe
 from .backend import Backend
 from .crossover import dense_reason, expected_density
 from .layout import VideoLayout
@@ -111,12 +111,13 @@ def model_order_views(q, k, v, layout, tensor_layout: str):
 
 
 def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout, backend, scale, first_frame_sink,
-                        share_batch_mask, precision=DEFAULT_PRECISION, min_tokens=0):
+                        share_batch_mask, precision=DEFAULT_PRECISION, min_tokens=0, return_lse=False):
     """``(SparseCall, q, k, v)`` with q, k, v as ``[B, H, S, D]`` views of the model-order inputs.
 
     ``min_tokens``: the dense crossover (``crossover.py``): ``None`` the measured one for q's
     device, ``0`` never dense. It applies under automatic selection only (``backend`` ``None`` or
-    a device string): FP8 and a backend named explicitly are asked for by name and never run dense.
+    a device string): FP8 and a backend named explicitly are asked for by name and never run dense;
+    nor does a call that asks for the log-sum-exp (``return_lse``: dense SDPA returns none).
     """
     q, k, v = model_order_views(q, k, v, layout, tensor_layout)
     mask = MaskRule.for_layout(layout, k.shape[2], q.shape[-1], sparsity=sparsity, block_size=block_size,
@@ -126,7 +127,7 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
         check_int("min_tokens", min_tokens, minimum=0)
     dense = None
     # FP8, and a backend named explicitly, are asked for by name: never replaced by dense attention.
-    if precision == DEFAULT_PRECISION and is_automatic(backend):
+    if precision == DEFAULT_PRECISION and is_automatic(backend) and not check_bool("return_lse", return_lse):
         dense = _rule_crossover_reason(q.device.type, layout, mask, min_tokens)
     call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend, q.device),  # one scale
                       precision, dense)

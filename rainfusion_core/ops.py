@@ -27,6 +27,7 @@ from ._checks import describe
 from .backend import Backend, MaskPredictor
 from .block_mask import BlockMask, num_blocks
 from .call import BackendChoice
+from .dtypes import accumulation_dtype
 from .errors import BackendError
 from .layout import VideoLayout
 from .mask_rule import MaskRule
@@ -63,14 +64,14 @@ def _is_functorch_wrapped(x: torch.Tensor) -> bool:
 
 
 def prediction_backend(spec, q: torch.Tensor, k: torch.Tensor, block_size: int,
-                       precision: str = DEFAULT_PRECISION) -> Backend:
+                       precision: str = DEFAULT_PRECISION, lse: bool = False) -> Backend:
     """The backend that runs this call, chosen once by the one rule of ``select_backend``.
 
     Asked before the mask exists, it sees a stand-in mask of the right shape and block size;
     the same backend then predicts the mask (in the inputs' precision) and attends.
     """
     stand_in = BlockMask.stand_in(q.shape[0], q.shape[1], q.shape[2], k.shape[2], block_size, q.device)
-    return select_backend(spec, q, k, k, stand_in, precision)
+    return select_backend(spec, q, k, k, stand_in, precision, lse)
 
 
 def _predictor(spec, q, k, block_size, precision) -> MaskPredictor | None:
@@ -139,14 +140,38 @@ def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _forward(backend: Backend, q, k, v, mask: BlockMask, scale: float, extra: dict, lse=None) -> torch.Tensor:
+    """``backend.forward`` checked; with ``lse`` (a ``[B, Hq, Sq]`` buffer) it is asked for the log-sum-exp too,
+    which is checked and written there."""
+    if lse is None:
+        return checked_output(backend, backend.forward(q, k, v, mask, scale, **extra), q)
+    result = backend.forward(q, k, v, mask, scale, return_lse=True, **extra)
+    pair = isinstance(result, tuple) and len(result) == 2
+    part = result[1] if pair else None
+    if (not isinstance(part, torch.Tensor) or tuple(part.shape) != tuple(q.shape[:3]) or not part.is_floating_point()
+            or part.device != q.device):
+        got = describe(part) if pair else f"{describe(result)}, not (out, lse)"
+        raise BackendError(f"backend {backend.name!r} returned lse as {got} from forward(return_lse=True); expected "
+                           f"a float tensor of shape {tuple(q.shape[:3])} on {q.device}")
+    lse.copy_(part)
+    return checked_output(backend, result[0], q)
+
+
 def attend_permuted_copies(backend: Backend, q, k, v, block_mask: BlockMask, scale: float, order: torch.Tensor,
-                           out: torch.Tensor, **extra) -> None:
+                           out: torch.Tensor, lse: torch.Tensor | None = None, **extra) -> None:
     """Model-order attention for a backend without :meth:`Backend.model_order_attention`: gather
-    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows back into ``out``.
-    ``extra`` (``precision=``, only when not the default) is passed on to ``forward``."""
+    permuted copies of q, k, v, run :meth:`Backend.forward`, scatter its rows (and, with ``lse``,
+    its log-sum-exp) back. ``extra`` (``precision=``, only when not the default) is passed on."""
     permuted = [x.index_select(2, order) for x in (q, k, v)]
-    result = backend.forward(*permuted, block_mask, scale, **extra)
-    out.index_copy_(2, order, checked_output(backend, result, permuted[0]))
+    part = None if lse is None else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
+    out.index_copy_(2, order, _forward(backend, *permuted, block_mask, scale, extra, part))
+    if lse is not None:
+        lse.index_copy_(2, order, part)
+
+
+def empty_lse(q: torch.Tensor) -> torch.Tensor:
+    """A ``[B, Hq, Sq]`` log-sum-exp buffer: float32, float64 for float64 inputs."""
+    return q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("rainfusion::block_sparse_attention", mutates_args=())
@@ -173,47 +198,78 @@ def block_sparse_attention_op(
     return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
 
 
+@torch.library.custom_op("rainfusion::block_sparse_attention_lse", mutates_args=())
+def block_sparse_attention_lse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dense: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    backend: Optional[str],
+    order: Optional[torch.Tensor] = None,
+    bsnd_out: bool = False,
+    precision: str = DEFAULT_PRECISION,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_sparse_attention_op` and each row's log-sum-exp ``[B, Hq, Sq]``, in the output's row order."""
+    mask = BlockMask.from_tuple((dense, kv_counts, kv_indices, block_size), q.shape[2], k.shape[2])
+    chosen = select_backend(backend, q, k, v, mask, precision, lse=True)
+    lse = empty_lse(q)
+    return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision, lse), lse
+
+
 def attend(chosen: Backend, q, k, v, mask: BlockMask, scale: float, order=None, bsnd_out: bool = False,
-           precision: str = DEFAULT_PRECISION) -> torch.Tensor:
+           precision: str = DEFAULT_PRECISION, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``chosen`` into a contiguous output, ``[B, Hq, Sq, D]`` or ``[B, Sq, Hq, D]`` with ``bsnd_out``.
 
     With ``order`` the inputs are in model order: the backend's model-order attention
     reads through it, or else the rows are gathered into permuted copies and scattered back.
-    A precision other than the default reaches the backend as ``precision=``.
+    A precision other than the default reaches the backend as ``precision=``. ``lse`` (a
+    ``[B, Hq, Sq]`` buffer, :func:`empty_lse`) receives each row's log-sum-exp, in the
+    output's row order.
     """
     extra = backend_keywords(precision)
     if order is None and not bsnd_out:
-        return checked_output(chosen, chosen.forward(q, k, v, mask, scale, **extra), q).contiguous()
+        return _forward(chosen, q, k, v, mask, scale, extra, lse).contiguous()
     out = _empty_out(q, bsnd_out)
     view = out.transpose(1, 2) if bsnd_out else out
     if order is None:
-        view.copy_(checked_output(chosen, chosen.forward(q, k, v, mask, scale, **extra), q))
+        view.copy_(_forward(chosen, q, k, v, mask, scale, extra, lse))
         return out
     run = chosen.model_order_attention()
     if run is not None:
         if not chosen.writes_every_row:  # rows a function leaves unwritten read NaN, never stale memory
             view.fill_(float("nan"))
-        run(q, k, v, mask, scale, order, view, **extra)
+            if lse is not None:
+                lse.fill_(float("nan"))
+        run(q, k, v, mask, scale, order, view, **extra, **({} if lse is None else {"lse": lse}))
     else:
-        attend_permuted_copies(chosen, q, k, v, mask, scale, order, view, **extra)
+        attend_permuted_copies(chosen, q, k, v, mask, scale, order, view, lse, **extra)
     return out
 
 
 def attention(choice: BackendChoice, q, k, v, mask: BlockMask, scale: float, order=None,
               bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, chosen: Backend | None = None,
-              chose=None) -> torch.Tensor:
+              chose=None, return_lse: bool = False):
     """Attention of a resolved call: through the op, or its body directly (eager mode, a ``Backend`` object).
 
     ``chosen``: the backend a caller chose for this class of inputs before (a plan), used without
     asking the registry again; ``chose(backend)`` is told the choice when one is made.
+    ``return_lse``: ``(out, lse)``, the log-sum-exp ``[B, Hq, Sq]`` in the output's row order.
     """
     if choice.obj is not None or runs_directly(q, k, v, order, mask.dense, mask.kv_counts, mask.kv_indices):
         if chosen is None:
-            chosen = select_backend(choice.obj or choice.spec, q, k, v, mask, precision)
+            chosen = select_backend(choice.obj or choice.spec, q, k, v, mask, precision, lse=return_lse)
             if chose is not None:
                 chose(chosen)
-        return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
-    return block_sparse_attention_op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out, precision)
+        if not return_lse:
+            return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
+        lse = empty_lse(q)
+        return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision, lse), lse
+    op = block_sparse_attention_lse_op if return_lse else block_sparse_attention_op
+    return op(q, k, v, *mask.as_tuple(), scale, choice.spec, order, bsnd_out, precision)
 
 
 def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:
@@ -226,6 +282,12 @@ def _empty_out(q: torch.Tensor, bsnd_out: bool) -> torch.Tensor:
 def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=None, bsnd_out=False,
       precision=DEFAULT_PRECISION):
     return _empty_out(q, bsnd_out)
+
+
+@block_sparse_attention_lse_op.register_fake
+def _(q, k, v, dense, kv_counts, kv_indices, block_size, scale, backend, order=None, bsnd_out=False,
+      precision=DEFAULT_PRECISION):
+    return _empty_out(q, bsnd_out), empty_lse(q)
 
 
 # --------------------------------------------------------------------------- below the crossover
@@ -291,10 +353,40 @@ def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, s
     return _empty_out(q, bsnd_out)
 
 
+@torch.library.custom_op("rainfusion::sparse_attention_lse", mutates_args=())
+def sparse_attention_lse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: list[int],
+    block_size: int,
+    mask_scale: float,
+    keep: int,
+    sink_blocks: int,
+    text_blocks: int,
+    share_batch_mask: bool,
+    scale: float,
+    backend: Optional[str],
+    bsnd_out: bool = False,
+    precision: str = DEFAULT_PRECISION,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_attention_op` and each row's log-sum-exp ``[B, Hq, S]`` in model order."""
+    rule = MaskRule(block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask)
+    lse = empty_lse(q)
+    return _sparse_call_body(backend, q, k, v, _layout_of(layout), rule, scale, bsnd_out, precision, lse=lse), lse
+
+
+@sparse_attention_lse_op.register_fake
+def _(q, k, v, layout, block_size, mask_scale, keep, sink_blocks, text_blocks, share_batch_mask, scale, backend,
+      bsnd_out=False, precision=DEFAULT_PRECISION):
+    return _empty_out(q, bsnd_out), empty_lse(q)
+
+
 def _sparse_call_body(spec, q, k, v, layout: VideoLayout, rule: MaskRule, scale: float, bsnd_out: bool,
-                      precision: str, on_mask=None, reuse: "ReuseAt | None" = None) -> torch.Tensor:
+                      precision: str, on_mask=None, reuse: "ReuseAt | None" = None,
+                      lse: torch.Tensor | None = None) -> torch.Tensor:
     order = cached_permutation(layout, q.device).indices  # never leaves this call
-    chosen = prediction_backend(spec, q, k, rule.block_size, precision)  # the one choice of this call
+    chosen = prediction_backend(spec, q, k, rule.block_size, precision, lse is not None)  # the one choice
     mask = None
     if reuse is not None:  # what the kept mask must have been made for (the layer, where eager code knows it)
         where = reuse.store.slot()
@@ -306,7 +398,7 @@ def _sparse_call_body(spec, q, k, v, layout: VideoLayout, rule: MaskRule, scale:
             reuse.store.put(where, depends, mask, reuse.step, reuse.last_step)
         if on_mask is not None:
             on_mask(mask)
-    return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision)
+    return attend(chosen, q, k, v, mask, scale, order, bsnd_out, precision, lse)
 
 
 @dataclass(frozen=True)
@@ -328,15 +420,27 @@ class ReuseAt:
 
 def sparse_call(choice: BackendChoice, q, k, v, layout: VideoLayout, rule: MaskRule, scale: float,
                 bsnd_out: bool = False, precision: str = DEFAULT_PRECISION, on_mask=None,
-                step_sparsity: torch.Tensor | None = None, reuse: "ReuseAt | torch.Tensor | None" = None
-                ) -> torch.Tensor:
+                step_sparsity: torch.Tensor | None = None, reuse: "ReuseAt | torch.Tensor | None" = None,
+                return_lse: bool = False):
     """Prediction and attention of a resolved call on model-order q, k, v, with one backend choice: the op,
     or its body directly.
 
     ``on_mask(mask)`` sees each mask predicted when the body runs directly (never through the op).
     ``step_sparsity`` and ``reuse``: see :func:`sparse_attention_op`; as tensors (what compiled code
     passes) the op is always used, and eager code may pass ``reuse`` as a :class:`ReuseAt`.
+    ``return_lse``: ``(out, lse)``, each row's log-sum-exp ``[B, Hq, S]`` in model order (not with
+    ``step_sparsity`` or ``reuse``).
     """
+    if return_lse:
+        if step_sparsity is not None or reuse is not None:
+            raise ValueError("return_lse=True is not combined with a per-step sparsity or mask reuse")
+        if choice.obj is not None or runs_directly(q, k, v):
+            lse = empty_lse(q)
+            return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, rule, scale, bsnd_out, precision,
+                                     on_mask, lse=lse), lse
+        return sparse_attention_lse_op(q, k, v, layout_args(layout), rule.block_size, rule.scale, rule.keep,
+                                       rule.sink_blocks, rule.text_blocks, rule.share_batch_mask, scale,
+                                       choice.spec, bsnd_out, precision)
     if not isinstance(step_sparsity, torch.Tensor) and not isinstance(reuse, torch.Tensor) and (
             choice.obj is not None or runs_directly(q, k, v)):
         return _sparse_call_body(choice.obj or choice.spec, q, k, v, layout, rule, scale, bsnd_out, precision,
@@ -361,5 +465,6 @@ def _no_backward(ctx, *grads):
     raise RuntimeError(NO_BACKWARD)
 
 
-for _op in (sparse_attention_op, block_sparse_attention_op, predict_block_mask_op):
+for _op in (sparse_attention_op, sparse_attention_lse_op, block_sparse_attention_op, block_sparse_attention_lse_op,
+            predict_block_mask_op):
     _op.register_autograd(_no_backward)

@@ -139,9 +139,9 @@ def _check_declaration(backend: Backend) -> None:
         )
     if isinstance(backend.priority, bool) or not isinstance(backend.priority, int):
         raise ValueError(f"backend {backend.name!r}: priority must be an int, got {backend.priority!r}")
-    if not isinstance(backend.writes_every_row, bool):
-        raise ValueError(f"backend {backend.name!r}: writes_every_row must be True or False, "
-                         f"got {backend.writes_every_row!r}")
+    for flag in ("writes_every_row", "returns_lse"):
+        if not isinstance(getattr(backend, flag), bool):
+            raise ValueError(f"backend {backend.name!r}: {flag} must be True or False, got {getattr(backend, flag)!r}")
     precisions = backend.precisions
     if (not isinstance(precisions, tuple) or DEFAULT_PRECISION not in precisions
             or not set(precisions) <= set(PRECISIONS)):
@@ -389,14 +389,14 @@ def is_automatic(spec) -> bool:
     return spec is None or (isinstance(spec, str) and _parse_device(spec) is not None)
 
 
-def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION) -> Backend:
+def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION, lse: bool = False) -> Backend:
     """The backend that runs this call; ``spec`` as in :func:`get_backend`, ``None`` = q's device.
 
     ``precision`` (checked by the caller) is part of the call: a backend must list it in
     ``precisions``, and is asked its ``unsupported_reasons`` for it.
     """
     device_type = q.device.type
-    call = _Call(q, k, v, block_mask, precision)
+    call = _Call(q, k, v, block_mask, precision, lse)
     if spec is None:
         return _choose(device_type, call, str(q.device))
     if isinstance(spec, str) and _parse_device(spec) is not None:
@@ -414,7 +414,8 @@ def select_backend(spec, q, k, v, block_mask, precision: str = DEFAULT_PRECISION
     return backend
 
 
-def refusal_reasons(backend: Backend, q, k, v, block_mask, precision: str = DEFAULT_PRECISION) -> list[str]:
+def refusal_reasons(backend: Backend, q, k, v, block_mask, precision: str = DEFAULT_PRECISION,
+                    lse: bool = False) -> list[str]:
     """Why ``backend`` cannot run attention of these tensors in ``precision`` (empty when it can).
 
     The same questions :func:`select_backend` asks: availability, the device, the precision, and
@@ -425,18 +426,19 @@ def refusal_reasons(backend: Backend, q, k, v, block_mask, precision: str = DEFA
         return [f"it is unavailable: {reason}"]
     if not backend.runs_on(q.device.type):
         return [f"it runs on {'/'.join(backend.device_types)} devices, but the inputs are on {q.device}"]
-    return _Call(q, k, v, block_mask, precision).reasons(backend)
+    return _Call(q, k, v, block_mask, precision, lse).reasons(backend)
 
 
 @dataclass(frozen=True)
 class _Call:
-    """What selection asks a backend about: the tensors, the mask and the precision."""
+    """What selection asks a backend about: the tensors, the mask, the precision, whether the log-sum-exp is wanted."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     block_mask: object
     precision: str
+    lse: bool = False
 
     def reasons(self, backend: Backend) -> list[str]:
         """Why ``backend`` cannot run this call (empty when it can): first what it declares as data
@@ -448,6 +450,8 @@ class _Call:
         if self.precision not in backend.precisions:
             return [f"it does not compute in precision {self.precision!r} (it offers "
                     f"{', '.join(backend.precisions)})"]
+        if self.lse and not backend.returns_lse:
+            return ["it does not return the log-sum-exp (returns_lse is False)"]
         declared = declared_reasons(backend, self.q, self.block_mask.block_size, self.precision)
         if declared:
             return declared

@@ -129,12 +129,13 @@ def _attend_tiles(
 
 @triton.jit
 def block_sparse_attention_fwd(
-    Q, K, V, Out, KV_COUNTS, KV_INDICES, ORDER,
+    Q, K, V, Out, KV_COUNTS, KV_INDICES, ORDER, LSE,
     desc_q, desc_k, desc_v, desc_o,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh,
     q_heads, q_len, kv_len, mask_rows, mask_cols, qk_scale,
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
@@ -147,6 +148,7 @@ def block_sparse_attention_fwd(
     TMA_KV: tl.constexpr,
     GATHER_Q: tl.constexpr,
     GATHER_KV: tl.constexpr,
+    WRITE_LSE: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
 
@@ -157,6 +159,8 @@ def block_sparse_attention_fwd(
     The mask and the loop run in permuted order. With GATHER_Q, permuted query row ``i`` is
     row ``ORDER[i]`` of Q and is written to row ``ORDER[i]`` of Out (the tensors stay in the
     model's order, no permuted copies); GATHER_KV does the same for the rows of K and V.
+    With WRITE_LSE each row's natural log-sum-exp (``-inf`` for a row with no kept key) goes to
+    ``LSE [B, H, S]`` (unit stride along S), at the row its output goes to.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -206,6 +210,9 @@ def block_sparse_attention_fwd(
     )
 
     # -- epilogue: normalise; a row with no kept block stays zero
+    if WRITE_LSE:  # m_i and l_i are in base 2: ln(sum) = (m + log2 l) * ln 2
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(LSE + b64 * stride_lb + h * stride_lh + rows_m, lse, mask=m_ok)
     acc = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(Out.dtype.element_ty)
     if TMA_Q:
         desc_o.store([b, h, pid_m * BLOCK_M, 0], acc.reshape(1, 1, BLOCK_M, HEAD_DIM))

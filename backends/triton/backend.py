@@ -33,6 +33,7 @@ class TritonBackend(Backend):
     # the GPU generation and strides are the hook's (launch.fp8_unavailable_reason)
     precision_limits = {"fp8": Limits(dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128), block_sizes=(128,))}
     writes_every_row = True  # every program stores its 128 (or fewer) rows, kept blocks or none
+    returns_lse = True  # on the portable kernel (launch.block_sparse_attention_triton)
 
     def unavailable_reason(self):
         try:
@@ -52,8 +53,11 @@ class TritonBackend(Backend):
             return [] if reason is None else [reason]
         return []
 
-    def forward(self, q, k, v, block_mask, scale, precision=DEFAULT_PRECISION):
-        return block_sparse_attention_triton(q, k, v, block_mask, scale, precision=precision)
+    def forward(self, q, k, v, block_mask, scale, precision=DEFAULT_PRECISION, return_lse=False):
+        if not return_lse:
+            return block_sparse_attention_triton(q, k, v, block_mask, scale, precision=precision)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        return block_sparse_attention_triton(q, k, v, block_mask, scale, precision=precision, lse=lse), lse
 
     def model_order_attention(self):
         return _attend_in_model_order
@@ -62,9 +66,15 @@ class TritonBackend(Backend):
         return _PREDICTOR if dtype in self.dtypes else None
 
 
-def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision=DEFAULT_PRECISION) -> None:
-    """The kernels read q, k, v rows through the permutation and write each output row back through it."""
-    block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision)
+def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision=DEFAULT_PRECISION, lse=None) -> None:
+    """The kernels read q, k, v rows through the permutation and write each output row (and its
+    log-sum-exp) back through it."""
+    if lse is not None and (lse.dtype != torch.float32 or lse.stride(-1) != 1):
+        part = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+        block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision, lse=part)
+        lse.copy_(part)
+        return
+    block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision, lse=lse)
 
 
 class _TritonPredictor(MaskPredictor):

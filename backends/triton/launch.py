@@ -10,7 +10,7 @@ import importlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,7 +82,8 @@ _PLANS_SIZE = 256
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out=None,
-                                  options: TritonOptions | None = None, precision: str = DEFAULT_PRECISION, **legacy):
+                                  options: TritonOptions | None = None, precision: str = DEFAULT_PRECISION, lse=None,
+                                  **legacy):
     """Launch a kernel; ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` with any strides.
 
     Without ``order`` the tensors are in the mask's (permuted) order. With
@@ -99,15 +100,24 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     deprecated spelling of ``options`` (one release).
     ``precision="fp8"`` runs the Hopper kernel in FP8 (``rainfusion_core.precision``) or raises
     with the reason it cannot; it never runs the call in 16 bits instead.
+    ``lse`` (float32 ``[B, Hq, Sq]``, unit stride along Sq) receives each row's natural
+    log-sum-exp, at the row its output goes to; the portable kernel writes it (the Hopper
+    kernel does not yet), so such calls run there.
     """
     options = _options(options, legacy)
+    if lse is not None:
+        if get_precision(precision).operand_dtype is not None or options.kernel == "ws":
+            raise ValueError(f"the log-sum-exp comes from the portable Triton kernel, which has no "
+                             f"{'FP8 path' if options.kernel != 'ws' else 'place in kernel=ws'}: "
+                             f"precision={precision!r}, kernel={options.kernel!r} cannot return it")
+        options = replace(options, kernel="triton")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     plan = plan_launch(q, k, v, out, block_mask, order, options, precision)
     if plan.kernel == "ws":
         _run_ws(plan, q, k, v, block_mask, scale, order, out)
     else:
-        _run_triton(plan, q, k, v, block_mask, scale, order, out)
+        _run_triton(plan, q, k, v, block_mask, scale, order, out, lse)
     return out
 
 
@@ -273,7 +283,7 @@ def _identity(length: int, device: torch.device) -> torch.Tensor:
     return cached
 
 
-def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
+def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) -> None:
     from . import attention as kernels
 
     batch, q_heads, q_len, head_dim = q.shape
@@ -294,8 +304,9 @@ def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> Non
         ]
     grid = (math.ceil(q_len / config.block_m), batch * q_heads)
     kernels.block_sparse_attention_fwd[grid](
-        q, k, v, out, counts, indices, counts if order is None else order, *descs,
+        q, k, v, out, counts, indices, counts if order is None else order, counts if lse is None else lse, *descs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *((0, 0) if lse is None else lse.stride()[:2]),
         q_heads, q_len, k.shape[2], indices.shape[2], indices.shape[3], scale * math.log2(math.e),
         HEAD_DIM=head_dim,
         GROUP=q_heads // k.shape[1],
@@ -308,6 +319,7 @@ def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> Non
         TMA_KV=plan.tma_kv,
         GATHER_Q=gather_q,
         GATHER_KV=gather_kv,
+        WRITE_LSE=lse is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
