@@ -54,3 +54,27 @@ def parity(out: torch.Tensor, golden: torch.Tensor, ref_lp: torch.Tensor) -> Par
         mean_limit=max(FACTOR * float(ref_err.mean()), floor),
         has_nan=bool(torch.isnan(out).any()),
     )
+
+
+#: absolute error floor of a log-sum-exp (float32, of magnitude log(S) plus the largest scaled score)
+LSE_FLOOR = 1e-4
+
+
+def lse_parity(lse: torch.Tensor, golden: torch.Tensor, ref_lp: torch.Tensor) -> str | None:
+    """``None`` when ``lse`` passes the parity rule against ``golden`` (float64) with the low-precision
+    reference ``ref_lp``, else why not: rows with no kept key are ``-inf`` exactly where the golden's
+    are, and on the others ``max|lse - golden| <= max(2 * max|ref_lp - golden|, LSE_FLOOR)``."""
+    lse, golden, ref_lp = (x.detach().to("cpu", torch.float64) for x in (lse, golden, ref_lp))
+    if lse.shape != golden.shape:
+        return f"lse has shape {tuple(lse.shape)}, expected {tuple(golden.shape)}"
+    empty = golden == float("-inf")
+    if not torch.equal(lse == float("-inf"), empty):
+        return "lse is -inf on other rows than those with no kept key"
+    rows = ~empty
+    if bool(torch.isnan(lse[rows]).any()):
+        return "NaN in lse"
+    if not bool(rows.any()):
+        return None
+    error = float((lse[rows] - golden[rows]).abs().max())
+    limit = max(FACTOR * float((ref_lp[rows] - golden[rows]).abs().max()), LSE_FLOOR)
+    return None if error <= limit else f"lse max error {error:.2e} vs limit {limit:.2e}"

@@ -10,9 +10,12 @@ judges the output with the parity rule of docs/design.md (``rainfusion_core.pari
 against the ``torch`` backend in float64 on the CPU, with the ``torch`` backend
 in the test dtype on the backend's device as the low-precision reference.
 With ``precision="fp8"`` the low-precision reference is
-:func:`~rainfusion_core.precision.fp8_reference_attention`, which rounds q, k, v and
+:func:`~rainfusion_core.fp8.fp8_reference_attention`, which rounds q, k, v and
 P as the FP8 recipe does: an FP8 backend's error against the float64 golden must
-stay within twice the reference's.
+stay within twice the reference's. A backend that declares ``returns_lse`` is run
+with ``return_lse=True`` and its log-sum-exp judged the same way
+(:func:`~rainfusion_core.parity.lse_parity`: ``-inf`` exactly on the rows with no
+kept key).
 The device memory the backend will allocate is poisoned with NaN first
 (best effort: a NaN fill is freed just before the call, so caching allocators
 hand it back), to catch rows the backend never writes. A case the backend
@@ -28,7 +31,7 @@ import torch
 from .backend import Backend
 from .block_mask import BlockMask
 from .errors import UnsupportedInputError
-from .parity import parity
+from .parity import lse_parity, parity
 from .precision import DEFAULT_PRECISION, get_precision
 from .progress import progress
 from .registry import get_backend, select_backend
@@ -164,23 +167,36 @@ def run_case(backend: Backend, case: Case, dtype: torch.dtype, device, *, seed: 
         select_backend(backend, *low, mask_dev, precision)
     except UnsupportedInputError as exc:
         return CaseResult(case.name, name, math.nan, math.nan, "refused", str(exc).split(": ", 1)[-1])
-    golden = get_backend("torch").forward(q, k, v, mask, scale)
+    torch_backend = get_backend("torch")
+    # with the log-sum-exp where the backend returns it (in the default precision): judged like the output
+    lse_wanted = backend.returns_lse and recipe.is_default
+    golden, golden_lse = torch_backend.forward(q, k, v, mask, scale, return_lse=True)
     if recipe.reference is not None:  # the precision's roundings, from the same low-precision inputs, on the CPU
         ref_lp = recipe.reference(*(x.cpu() for x in low), mask, scale)
     else:
-        ref_lp = get_backend("torch").forward(*low, mask_dev, scale)
+        ref_lp, ref_lse = torch_backend.forward(*low, mask_dev, scale, return_lse=True)
     _poison(ref_lp.shape, dtype, device)
     try:
-        out = backend.forward(*low, mask_dev, scale, **extra)
+        out = backend.forward(*low, mask_dev, scale, **extra, **({"return_lse": True} if lse_wanted else {}))
     except Exception as exc:  # a crash is a failure of this case, reported in the table
         return CaseResult(case.name, name, math.nan, math.nan, "FAIL", f"{type(exc).__name__}: {exc}"[:120])
+    lse = None
+    if lse_wanted:
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor)):
+            return CaseResult(case.name, name, math.nan, math.nan, "FAIL",
+                              f"forward(return_lse=True) returned {type(out).__name__}, not (out, lse)")
+        out, lse = out
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(golden.shape) or out.dtype != dtype:
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         return CaseResult(case.name, name, math.nan, math.nan, "FAIL", f"expected {dtype} {tuple(golden.shape)}, got {got}")
     result = parity(out, golden, ref_lp)
     detail = "" if result.passed else ("NaN in output" if result.has_nan else
                                        f"mean error {result.mean_error:.2e} vs limit {result.mean_limit:.2e}")
-    return CaseResult(case.name, name, result.max_error, result.max_limit, "pass" if result.passed else "FAIL", detail)
+    lse_problem = None if lse is None else lse_parity(lse, golden_lse, ref_lse)
+    if lse_problem is not None:
+        detail = "; ".join(filter(None, [detail, lse_problem]))
+    passed = result.passed and lse_problem is None
+    return CaseResult(case.name, name, result.max_error, result.max_limit, "pass" if passed else "FAIL", detail)
 
 
 def check_backend(
