@@ -2,8 +2,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "block_sparse_attention.h"
@@ -24,6 +26,15 @@ Strides4 element_strides(const py::array_t<T, 0>& x, const char* name) {
     s[i] = x.strides(i) / static_cast<py::ssize_t>(sizeof(T));
   }
   return {s[0], s[1], s[2], s[3]};
+}
+
+// The bytes an array's elements can touch, [low, high), whatever its (non-negative) strides.
+std::pair<const char*, const char*> byte_span(const py::array& x) {
+  const char* low = static_cast<const char*>(x.data());
+  if (x.size() == 0) return {low, low};
+  py::ssize_t last = 0;
+  for (py::ssize_t i = 0; i < x.ndim(); ++i) last += (x.shape(i) - 1) * x.strides(i);
+  return {low, low + last + x.itemsize()};
 }
 
 std::string position(int64_t row, int64_t heads, int64_t nq) {
@@ -89,8 +100,19 @@ void forward(py::array_t<T, 0> q, py::array_t<T, 0> k, py::array_t<T, 0> v, py::
       throw std::invalid_argument(std::string("lse must be a C-contiguous ") + (sizeof(L) == 8 ? "float64" : "float32") +
                                   " array [B, Hq, Sq]");
     auto lse_array = py::reinterpret_borrow<py::array_t<L, py::array::c_style>>(lse);
-    if (lse_array.size() != a.batch * a.q_heads * a.q_len || !lse_array.writeable())
-      throw std::invalid_argument("lse must be a writeable array of B * Hq * Sq elements");
+    if (lse_array.ndim() != 3 || lse_array.shape(0) != a.batch || lse_array.shape(1) != a.q_heads ||
+        lse_array.shape(2) != a.q_len || !lse_array.writeable())
+      throw std::invalid_argument("lse must be a writeable array of shape [B, Hq, Sq]");
+    if (reinterpret_cast<std::uintptr_t>(lse_array.data()) % alignof(L) != 0)
+      throw std::invalid_argument("lse must be aligned to its element size");
+    // The kernel reads q, k, v and writes out while it writes lse: none may share its memory.
+    const char* begin = reinterpret_cast<const char*>(lse_array.data());
+    const char* end = begin + lse_array.nbytes();
+    for (const py::array* other : {static_cast<const py::array*>(&q), static_cast<const py::array*>(&k),
+                                   static_cast<const py::array*>(&v), static_cast<const py::array*>(&out)}) {
+      const auto [low, high] = byte_span(*other);
+      if (low < end && begin < high) throw std::invalid_argument("lse must not overlap q, k, v or out");
+    }
     a.lse = lse_array.mutable_data();
   }
   py::gil_scoped_release release;
@@ -114,7 +136,7 @@ PYBIND11_MODULE(_cpu_kernel, m) {
   const char* doc16 =
       "forward_16bit(q, k, v, out, kv_counts, kv_indices, block_size, scale, num_threads, isa, dtype)\n"
       "q, k, v, out: int16 arrays holding float16 or bfloat16 bits (dtype 'float16' or 'bfloat16'); computed in "
-      "float, converted tile by tile";
+      "float, converted tile by tile; lse: as in forward (float32)";
   m.def("forward_16bit", [](py::array_t<int16_t, 0> q, py::array_t<int16_t, 0> k, py::array_t<int16_t, 0> v,
                             py::array_t<int16_t, 0> out, py::array_t<int32_t, py::array::c_style> kv_counts,
                             py::array_t<int32_t, py::array::c_style> kv_indices, int64_t block_size, double scale,

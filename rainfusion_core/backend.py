@@ -105,7 +105,7 @@ class Backend:
     #: proven by their tests). Otherwise its output is NaN-filled before it runs, so a row it
     #: leaves unwritten reads NaN, never stale memory (one fill per call).
     writes_every_row: bool = False
-    #: Whether ``forward(..., return_lse=True)`` returns ``(out, lse)`` (``lse`` float32 ``[B, Hq, Sq]``, the
+    #: Whether ``forward(..., return_lse=True)`` returns ``(out, lse)`` (``lse`` float ``[B, Hq, Sq]``, the
     #: natural log-sum-exp of each row's scaled scores over its kept keys, ``-inf`` for a row with none) and the
     #: model-order function takes ``lse=`` (a ``[B, Hq, Sq]`` float32 view it writes through the permutation).
     #: A call that asks for the log-sum-exp never selects a backend without it.

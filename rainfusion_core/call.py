@@ -123,11 +123,12 @@ def resolve_sparse_call(q, k, v, layout, *, sparsity, block_size, tensor_layout,
     mask = MaskRule.for_layout(layout, k.shape[2], q.shape[-1], sparsity=sparsity, block_size=block_size,
                                first_frame_sink=first_frame_sink, scale=scale, share_batch_mask=share_batch_mask)
     precision = check_precision(precision)
+    return_lse = check_bool("return_lse", return_lse)
     if min_tokens is not None:
         check_int("min_tokens", min_tokens, minimum=0)
     dense = None
     # FP8, and a backend named explicitly, are asked for by name: never replaced by dense attention.
-    if precision == DEFAULT_PRECISION and is_automatic(backend) and not check_bool("return_lse", return_lse):
+    if precision == DEFAULT_PRECISION and is_automatic(backend) and not return_lse:
         dense = _rule_crossover_reason(q.device.type, layout, mask, min_tokens)
     call = SparseCall(layout, tensor_layout, mask, mask.scale, resolve_backend(backend, q.device),  # one scale
                       precision, dense)

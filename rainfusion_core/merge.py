@@ -40,7 +40,8 @@ def merge_attention(outs, lses, *, tensor_layout: str = "BNSD") -> tuple[torch.T
     work = torch.float64 if any(lse.dtype == torch.float64 for lse in lses) else torch.float32
     stacked = torch.stack([lse.to(work) for lse in lses])  # [n, B, H, S]
     total = torch.logsumexp(stacked, dim=0)
-    weights = torch.exp(stacked - total).nan_to_num(nan=0.0)  # rows with no key anywhere: -inf - -inf
+    # rows with no key in any part (-inf - -inf) weigh nothing; a NaN lse stays NaN and poisons its row
+    weights = torch.where(total == float("-inf"), 0.0, torch.exp(stacked - total))
     if tensor_layout == "BSND":
         weights = weights.transpose(2, 3)  # [n, B, S, H]
     merged = sum(w[..., None] * out.to(work) for w, out in zip(weights, outs))

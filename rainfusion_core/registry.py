@@ -352,6 +352,7 @@ def get_backend(spec: str | Backend | None = None, *, name: str | None = None) -
         _require_available(backend)
         return backend
     if isinstance(spec, Backend):
+        _check_declaration(spec)  # an unregistered object is checked here, as registration would
         _require_available(spec)
         return spec
     if not isinstance(spec, str):
@@ -452,6 +453,9 @@ class _Call:
                     f"{', '.join(backend.precisions)})"]
         if self.lse and not backend.returns_lse:
             return ["it does not return the log-sum-exp (returns_lse is False)"]
+        if self.lse and not get_precision(self.precision).is_default:
+            return [f"the log-sum-exp comes only from the {DEFAULT_PRECISION} kernels, not in precision "
+                    f"{self.precision!r}"]
         declared = declared_reasons(backend, self.q, self.block_mask.block_size, self.precision)
         if declared:
             return declared

@@ -162,3 +162,56 @@ def test_the_conformance_kit_catches_a_wrong_lse():
     report = check_backend(_WrongLse(), dtypes=[torch.float32], cases=[Case("len-300", 300, 300)])
     assert not report.passed and "lse max error" in report.rows[0].detail, report.table()
     assert check_backend("cpu", dtypes=[torch.float32], cases=[Case("len-300", 300, 300)]).passed
+
+
+def test_lse_buffers_and_arguments_are_checked_at_the_boundary():
+    from rainfusion_core import _cpu_kernel as kernel
+    from rainfusion_core.backends.triton.launch import block_sparse_attention_triton, interpreting
+
+    low, mask = _problem("gqa-300", 300, 300, 4, 2, 64, 128, torch.float32)
+    q, k, v = low
+    out = torch.empty_like(q)
+    args = (mask.kv_counts.numpy(), mask.kv_indices.numpy(), 128, 0.125, 1)
+    with pytest.raises(ValueError, match=r"lse must be a writeable array of shape \[B, Hq, Sq\]"):
+        kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *args, lse=torch.empty(300, 4, 1).numpy())
+    with pytest.raises(ValueError, match="lse must not overlap q, k, v or out"):
+        kernel.forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), *args,
+                       lse=out.view(-1)[:4 * 300].view(1, 4, 300).numpy())
+    if importlib.util.find_spec("triton") is not None and interpreting():
+        for bad in (torch.empty(1, 4, 10), torch.empty(1, 300, 4).transpose(1, 2), torch.empty(1, 4, 300).half()):
+            with pytest.raises(ValueError, match=r"lse must be a float32 tensor of shape \(1, 4, 300\)"):
+                block_sparse_attention_triton(q, k, v, mask, 0.125, lse=bad)
+    layout = rf.VideoLayout(2, 8, 8)
+    x = torch.randn(1, 2, layout.seq_len, 32)
+    with pytest.raises(ValueError, match="return_lse must be"):
+        rf.sparse_attention(x, x, x, layout, backend="torch", return_lse="False")
+
+
+def test_lse_is_refused_in_fp8_at_selection():
+    from helpers import Fp8Emulation
+
+    class Fp8WithLse(Fp8Emulation):
+        name = "fp8_with_lse"
+        returns_lse = True
+
+    low, mask = _problem("gqa-300", 300, 300, 4, 2, 64, 128, torch.bfloat16)
+    with rf.scoped_backends(Fp8WithLse()):
+        with pytest.raises(rf.UnsupportedInputError, match="the log-sum-exp comes only from the bf16 kernels, not "
+                                                           "in precision 'fp8'"):
+            rf.block_sparse_attention(*low, mask, backend="fp8_with_lse", precision="fp8", return_lse=True)
+
+
+def test_a_nan_lse_poisons_its_merged_row():
+    out = torch.ones(1, 1, 3, 2)
+    lse = torch.tensor([[[0.0, float("nan"), float("-inf")]]])
+    merged, total = merge_attention([out, out], [lse, torch.full_like(lse, float("-inf"))])
+    assert merged[0, 0, 0].eq(1).all() and merged[0, 0, 1].isnan().all() and merged[0, 0, 2].eq(0).all()
+    assert total[0, 0, 1].isnan() and total[0, 0, 2] == float("-inf")
+
+
+def test_an_unregistered_backend_object_is_checked_like_a_registered_one():
+    backend = _NoLse()
+    backend.head_dims = 64  # not a tuple
+    low, mask = _problem("gqa-300", 300, 300, 4, 2, 64, 128, torch.float32)
+    with pytest.raises(ValueError, match="backend 'no_lse': head_dims must be None, a non-empty tuple"):
+        rf.block_sparse_attention(*low, mask, backend=backend)

@@ -122,3 +122,21 @@ def test_a_processor_that_calls_no_attention_function_rainfusion_routes_is_named
         apply_rainfusion(model, adapter=ADAPTER)
     with pytest.raises(TypeError, match="adapter must be a rainfusion_core.integrations.diffusers.ModelAdapter"):
         apply_rainfusion(model, adapter={"family": "Toy"})
+
+
+def test_a_misspelt_block_list_or_timestep_argument_is_named():
+    model, kwargs = _model_and_inputs()
+    typo = ModelAdapter(family="Toy", attention_modules=[("blockz", "attn")], grid=_grid)
+    with pytest.raises(ValueError, match="names the block list 'blockz', which ToyVideoDiT does not have"):
+        apply_rainfusion(model, adapter=typo)
+    wrong = ModelAdapter(family="Toy", attention_modules=[("blocks", "mlp")], grid=_grid)
+    with pytest.raises(ValueError, match="names blocks.0.mlp, which is not an attention module with a processor"):
+        attention_layers(model, adapter=wrong)
+    from rainfusion_core.integrations.diffusers import Schedule
+
+    no_t = ModelAdapter(family="Toy", attention_modules=[("blocks", "attn")], grid=_grid, timestep="t",
+                        text_position="tail")
+    handle = apply_rainfusion(model, adapter=no_t, backend="torch", schedule=Schedule(dense_steps=1))
+    with pytest.raises(ValueError, match="counting steps reads the transformer's argument 't'"):
+        forward(model, kwargs)
+    handle.remove()

@@ -100,7 +100,7 @@ class ModelAdapter:
                 raise ValueError("ModelAdapter.attention_modules must be a function (transformer -> [(name, "
                                  "module)]) or pairs of (block list attribute, attention attribute) such as "
                                  f"[('blocks', 'attn1')], got {self.attention_modules!r}")
-            object.__setattr__(self, "attention_modules", _modules(*map(tuple, pairs)))
+            object.__setattr__(self, "attention_modules", _modules(*map(tuple, pairs), required=True))
         if not callable(self.grid):
             raise ValueError("ModelAdapter.grid must be a function (transformer, forward arguments by name) -> "
                              f"(frames, height, width), got {self.grid!r}")
@@ -117,6 +117,9 @@ class ModelAdapter:
         its largest value: Wan2.2 TI2V gives the conditioning frame timestep 0 and the rest the step's level."""
         if callable(self.timestep):
             return float(self.timestep(transformer, arguments))
+        if arguments.get(self.timestep) is None:
+            raise ValueError(f"{self.family}: counting steps reads the transformer's argument {self.timestep!r} "
+                             f"(ModelAdapter.timestep), which this call does not pass")
         return float(torch.as_tensor(arguments[self.timestep]).max())
 
     def call_site(self, processor) -> CallSite | None:
@@ -359,13 +362,25 @@ def _zimage_text(transformer, arguments):
 
 
 # --------------------------------------------------------------------------- modules
-def _modules(*paths: tuple[str, str]):
-    """``attention_modules`` over ``(block list attribute, attention attribute)`` pairs, in that order."""
+def _modules(*paths: tuple[str, str], required: bool = False):
+    """``attention_modules`` over ``(block list attribute, attention attribute)`` pairs, in that order.
+
+    ``required``: every block list must exist (a user's pairs: a misspelt name is an error, never an
+    empty list); the built-in tables name optional lists (Wan's ``vace_blocks``) and leave it off.
+    """
     def collect(transformer):
         found = []
         for blocks, attention in paths:
-            for index, block in enumerate(getattr(transformer, blocks, None) or ()):
-                found.append((f"{blocks}.{index}.{attention}", getattr(block, attention)))
+            listed = getattr(transformer, blocks, None)
+            if listed is None and required:
+                raise ValueError(f"ModelAdapter.attention_modules names the block list {blocks!r}, which "
+                                 f"{type(transformer).__name__} does not have")
+            for index, block in enumerate(listed or ()):
+                module = getattr(block, attention, None)
+                if module is None or not hasattr(module, "processor"):
+                    raise ValueError(f"ModelAdapter.attention_modules names {blocks}.{index}.{attention}, which is "
+                                     f"not an attention module with a processor in {type(transformer).__name__}")
+                found.append((f"{blocks}.{index}.{attention}", module))
         return found
     return collect
 
