@@ -40,7 +40,7 @@ def block_sparse_attention(
     ``backend``: ``None`` (best for q's device), a device string
     (``"cuda:0"``), a backend name (``"triton"``), or a ``Backend``.
     ``precision``: ``"bf16"`` (the inputs' own precision) or ``"fp8"`` (operands rounded
-    to float8, ``rainfusion_core.precision``; a backend that cannot is an error, never a fallback).
+    to float8 with the recipe of ``rainfusion_core.fp8``; a backend that cannot is an error, never a fallback).
     Returns ``[B, Hq, Sq, D]`` in ``q.dtype``; rows with no kept block are zero.
     ``return_lse=True`` returns ``(out, lse)``: ``lse [B, Hq, Sq]`` (float32; float64 for float64
     inputs) is the natural log-sum-exp of each row's scaled scores over its kept keys, ``-inf``
@@ -157,7 +157,7 @@ def sparse_attention(
     Equivalent to ``plan_sparse_attention(q, k, layout, ...).run(q, k, v)``.
     Backends that read through the permutation (``triton``) never copy q, k,
     v into permuted order; the others get gathered copies.
-    ``precision="fp8"`` runs the attention with float8 operands (``rainfusion_core.precision``)
+    ``precision="fp8"`` runs the attention with float8 operands (``rainfusion_core.fp8``)
     where the chosen backend offers it (the ``triton`` backend on Hopper GPUs) and raises
     elsewhere; the mask is predicted from the unquantised q and k either way.
 

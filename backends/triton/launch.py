@@ -98,7 +98,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     strides, alignment, mask block, options) by :func:`plan_launch` and cached.
     The keywords ``kernel=``, ``config=``, ``use_tma=`` and ``gather_kv=`` are the
     deprecated spelling of ``options`` (one release).
-    ``precision="fp8"`` runs the Hopper kernel in FP8 (``rainfusion_core.precision``) or raises
+    ``precision="fp8"`` runs the Hopper kernel in FP8 (``rainfusion_core.fp8``) or raises
     with the reason it cannot; it never runs the call in 16 bits instead.
     ``lse`` (float32 ``[B, Hq, Sq]``, unit stride along Sq) receives each row's natural
     log-sum-exp, at the row its output goes to; the portable kernel writes it (the Hopper
