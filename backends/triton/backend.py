@@ -69,11 +69,6 @@ class TritonBackend(Backend):
 def _attend_in_model_order(q, k, v, block_mask, scale, order, out, precision=DEFAULT_PRECISION, lse=None) -> None:
     """The kernels read q, k, v rows through the permutation and write each output row (and its
     log-sum-exp) back through it."""
-    if lse is not None and (lse.dtype != torch.float32 or lse.stride(-1) != 1):
-        part = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
-        block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision, lse=part)
-        lse.copy_(part)
-        return
     block_sparse_attention_triton(q, k, v, block_mask, scale, order=order, out=out, precision=precision, lse=lse)
 
 

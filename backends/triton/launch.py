@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from rainfusion_core._checks import describe
 from rainfusion_core.caching import may_cache
 from rainfusion_core.fp8 import FP8_DTYPE
 from rainfusion_core.precision import DEFAULT_PRECISION, get_precision
@@ -109,7 +110,8 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
         if (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32
                 or lse.device != q.device or (lse.numel() and lse.stride(-1) != 1)):
             raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:3])} ([B, Hq, Sq]) on {q.device} "
-                             f"with unit stride along Sq, got {_described(lse)}")
+                             f"with unit stride along Sq, got {describe(lse)}"
+                             + (f" with strides {lse.stride()} on {lse.device}" if isinstance(lse, torch.Tensor) else ""))
         if get_precision(precision).operand_dtype is not None or options.kernel == "ws":
             raise ValueError(f"the log-sum-exp comes from the portable Triton kernel, which has no "
                              f"{'FP8 path' if options.kernel != 'ws' else 'place in kernel=ws'}: "
@@ -123,12 +125,6 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     else:
         _run_triton(plan, q, k, v, block_mask, scale, order, out, lse)
     return out
-
-
-def _described(x) -> str:
-    if not isinstance(x, torch.Tensor):
-        return f"a {type(x).__name__}"
-    return f"a {x.dtype} tensor of shape {tuple(x.shape)}, strides {x.stride()}, on {x.device}"
 
 
 def _options(options: TritonOptions | None, legacy: dict) -> TritonOptions:
