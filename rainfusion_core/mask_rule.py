@@ -85,12 +85,14 @@ class MaskRule:
                predictor=None) -> torch.Tensor:
         """Pooled scores ``q̄ k̄ᵀ`` (unscaled, float32 or wider) ``[B, Hq, NQ, NK]`` of ``q [B, Hq, S, D]``,
         ``k [B, Hkv, S, D]`` read through ``order`` (``None``: as they are)."""
+        return pooled_scores(self.block_means(q, predictor, order), self.block_means(k, predictor, order))
+
+    def block_means(self, x: torch.Tensor, predictor=None, order: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, H, NB, D]`` means of each block of ``x [B, H, S, D]`` (read through ``order``): the
+        predictor's kernel, or for ``None`` the eager definition, accumulated in float32 or wider."""
         if predictor is None:
-            acc = accumulation_dtype(q.dtype)
-            q_mean, k_mean = (block_means(x, self.block_size, acc, order) for x in (q, k))
-        else:
-            q_mean, k_mean = (predictor.block_means(x, self.block_size, order) for x in (q, k))
-        return pooled_scores(q_mean, k_mean)
+            return block_means(x, self.block_size, accumulation_dtype(x.dtype), order)
+        return predictor.block_means(x, self.block_size, order)
 
     def select(self, scores: torch.Tensor, predictor=None):
         """``(dense, kv_counts, kv_indices)`` of pooled ``scores``: the reference selection, or the

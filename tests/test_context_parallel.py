@@ -1,7 +1,4 @@
-"""RainFusion under diffusers' Ulysses context parallelism: 2 CPU processes (gloo) against one process."""
-import os
-import queue
-import socket
+"""RainFusion under diffusers' context parallelism (Ulysses, ring, both): CPU processes (gloo) against one process."""
 
 import pytest
 import torch
@@ -11,8 +8,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("needs torch.distributed with gloo", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
+from ranks import run_ranks  # noqa: E402
 from tiny_models import MODELS, forward  # noqa: E402
 
 WORLD = 2
@@ -35,12 +31,6 @@ def _inputs(tiny):
     return kwargs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _setup_cpu_parallelism():
     """What diffusers 0.42 needs for context parallelism on CPU tensors: it builds its device mesh
     for the current accelerator (CPU here, also on a machine with a GPU) and places each rank on
@@ -52,38 +42,56 @@ def _setup_cpu_parallelism():
     torch.accelerator.device_count = lambda: 1
     if not hasattr(hooks.logger, "warning_once"):
         hooks.logger.warning_once = hooks.logger.warning
+    _native_attention_with_lse()
 
 
-def _worker(rank, port, family, order, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _setup_cpu_parallelism()
-        from diffusers import ContextParallelConfig
+def _native_attention_with_lse():
+    """diffusers' ring attention needs each partial attention's log-sum-exp, which its native SDPA backend (the
+    only one that runs on a CPU) does not return: give it one here, so the dense ring runs on CPU processes too
+    (the layers RainFusion leaves alone, and every layer after ``remove()``)."""
+    import diffusers.models.attention_dispatch as dispatch
 
-        from rainfusion_core.integrations.diffusers import apply_rainfusion
+    native = dispatch._native_attention_forward_op
 
-        tiny = next(m for m in MODELS if m.family == family)
-        model = tiny.build(0)
-        torch.manual_seed(1)
-        kwargs = _inputs(tiny)
-        config = ContextParallelConfig(ulysses_degree=WORLD)
-        if order == "parallel-first":
-            model.enable_parallelism(config=config)
-            handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-        else:
-            handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-            model.enable_parallelism(config=config)
-        sparse = forward(model, kwargs)
-        handle.remove()
-        dense = forward(model, kwargs)  # remove() leaves a working context-parallel dense model
-        if rank == 0:
-            results.put((sparse.numpy(), dense.numpy()))  # by value: a rank's shared memory ends with it
-            results.close()
-            results.join_thread()  # the result is out of this process before it tears anything down
-        dist.barrier()  # both ranks done before either destroys the group (gloo aborted at exit otherwise)
-    finally:
-        dist.destroy_process_group()
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if not return_lse:
+            return native(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+                          _save_ctx, _parallel_config)
+        assert not dropout_p and not is_causal and not enable_gqa
+        q, k, v = (x.transpose(1, 2).double() for x in (query, key, value))  # [B, H, S, D]
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else \
+                scores + attn_mask
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ v
+        return out.transpose(1, 2).to(query.dtype), lse.transpose(1, 2).float()  # [B, S, H, D], [B, S, H]
+
+    dispatch._native_attention_forward_op = forward_op
+
+
+def _worker(rank, world, family, order):
+    _setup_cpu_parallelism()
+    from diffusers import ContextParallelConfig
+
+    from rainfusion_core.integrations.diffusers import apply_rainfusion
+
+    tiny = next(m for m in MODELS if m.family == family)
+    model = tiny.build(0)
+    torch.manual_seed(1)
+    kwargs = _inputs(tiny)
+    config = ContextParallelConfig(ulysses_degree=world)
+    if order == "parallel-first":
+        model.enable_parallelism(config=config)
+        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    else:
+        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+        model.enable_parallelism(config=config)
+    sparse = forward(model, kwargs)
+    handle.remove()
+    dense = forward(model, kwargs)  # remove() leaves a working context-parallel dense model
+    return sparse.numpy(), dense.numpy()
 
 
 def _single_process(family):
@@ -101,26 +109,8 @@ def _single_process(family):
 
 
 def _run_parallel(family, order):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, family, order, results))
-                 for rank in range(WORLD)]
-    for p in processes:
-        p.start()
-    try:
-        while True:
-            try:
-                sparse, dense = (torch.from_numpy(x) for x in results.get(timeout=2))
-                break
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in processes):
-                    raise AssertionError(f"a rank failed: exit codes {[p.exitcode for p in processes]}") from None
-    finally:
-        for p in processes:
-            p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return sparse, dense
+    sparse, dense = run_ranks(_worker, WORLD, family, order)[0]
+    return torch.from_numpy(sparse), torch.from_numpy(dense)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,7 +129,7 @@ def test_ulysses_order_of_the_two_calls_does_not_matter():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(ring_degree=2), "ring attention"),
+    (dict(ring_degree=2, ring_anything=True), "ring_anything"),
     (dict(ulysses_degree=2, ulysses_anything=True), "ulysses_anything"),
     (dict(ulysses_degree=3), "do not divide among ulysses_degree=3"),
 ])
@@ -153,6 +143,7 @@ def test_unsupported_parallel_configs_are_refused_at_either_call(config, message
     cp = ContextParallelConfig.__new__(ContextParallelConfig)  # skip __post_init__'s world checks
     cp.ring_degree, cp.ulysses_degree, cp.ulysses_anything = config.get("ring_degree", 1), config.get(
         "ulysses_degree", 1), config.get("ulysses_anything", False)
+    cp.ring_anything = config.get("ring_anything", False)
     parallel = ParallelConfig(context_parallel_config=cp)
     tiny = MODELS[0]
     model = tiny.build(0)  # 2 heads
@@ -163,3 +154,66 @@ def test_unsupported_parallel_configs_are_refused_at_either_call(config, message
     model.blocks[0].attn1.processor._parallel_config = parallel  # as if enable_parallelism came first
     with pytest.raises(ValueError, match=message):
         apply_rainfusion(model, block_size=16, backend="torch")
+
+
+# --------------------------------------------------------------------------- ring and unified attention
+RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image"]  # Qwen-Image's text is padded: its rows run dense
+
+
+def _ring_worker(rank, world, ring, ulysses):
+    """Every family of RING_FAMILIES in both call orders; the sparse outputs, and whether remove() gave the
+    layers back their diffusers processors."""
+    _setup_cpu_parallelism()
+    from diffusers import ContextParallelConfig
+
+    from rainfusion_core.integrations.diffusers import apply_rainfusion, attention_layers
+
+    found = {}
+    for family in RING_FAMILIES:
+        tiny = next(m for m in MODELS if m.family == family)
+        for order in ("parallel-first", "rainfusion-first"):
+            model = tiny.build(0)
+            torch.manual_seed(1)
+            kwargs = _inputs(tiny)
+            before = {name: type(module.processor) for name, module in model.named_modules()
+                      if hasattr(module, "processor")}
+            config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+            if order == "parallel-first":
+                model.enable_parallelism(config=config)
+                handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+            else:
+                handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+                model.enable_parallelism(config=config)
+            sparse = forward(model, kwargs)
+            masks = handle.stats().masks
+            layers = len(attention_layers(model))
+            handle.remove()
+            after = {name: type(module.processor) for name, module in model.named_modules()
+                     if hasattr(module, "processor")}
+            # remove() leaves a working context-parallel dense model; but diffusers' own ring cannot take a
+            # key-padding mask (it applies each rank's slice of the mask to every key shard, or fails to broadcast
+            # it under Ulysses x ring), so Qwen-Image's padded text has no dense ring to compare with
+            dense = None if family == "Qwen-Image" else forward(model, kwargs).numpy()
+            found[family, order] = (sparse.numpy(), dense, masks, layers, before == after)
+    return found
+
+
+@pytest.mark.parametrize("ring, ulysses", [(2, 1), (4, 1), (2, 2)], ids=["ring2", "ring4", "ulysses2xring2"])
+def test_ring_and_unified_equal_one_process(ring, ulysses):
+    """Ring degree 2 and 4, and Ulysses 2 x ring 2, each equal one process for every family, in either call
+    order; after ``remove()`` the model runs diffusers' own (dense) ring and equals one process too."""
+    found = run_ranks(_ring_worker, ring * ulysses, ring, ulysses)
+    for family in RING_FAMILIES:
+        expected_sparse, expected_dense = _single_process(family)
+        for order in ("parallel-first", "rainfusion-first"):
+            sparse, dense, masks, layers, restored = found[0][family, order]
+            sparse = torch.from_numpy(sparse)
+            torch.testing.assert_close(sparse, expected_sparse, rtol=1e-4, atol=1e-5, msg=f"{family} {order}")
+            if dense is not None:
+                torch.testing.assert_close(torch.from_numpy(dense), expected_dense, rtol=1e-4, atol=1e-5,
+                                           msg=f"{family} {order} dense")
+            assert (sparse - expected_dense).abs().max() > 1e-3  # the sparse path ran
+            assert masks >= layers, (family, masks, layers)  # every layer predicted its mask on the ring
+            assert restored, f"{family} {order}: remove() left RainFusion processors"
+            for other in found[1:]:  # every rank gathers the same output
+                torch.testing.assert_close(torch.from_numpy(other[family, order][0]), sparse, rtol=0, atol=0)

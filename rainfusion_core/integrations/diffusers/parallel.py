@@ -1,14 +1,17 @@
-"""RainFusion under diffusers' context parallelism: Ulysses only.
+"""RainFusion under diffusers' context parallelism: Ulysses, ring, and both (unified).
 
-With ``ContextParallelConfig(ulysses_degree=N)`` each rank holds ``S / N`` tokens of
-every head. The sparse layer exchanges them (all-to-all, diffusers' own helper) so
-that each rank holds the whole sequence of ``H / N`` heads, runs the unchanged
-single-device path on it (permutation, prediction, kernel: per head, so every head's
-mask is the one a single GPU computes) and exchanges the output back.
+diffusers splits the sequence over all ``ring_degree * ulysses_degree`` ranks (rank
+``ring_rank * ulysses_degree + ulysses_rank`` holds chunk number that). With Ulysses the
+sparse layer exchanges the chunks (all-to-all, diffusers' own helper) so that each rank
+holds ``H / ulysses_degree`` heads of its ring group's chunks. Without ring, that is the
+whole sequence: the unchanged single-device path runs on it (permutation, prediction,
+kernel: per head, so every head's mask is the one a single GPU computes). With ring,
+``rainfusion_core.ring`` spreads the call over the ring group (its module docstring
+has the steps), with the mask every rank predicts from all ranks' block means.
 
 diffusers splits a joint text + video sequence per stream (Flux, Qwen-Image: each
-rank holds ``[text chunk, video chunk]``), so after the exchange the tokens are in
-rank order, not in the model's order; :func:`gathered_order` puts them back.
+rank holds ``[text chunk, video chunk]``), so the rows a rank holds are not one run of the
+model's positions; :func:`held_positions` says which they are.
 """
 from __future__ import annotations
 
@@ -25,15 +28,16 @@ def parallel_problem(parallel_config, heads: int | None) -> str | None:
     cp = context_parallel(parallel_config)
     if cp is None:
         return None
-    if (cp.ring_degree or 1) > 1:
-        return (f"ring attention (ring_degree={cp.ring_degree}) is not supported: it needs a mask that follows the "
-                "key shards; RainFusion runs under Ulysses (ContextParallelConfig(ulysses_degree=N), ring_degree=1)")
+    if getattr(cp, "ring_anything", False):
+        return ("ring_anything (sequences not divisible by the degree) is not supported: choose a resolution whose "
+                "token count divides by ring_degree")
     if getattr(cp, "ulysses_anything", False):
         return ("ulysses_anything (sequences not divisible by the degree) is not supported: choose a resolution whose "
                 "token count divides by ulysses_degree")
     degree = cp.ulysses_degree or 1
     if heads is not None and heads % degree:
-        return f"{heads} attention heads do not divide among ulysses_degree={degree} ranks"
+        return (f"{heads} attention heads do not divide among ulysses_degree={degree} ranks (ring_degree spreads "
+                "the sequence without splitting heads)")
     return None
 
 
@@ -52,28 +56,26 @@ def exchange(x: torch.Tensor, cp, to_heads: bool) -> torch.Tensor:
     return _all_to_all_dim_exchange(x.contiguous(), scatter_idx=scatter, gather_idx=gather, group=group)
 
 
-def gathered_order(length: int, degree: int, video_len: int, text_position: str | None,
-                   device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(order, inverse)``: ``order[i]`` is the gathered position of model position ``i``,
-    ``inverse[g]`` the model position of gathered position ``g``; ``None`` when they agree.
+def held_positions(length: int, video_len: int, text_position: str | None, joint: bool, ring: int,
+                   ulysses: int) -> torch.Tensor:
+    """``[ring, length / ring]``: the model position of each row a ring rank holds after the Ulysses exchange.
 
-    After the exchange, rank ``r``'s chunk ``[r * S/N, (r + 1) * S/N)`` holds its local
-    sequence: ``[text / N, video / N]`` (text first) or ``[video / N, text / N]``.
+    Rank ``f = ring_rank * ulysses + ulysses_rank`` of the flattened mesh gets chunk ``f``
+    of each stream diffusers splits: the joint sequence whole (``joint``, or no text), or
+    ``[text / N, video / N]`` (text at the head) or ``[video / N, text / N]``. The Ulysses
+    exchange then gives each rank its ring group's chunks in Ulysses-rank order. With
+    ``ring == 1`` the row is the model position of each gathered position.
     """
+    world = ring * ulysses
     text_len = length - video_len
-    if text_len == 0 or degree == 1:
-        return None
-    if text_len % degree or video_len % degree:
-        raise ValueError(f"{video_len} video and {text_len} text tokens do not split evenly among {degree} ranks")
-    local, text_local, video_local = length // degree, text_len // degree, video_len // degree
-    rank = torch.arange(degree).repeat_interleave(local)
-    within = torch.arange(length) % local
-    if text_position == "head":
-        is_text = within < text_local
-        model = torch.where(is_text, rank * text_local + within, text_len + rank * video_local + within - text_local)
-    else:
-        is_text = within >= video_local
-        model = torch.where(is_text, video_len + rank * text_local + within - video_local, rank * video_local + within)
-    order = torch.empty(length, dtype=torch.long)
-    order[model] = torch.arange(length)
-    return order.to(device), model.to(device)
+    if text_len == 0 or joint:
+        if length % world:
+            raise ValueError(f"{length} tokens do not split evenly among {world} ranks")
+        return torch.arange(length).view(ring, length // ring)
+    if text_len % world or video_len % world:
+        raise ValueError(f"{video_len} video and {text_len} text tokens do not split evenly among {world} ranks")
+    head = text_position == "head"
+    text = torch.arange(text_len) + (0 if head else video_len)
+    video = torch.arange(video_len) + (text_len if head else 0)
+    streams = [text.view(world, -1), video.view(world, -1)]
+    return torch.cat(streams if head else streams[::-1], dim=1).reshape(ring, length // ring)

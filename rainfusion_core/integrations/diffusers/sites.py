@@ -18,9 +18,10 @@ from ...api import run_sparse_call
 from ...call import resolve_sparse_call
 from ...layout import VideoLayout
 from ...capture import save_qkv
+from ...ring import RingPlan, ring_sparse_attention
 from . import routing
 from .adapters import DISPATCH, CallSite
-from .parallel import check_parallel_config, context_parallel, exchange, gathered_order
+from .parallel import check_parallel_config, context_parallel, exchange, held_positions
 from .state import CallState
 
 
@@ -130,7 +131,8 @@ class SparseSite(Site):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
                             first_frame_sink=first_frame_sink, precision=precision)
-        self._orders: dict = {}  # (length, degree, video length, device) -> gathered_order
+        self._held: dict = {}  # (length, ring, ulysses, video length) -> held_positions, and its inverse
+        self._plans: dict = {}  # (held key, ring rank, text group, device) -> RingPlan
 
     def active(self) -> bool:
         return self.state.sparse
@@ -143,7 +145,7 @@ class SparseSite(Site):
         cp = context_parallel(call["parallel_config"])
         if cp is None:
             return self._attend(q, k, v, attn_mask, scale, tensor_layout, dense)
-        return self._attend_ulysses(q, k, v, attn_mask, scale, tensor_layout, dense, call, cp)
+        return self._attend_parallel(q, k, v, attn_mask, scale, tensor_layout, dense, cp)
 
     def _refuse_foreign_mask(self, attn_mask) -> None:
         """A mask on a model without text padding is something RainFusion cannot apply: an error, never ignored."""
@@ -195,8 +197,9 @@ class SparseSite(Site):
     def _tally(self, mask) -> None:
         self.state.tally.add_mask(mask, self.state.layer)
 
-    def _attend_ulysses(self, q, k, v, attn_mask, scale, tensor_layout, dense, call, cp):
-        """Sequence-sharded in, head-sharded for the sparse path, sequence-sharded out.
+    def _attend_parallel(self, q, k, v, attn_mask, scale, tensor_layout, dense, cp):
+        """Sequence-sharded in and out. Ulysses alone: head-sharded, the whole sequence on each rank, the
+        single-device path; with ring: the ring group runs ``rainfusion_core.ring`` on its rows.
 
         The config was checked when it met this layer (``apply_rainfusion`` or the processor's setter)."""
         if tensor_layout != "BSND":
@@ -204,26 +207,82 @@ class SparseSite(Site):
         self._refuse_foreign_mask(attn_mask)
         if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] != 1:
             raise ValueError("RainFusion under context parallelism applies key-padding masks only")
-        q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
+        ulysses, ring = cp.ulysses_degree or 1, cp.ring_degree or 1
+        if ulysses > 1:
+            q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
+        held, order = self._held_rows(q.shape[1] * ring, ring, ulysses)
+        if ring > 1:
+            out = self._attend_ring(q, k, v, scale, held, cp)
+        else:
+            if order is not None:  # gathered -> model order
+                q, k, v = (x.index_select(1, order.to(x.device)) for x in (q, k, v))
+
+            def local(q, k, v, mask):
+                return dense(q, k, v, mask, local=True)
+
+            # The layer's mask is sharded like the sequence; padded rows attend over the kept keys instead.
+            out = self._attend(q, k, v, None, scale, "BSND", local, exchanged=True)
+            if order is not None:
+                out = out.index_select(1, held[0].to(out.device))
+        return exchange(out, cp, to_heads=False) if ulysses > 1 else out
+
+    def _held_rows(self, length: int, ring: int, ulysses: int):
+        """``(held, order)``: :func:`held_positions` of this call, and for Ulysses alone the gathered
+        position of each model position (``None`` when they agree)."""
         grid = self.state.layout
-        video_len = grid.video_len if grid is not None else q.shape[1]
-        key = (q.shape[1], cp.ulysses_degree, video_len, q.device)
-        if key not in self._orders:
-            joint = self.state.adapter.cp_splits_joint_sequence  # the exchange gives back the model's order
-            self._orders[key] = None if joint else gathered_order(q.shape[1], cp.ulysses_degree, video_len,
-                                                                   self.state.adapter.text_position, q.device)
-        order = self._orders[key]
-        if order is not None:
-            q, k, v = (x.index_select(1, order[0]) for x in (q, k, v))
+        video_len = grid.video_len if grid is not None else length
+        key = (length, ring, ulysses, video_len)
+        if key not in self._held:
+            held = held_positions(length, video_len, self.state.adapter.text_position,
+                                  self.state.adapter.cp_splits_joint_sequence, ring, ulysses)
+            order = None
+            if ring == 1 and not torch.equal(held[0], torch.arange(length)):
+                order = torch.empty(length, dtype=torch.long)
+                order[held[0]] = torch.arange(length)
+            self._held[key] = (held, order)
+        return self._held[key]
 
-        def local(q, k, v, mask):
-            return dense(q, k, v, mask, local=True)
+    def _attend_ring(self, q, k, v, scale, held, cp):
+        """Ring attention of this rank's rows ``[B, L, H, D]`` (model positions ``held[ring rank]``), padded
+        text per group of batch items: its rows attend densely to the kept keys, as under Ulysses."""
+        layout = self.layout_of(held.numel(), "self-attention")
+        options = dict(self.options)
+        block_size = options.pop("block_size")
+        if self.state.sparsity is not None:
+            if torch.compiler.is_compiling():
+                raise ValueError("a sparsity per step under ring attention runs eagerly only: leave the "
+                                 "transformer uncompiled, or give one sparsity")
+            options["sparsity"] = self.state.step_sparsity
+        if self.state.reuse is not None:
+            raise ValueError("refresh_every > 1 does not run under ring attention: each call predicts its mask")
+        rank, group = cp._ring_local_rank, cp._ring_mesh.get_group()
+        padding = self.state.text
+        groups = [None] if padding is None else padding.groups
+        if padding is not None and padding.text_len != layout.text_len:
+            raise ValueError(f"self-attention has {layout.text_len} text tokens but the transformer input has "
+                             f"{padding.text_len}")
+        out = None
+        for text in groups:
+            plan = self._ring_plan(layout, held, rank, block_size, text, q.device)
+            rows = None if text is None else text.rows
+            part = ring_sparse_attention(*(x if rows is None else x.index_select(0, rows) for x in (q, k, v)), plan,
+                                         group=group, scale=scale, tensor_layout="BSND", on_mask=self._tally,
+                                         **options)
+            if rows is None:
+                return part
+            out = part.new_empty(q.shape[:-1] + v.shape[-1:]) if out is None else out
+            out.index_copy_(0, rows, part)
+        return out
 
-        # The layer's mask is sharded like the sequence; padded rows attend over the kept keys instead.
-        out = self._attend(q, k, v, None, scale, "BSND", local, exchanged=True)
-        if order is not None:
-            out = out.index_select(1, order[1])
-        return exchange(out, cp, to_heads=False)
+    def _ring_plan(self, layout, held, rank, block_size, text, device):
+        key = (layout.frames, layout.height, layout.width, layout.text_len, layout.text_position,
+               tuple(held.shape), rank, block_size, None if text is None else text.pattern, device)
+        if key not in self._plans:
+            sparse_layout = layout if text is None else VideoLayout(
+                layout.frames, layout.height, layout.width, text_len=text.text_len, text_position=layout.text_position)
+            self._plans[key] = RingPlan.build(sparse_layout, degree=held.shape[0], rank=rank, block_size=block_size,
+                                              held=held, keep=None if text is None else text.keep, device=device)
+        return self._plans[key]
 
 
 def _refuse_unsupported(call: dict) -> None:

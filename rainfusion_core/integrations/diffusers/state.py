@@ -120,12 +120,14 @@ class TextGroup:
     joint sequence that take part in sparse attention (all video tokens and the real
     text tokens, in sequence order); ``pad``: the padded text positions, whose rows run
     dense exactly as in the model and which are never keys. ``text_len``: real text tokens.
+    ``pattern``: which text tokens are real, as host data (a key for what depends on it).
     """
 
     rows: torch.Tensor | None
     keep: torch.Tensor
     pad: torch.Tensor
     text_len: int
+    pattern: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class TextPadding:
             device = valid.device
             groups.append(TextGroup(
                 rows=None if len(members) == batch else torch.tensor(members, device=device),
-                keep=keep.to(device), pad=pad.to(device), text_len=int(real.numel())))
+                keep=keep.to(device), pad=pad.to(device), text_len=int(real.numel()), pattern=pattern))
         return cls(text_len, tuple(groups))
 
 

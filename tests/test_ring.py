@@ -1,0 +1,100 @@
+"""Ring attention with RainFusion2.0 masks (``rainfusion_core.ring``): R CPU processes (gloo) against one process."""
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("needs torch.distributed with gloo", allow_module_level=True)
+
+import rainfusion_core as rf  # noqa: E402
+from rainfusion_core.ring import RingPlan, ring_sparse_attention  # noqa: E402
+from ranks import run_ranks  # noqa: E402
+
+# (name, layout, heads, kv heads, block size, held, padded text positions): ragged blocks, text at either end,
+# GQA, rows scattered over the ranks, padded text
+CASES = [
+    ("video", dict(frames=3, height=8, width=10), 2, 2, 16, "chunks", ()),
+    ("text head, ragged", dict(frames=2, height=8, width=12, text_len=12, text_position="head"), 4, 2, 16, "chunks",
+     ()),
+    ("text tail, scattered", dict(frames=3, height=8, width=8, text_len=8, text_position="tail"), 2, 1, 32,
+     "scattered", ()),
+    ("padded text head", dict(frames=2, height=8, width=8, text_len=8, text_position="head"), 2, 2, 16, "chunks",
+     (5, 6, 7)),
+]
+
+
+def _layouts(layout_args, padded):
+    """The whole sequence's layout and the sparse sequence's (padded text left out), and ``keep``."""
+    whole = rf.VideoLayout(**layout_args)
+    if not padded:
+        return whole, whole, None
+    keep = torch.tensor([i for i in range(whole.seq_len) if i not in padded])
+    return whole, rf.VideoLayout(**dict(layout_args, text_len=whole.text_len - len(padded))), keep
+
+
+def _held(layout, degree, how):
+    total = layout.seq_len
+    if how == "chunks":
+        return None
+    return torch.randperm(total, generator=torch.Generator().manual_seed(5)).view(degree, total // degree)
+
+
+def _inputs(layout, heads, kv_heads, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, layout.seq_len, heads, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, layout.seq_len, kv_heads, 32, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def _one_process(layout, q, k, v, block_size, keep=None):
+    """The single-process output (padded rows: dense over the kept keys) and mask."""
+    from rainfusion_core.permutation import cached_permutation
+    from rainfusion_core.prediction import predict_mask
+
+    full_q = q
+    if keep is not None:
+        q, k, v = (x.index_select(1, keep) for x in (q, k, v))
+    out = rf.sparse_attention(q, k, v, layout, sparsity=0.7, block_size=block_size, tensor_layout="BSND",
+                              backend="torch", min_tokens=0)
+    order = cached_permutation(layout, q.device).indices
+    mask = predict_mask(*(x.transpose(1, 2) for x in (q, k)), layout, order, sparsity=0.7, block_size=block_size,
+                        first_frame_sink=None, scale=None, share_batch_mask=False, backend="torch")
+    if keep is not None:
+        whole = torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (full_q, k, v)), enable_gqa=True).transpose(1, 2)
+        whole[:, keep] = out
+        out = whole
+    return out, mask.dense
+
+
+def _worker(rank, world):
+    found = []
+    for name, layout_args, heads, kv_heads, block_size, how, padded in CASES:
+        whole, layout, keep = _layouts(layout_args, padded)
+        q, k, v = _inputs(whole, heads, kv_heads, seed=len(found))
+        held = _held(whole, world, how)
+        rows = (torch.arange(whole.seq_len).view(world, -1) if held is None else held)[rank]
+        if keep is not None and held is None:
+            held = torch.arange(whole.seq_len).view(world, -1)
+        plan = RingPlan.build(layout, degree=world, rank=rank, block_size=block_size, held=held, keep=keep)
+        masks = []
+        out = ring_sparse_attention(*(x.index_select(1, rows) for x in (q, k, v)), plan,
+                                    group=dist.group.WORLD, sparsity=0.7, backend="torch",
+                                    tensor_layout="BSND", on_mask=lambda m: masks.append(m.dense))
+        found.append((name, rows, out, masks[0]))
+    return [(n, r.numpy(), o.numpy(), m.numpy()) for n, r, o, m in found]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_ranks_equal_one_process(world):
+    per_rank = run_ranks(_worker, world)
+    for index, (name, layout_args, heads, kv_heads, block_size, _, padded) in enumerate(CASES):
+        whole, layout, keep = _layouts(layout_args, padded)
+        q, k, v = _inputs(whole, heads, kv_heads, seed=index)
+        expected, expected_mask = _one_process(layout, q, k, v, block_size, keep)
+        out = torch.empty_like(expected)
+        for rank_results in per_rank:
+            _, rows, part, mask = rank_results[index]
+            out[:, torch.from_numpy(rows)] = torch.from_numpy(part)
+            assert torch.equal(torch.from_numpy(mask), expected_mask), name  # bit-identical masks on every rank
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=name)
