@@ -1,4 +1,4 @@
-"""Run a test's worker on several spawned CPU processes (gloo) and collect what each rank reports."""
+"""Run a test's worker on several spawned processes of one process group and collect what each rank reports."""
 from __future__ import annotations
 
 import os
@@ -15,9 +15,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _main(rank, world, port, results, worker, args):
+def _main(rank, world, port, results, worker, args, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         value = worker(rank, world, *args)
         results.put((rank, value))  # by value (numpy, plain data): a rank's shared memory ends with it
@@ -28,15 +28,16 @@ def _main(rank, world, port, results, worker, args):
         dist.destroy_process_group()
 
 
-def run_ranks(worker, world: int, *args) -> list:
-    """``[worker(rank, world, *args) for each rank]``, each run in its own process of one gloo group.
+def run_ranks(worker, world: int, *args, backend: str = "gloo") -> list:
+    """``[worker(rank, world, *args) for each rank]``, each run in its own process of one process group
+    (``backend``: gloo on CPU tensors, nccl on GPUs).
 
     ``worker`` must be a module-level function (the processes are spawned) returning picklable data.
     """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_main, args=(rank, world, port, results, worker, args))
+    processes = [context.Process(target=_main, args=(rank, world, port, results, worker, args, backend))
                  for rank in range(world)]
     for p in processes:
         p.start()

@@ -8,6 +8,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import rainfusion_core as rf  # noqa: E402
 from rainfusion_core.ring import RingPlan, ring_sparse_attention  # noqa: E402
+from helpers import needs_cuda  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
 # (name, layout, heads, kv heads, block size, held, padded text positions): ragged blocks, text at either end,
@@ -98,3 +99,24 @@ def test_ring_ranks_equal_one_process(world):
             out[:, torch.from_numpy(rows)] = torch.from_numpy(part)
             assert torch.equal(torch.from_numpy(mask), expected_mask), name  # bit-identical masks on every rank
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _gpu_worker(rank, world):
+    """A ring of one on the GPU (NCCL): the collectives on device tensors, the Triton kernels with lse, the merge."""
+    layout = rf.VideoLayout(frames=3, height=16, width=24, text_len=40)
+    q, k, v = (x.to("cuda", torch.bfloat16) for x in _inputs(layout, 4, 2, seed=9))
+    plan = RingPlan.build(layout, degree=world, rank=rank, block_size=128, device="cuda")
+    masks = []
+    out = ring_sparse_attention(q, k, v, plan, group=dist.group.WORLD, sparsity=0.7, backend="triton",
+                                tensor_layout="BSND", on_mask=lambda m: masks.append(m.dense))
+    want = rf.sparse_attention(q, k, v, layout, sparsity=0.7, tensor_layout="BSND", backend="triton")
+    mask = rf.predict_block_mask(*(rf.build_permutation(layout, "cuda").apply(x.transpose(1, 2), 2) for x in (q, k)),
+                                 layout, sparsity=0.7, backend="triton")
+    return (out.float() - want.float()).abs().max().item(), torch.equal(masks[0], mask.dense)
+
+
+@needs_cuda
+def test_a_ring_of_one_on_the_gpu_equals_sparse_attention():
+    max_error, same_mask = run_ranks(_gpu_worker, 1, backend="nccl")[0]
+    assert same_mask
+    assert max_error < 2e-2, max_error  # bf16: one rounding of the output apart (the merge rounds it again)

@@ -75,6 +75,25 @@ def test_ws_in_several_head_chunks_equals_triton_kernel(monkeypatch, name, head_
 
 
 @ON_HOPPER
+@pytest.mark.parametrize("chunks", [False, True], ids=["one-chunk", "head-chunks"])
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_ws_log_sum_exp_equals_triton_kernel(monkeypatch, name, head_dim, chunks):
+    """The Hopper kernel writes each row's log-sum-exp where the portable one does, bit for bit (-inf rows too)."""
+    if chunks:
+        monkeypatch.setattr(triton_launch, "ONE_CHUNK_BYTES", 0)
+        monkeypatch.setattr(triton_launch, "_PLANS", {})
+    layout, q, k, v, mask = _problem(name, torch.bfloat16, bsnd=True, head_dim=head_dim)
+    order = rf.build_permutation(layout, DEVICE).indices
+    lses = [torch.full(q.shape[:3], 7.0, device=DEVICE) for _ in range(2)]
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE, lse=lses[0])
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS, lse=lses[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lses[1], lses[0], rtol=0, atol=0)
+    assert (lses[1][0, 0, order[128:256]] == float("-inf")).all()  # mask row 1 of (0, 0) keeps nothing
+
+
+@ON_HOPPER
 def test_ws_with_a_batch_shared_mask():
     # share_batch_mask=True gives kv_counts / kv_indices expanded over the batch (stride 0)
     layout, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
@@ -270,9 +289,9 @@ def test_fp8_refusals_on_hopper():
 
 
 # --------------------------------------------------------------------------- compiled for sm_90a on any machine
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("build", ["bf16", "fp8", "lse"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
-def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, fp8):
+def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build):
     # Where no Hopper GPU is present this is the check that the Gluon code still builds for one.
     import json
     import os
@@ -283,7 +302,9 @@ def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, fp8):
     pytest.importorskip("triton")
     tool = Path(__file__).resolve().parents[1] / "tools" / "compile_hopper_kernel.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
-    args = [sys.executable, str(tool), "--head-dim", str(head_dim), "--json"] + (["--fp8"] if fp8 else [])
+    fp8 = build == "fp8"
+    args = [sys.executable, str(tool), "--head-dim", str(head_dim), "--json"] + ({"fp8": ["--fp8"], "lse": ["--lse"]}
+                                                                                   .get(build, []))
     run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     if run.returncode == 3:  # this Triton cannot compile Gluon ahead of time, or ships no cuobjdump
         pytest.skip(run.stdout.strip().splitlines()[-1])

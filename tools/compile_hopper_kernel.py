@@ -1,6 +1,6 @@
 """Compile the Hopper (sm_90a) attention kernel on any machine and count what it became.
 
-    python tools/compile_hopper_kernel.py [--head-dim 128] [--fp8] [--json]
+    python tools/compile_hopper_kernel.py [--head-dim 128] [--fp8 | --lse] [--json]
 
 No GPU is needed: Triton compiles Gluon for a named target and ships ``ptxas`` and
 ``cuobjdump``. Prints the shared memory the kernel takes and how many of each
@@ -22,8 +22,9 @@ import tempfile
 INSTRUCTIONS = ("HGMMA", "QGMMA", "F2FP", "LDL", "STL", "I2F")
 
 
-def compile_kernel(head_dim: int, fp8: bool) -> tuple[int, str]:
-    """``(shared memory bytes, SASS)`` of the kernel for one head dim and precision."""
+def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, str]:
+    """``(shared memory bytes, SASS)`` of the kernel for one head dim and precision (``lse``: the
+    16-bit build that also writes each row's log-sum-exp)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -45,9 +46,9 @@ def compile_kernel(head_dim: int, fp8: bool) -> tuple[int, str]:
     kernel = ws.block_sparse_attention_fwd_ws
     types = {"Q": "*bf16", "Out": "*bf16", "desc_k": desc_k.__mangle__(), "desc_v": desc_v.__mangle__(),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
-             "V_DESCALE": "*fp32", "qk_scale": "fp32"}
+             "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
     constants = {"HEAD_DIM": head_dim, "GROUP": 1, "BLOCK_N": block, "STAGES": ws.TUNING[head_dim]["stages"],
-                 "FP8": fp8}
+                 "FP8": fp8, "WRITE_LSE": lse}
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
@@ -66,8 +67,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     parser.add_argument("--fp8", action="store_true", help="the FP8 build (precision='fp8')")
+    parser.add_argument("--lse", action="store_true", help="the 16-bit build that writes the log-sum-exp")
     parser.add_argument("--json", action="store_true", help="print the counts as one JSON line")
     args = parser.parse_args()
+    if args.fp8 and args.lse:
+        parser.error("the FP8 kernel does not write the log-sum-exp: --fp8 or --lse, not both")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels")
         return 2
@@ -84,13 +88,14 @@ def main() -> int:
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         print("this Triton ships no cuobjdump to read the compiled kernel")
         return 3
-    shared, sass = compile_kernel(args.head_dim, args.fp8)
+    shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse)
     counts = {name: sass.count(name) for name in INSTRUCTIONS}
     counts["shared_bytes"] = shared
     if args.json:
         print(json.dumps(counts))
     else:
-        print(f"head dim {args.head_dim}, {'FP8' if args.fp8 else '16-bit'}: " +
+        build = "FP8" if args.fp8 else "16-bit with lse" if args.lse else "16-bit"
+        print(f"head dim {args.head_dim}, {build}: " +
               ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -33,7 +33,7 @@ class TritonBackend(Backend):
     # the GPU generation and strides are the hook's (launch.fp8_unavailable_reason)
     precision_limits = {"fp8": Limits(dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128), block_sizes=(128,))}
     writes_every_row = True  # every program stores its 128 (or fewer) rows, kept blocks or none
-    returns_lse = True  # on the portable kernel (launch.block_sparse_attention_triton)
+    returns_lse = True  # both kernels, in 16 bits (FP8 is refused at selection)
 
     def unavailable_reason(self):
         try:

@@ -10,7 +10,7 @@ import importlib
 import math
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -102,8 +102,7 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
     ``precision="fp8"`` runs the Hopper kernel in FP8 (``rainfusion_core.fp8``) or raises
     with the reason it cannot; it never runs the call in 16 bits instead.
     ``lse`` (float32 ``[B, Hq, Sq]``, unit stride along Sq) receives each row's natural
-    log-sum-exp, at the row its output goes to; the portable kernel writes it (the Hopper
-    kernel does not yet), so such calls run there.
+    log-sum-exp, at the row its output goes to; both kernels write it in 16 bits (not in FP8).
     """
     options = _options(options, legacy)
     if lse is not None:
@@ -112,16 +111,13 @@ def block_sparse_attention_triton(q, k, v, block_mask, scale, *, order=None, out
             raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:3])} ([B, Hq, Sq]) on {q.device} "
                              f"with unit stride along Sq, got {describe(lse)}"
                              + (f" with strides {lse.stride()} on {lse.device}" if isinstance(lse, torch.Tensor) else ""))
-        if get_precision(precision).operand_dtype is not None or options.kernel == "ws":
-            raise ValueError(f"the log-sum-exp comes from the portable Triton kernel, which has no "
-                             f"{'FP8 path' if options.kernel != 'ws' else 'place in kernel=ws'}: "
-                             f"precision={precision!r}, kernel={options.kernel!r} cannot return it")
-        options = replace(options, kernel="triton")
+        if get_precision(precision).operand_dtype is not None:
+            raise ValueError(f"precision={precision!r} cannot return the log-sum-exp: the FP8 kernel does not write it")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     plan = plan_launch(q, k, v, out, block_mask, order, options, precision)
     if plan.kernel == "ws":
-        _run_ws(plan, q, k, v, block_mask, scale, order, out)
+        _run_ws(plan, q, k, v, block_mask, scale, order, out, lse)
     else:
         _run_triton(plan, q, k, v, block_mask, scale, order, out, lse)
     return out
@@ -242,7 +238,7 @@ def _ws_head_chunks(q_heads: int, kv_heads: int, head_bytes: int = 0) -> int:
 _IDENTITY: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
+def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) -> None:
     from .hopper import attention as ws
 
     counts, indices = block_mask.kv_counts, block_mask.kv_indices
@@ -257,7 +253,7 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
         ws.launch(q, k8, v8t, out, counts, indices, order, scale, k_descale, v_descale)
         return
     if plan.head_step == 0:  # already permuted and TMA-ready: no copy at all
-        ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale)
+        ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale, lse=lse)
         return
     if order is None:
         order = _identity(k.shape[2], k.device)
@@ -275,7 +271,8 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out) -> None:
         k_perm = gather(order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
         v_perm = gather(order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
         qh = slice(h0 * group, (h0 + heads) * group)
-        ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], order, scale)
+        ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], order, scale,
+                  lse=None if lse is None else lse[:, qh])
 
 
 def _identity(length: int, device: torch.device) -> torch.Tensor:

@@ -145,10 +145,10 @@ def _v_operand(v_smem, slot, FP8: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0, kept, n,
-              n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
+def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len, kv_len,
+              m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              FP8: gl.constexpr):
+              FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
@@ -250,6 +250,11 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
     # -- epilogue: normalise; a row with no kept block stays zero; scatter back through ORDER
+    if WRITE_LSE:  # m_i and l_i are in base 2: ln(sum) = (m + log2 l) * ln 2; -inf for a row with no kept key
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_i)) * 0.6931471805599453)
+        offs_l = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # in the scores' layout:
+        l_ok = offs_l < q_len  # no layout change, the row indices read again instead
+        gl.store(LSE + lse_off + gl.load(ORDER + offs_l, mask=l_ok, other=0).to(gl.int64), lse, mask=l_ok)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     if FP8:  # the float32 total; undo v's channel scales and P's multiplier
         acc = total_smem.load(o_layout) * beta[:, None] + acc
@@ -262,16 +267,18 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, q_off, o_off, stride_qs, stri
 
 @gluon.jit
 def block_sparse_attention_fwd_ws(
-    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE,
+    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-    stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
+    WRITE_LSE: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
     FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
-    ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise)."""
+    ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise). With ``WRITE_LSE`` each
+    row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to."""
     dtype: gl.constexpr = desc_k.dtype
     pid_m = gl.program_id(0)  # query blocks vary fastest: CTAs running together share one head's k and v in L2
     pid_bh = gl.program_id(1)
@@ -280,6 +287,7 @@ def block_sparse_attention_fwd_ws(
     b64 = b.to(gl.int64)
     q_off = b64 * stride_qb + h * stride_qh
     o_off = b64 * stride_ob + h * stride_oh
+    lse_off = b64 * stride_lb + h * stride_lh
 
     # -- this block's mask row: n kept tiles (clamped to the row's length), their block indices at `kept`
     n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
@@ -312,12 +320,12 @@ def block_sparse_attention_fwd_ws(
 
     m0 = pid_m * (2 * ROWS)
     gl.warp_specialize([
-        (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
-                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
-                     0, HEAD_DIM, BLOCK_N, STAGES, FP8)),
-        (_consumer, (Q, Out, ORDER, k_descale, v_descale, q_off, o_off, stride_qs, stride_os, q_len, kv_len, m0,
-                     kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
-                     1, HEAD_DIM, BLOCK_N, STAGES, FP8)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
+                     kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
+                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
+                     kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
+                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -338,7 +346,8 @@ def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
-def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None) -> None:
+def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None,
+           lse=None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
     through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
     [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
@@ -346,6 +355,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     FP8 (``rainfusion_core.fp8``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
     v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 16) with
     ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
+    ``lse`` (float32 ``[B, H, S]``, unit stride along S; 16-bit calls) receives each row's log-sum-exp.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -364,8 +374,11 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     grid = (-(-q_len // BLOCK), batch * heads)
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
+        kv_counts if lse is None else lse,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
+        *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
+        WRITE_LSE=lse is not None,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )

@@ -1,0 +1,99 @@
+"""What returning the log-sum-exp costs, and a ring step's share, on one GPU at the Wan2.1 shapes.
+
+    python benchmarks/lse_bench.py [--models wan-1.3b,wan-14b]     # needs an NVIDIA GPU
+
+Per shape (batch 1, head dim 128, bf16, sparsity 0.8, a mask predicted from synthetic
+video-DiT activations, ``rainfusion_core.synthetic``):
+
+* the kernel on model-order q, k, v (``rf.block_sparse_attention`` path: read through the
+  permutation), without and with ``lse``; the target is a cost of at most 2 %;
+* the whole ``rf.sparse_attention`` call without and with ``return_lse=True``;
+* one rank's share of a ring of 2 and 4 (its query blocks against every key shard, one
+  kernel per shard with ``lse``, and the merge), run on this one GPU: what a ring rank
+  computes, without the collectives.
+
+Times are ``triton.testing.do_bench`` medians after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import rainfusion_core as rf
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.benchmarking import comma_choices, median_ms
+from rainfusion_core.synthetic import video_dit_qkv
+
+MODELS = {  # heads, latent grid of an 81-frame video (480p / 720p), no text in self-attention
+    "wan-1.3b": (12, rf.VideoLayout(21, 30, 52)),
+    "wan-14b": (40, rf.VideoLayout(21, 45, 80)),
+}
+HEAD_DIM = 128
+
+
+def bench(fn) -> float:
+    return median_ms(fn, "cuda", repeats=10)
+
+
+def ring_share(qp, kp, vp, mask, scale, degree: int):
+    """Rank 0's work in a ring of ``degree``: its whole query blocks against each key shard, merged."""
+    nb = mask.kv_counts.shape[-1]
+    bounds = [j * nb // degree for j in range(degree + 1)]
+    rows = slice(bounds[0] * 128, min(bounds[1] * 128, qp.shape[2]))
+    shards = [slice(bounds[j] * 128, min(bounds[j + 1] * 128, kp.shape[2])) for j in range(degree)]
+    masks = [rf.BlockMask.from_dense(mask.dense[:, :, bounds[0]:bounds[1], bounds[j]:bounds[j + 1]], block_size=128,
+                                     q_len=rows.stop - rows.start, kv_len=s.stop - s.start)
+             for j, s in enumerate(shards)]
+    q = qp[:, :, rows]
+    ks = [(kp[:, :, s], vp[:, :, s]) for s in shards]
+
+    def run():
+        parts = [rf.block_sparse_attention(q, k, v, m, scale=scale, backend="triton", return_lse=True)
+                 for (k, v), m in zip(ks, masks)]
+        return rf.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    return run
+
+
+def measure(name: str) -> list[str]:
+    heads, layout = MODELS[name]
+    seq = layout.seq_len
+    print(f"== {name}: {heads} heads, {seq} tokens; building synthetic activations ...", flush=True)
+    q, k, v = video_dit_qkv(layout, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, seed=0)
+    perm = rf.build_permutation(layout, "cuda")
+    qp, kp, vp = (perm.apply(x, 2).contiguous() for x in (q, k, v))
+    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
+    scale = HEAD_DIM ** -0.5
+    order = perm.indices
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
+    plain = bench(lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out))
+    with_lse = bench(lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out, lse=lse))
+    call = bench(lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton"))
+    call_lse = bench(lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton", return_lse=True))
+    whole_kernel = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale))
+    shares = [bench(ring_share(qp, kp, vp, mask, scale, d)) for d in (2, 4)]
+    return [f"| {name} | {plain:.3f} | {with_lse:.3f} | {100 * (with_lse / plain - 1):+.1f} % | {call:.3f} | "
+            f"{call_lse:.3f} | {whole_kernel:.3f} | {shares[0]:.3f} ({whole_kernel / shares[0]:.2f}x) | "
+            f"{shares[1]:.3f} ({whole_kernel / shares[1]:.2f}x) |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    args = parser.parse_args()
+    names = comma_choices(parser, "--models", args.models, MODELS)
+    if not torch.cuda.is_available():
+        parser.error("needs an NVIDIA GPU")
+    rows = []
+    for name in names:
+        rows += measure(name)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; times in ms (do_bench medians)")
+    print("| shape | kernel | kernel + lse | lse cost | call | call + lse | permuted kernel | ring 2: rank 0's share "
+          "| ring 4: rank 0's share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
