@@ -94,6 +94,29 @@ def test_ws_log_sum_exp_equals_triton_kernel(monkeypatch, name, head_dim, chunks
 
 
 @ON_HOPPER
+@pytest.mark.parametrize("q_len, kv_len", [(640, 300), (300, 640)], ids=["more-queries", "more-keys"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_ws_with_more_queries_than_keys_or_fewer(q_len, kv_len, precision):
+    """Permuted inputs of different lengths with strided k and v (a ring step's shapes): q's rows are read through
+    an identity as long as q, k's and v's gathered through one as long as them."""
+    torch.manual_seed(0)
+    q = torch.randn(1, q_len, 4, 128, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, kv_len, 2, 128, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    dense = random_dense(1, 4, -(-q_len // 128), -(-kv_len // 128), density=0.6)
+    mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=q_len, kv_len=kv_len)
+    if precision == "fp8":
+        got = block_sparse_attention_triton(q, k, v, mask, 0.09, options=WS, precision="fp8")
+        want = rf.get_backend("torch").forward(q, k, v, mask, 0.09)
+        assert torch.nn.functional.cosine_similarity(got.flatten().float(), want.flatten().float(), dim=0) > 0.99
+        return
+    lses = [torch.empty(q.shape[:3], device=DEVICE) for _ in range(2)]
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, options=PORTABLE, lse=lses[0])
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, options=WS, lse=lses[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lses[1], lses[0], rtol=0, atol=0)
+
+
+@ON_HOPPER
 def test_ws_with_a_batch_shared_mask():
     # share_batch_mask=True gives kv_counts / kv_indices expanded over the batch (stride 0)
     layout, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)

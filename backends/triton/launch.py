@@ -244,19 +244,19 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     counts, indices = block_mask.kv_counts, block_mask.kv_indices
     if counts.stride(-1) != 1 or indices.stride(-1) != 1:
         counts, indices = counts.contiguous(), indices.contiguous()
+    # q rows are read (and out rows written) through q_order, k and v rows gathered through kv_order: one
+    # permutation in model order; for permuted inputs two identities, each as long as what it indexes
+    q_order, kv_order = (order, order) if order is not None else (_identity(q.shape[2], q.device),
+                                                                  _identity(k.shape[2], k.device))
     if plan.fp8:  # k and v quantised (and v transposed) in one pass, all heads; q is rounded in the kernel
         from .quantize import quantize_kv
 
-        if order is None:
-            order = _identity(k.shape[2], k.device)
-        k8, k_descale, v8t, v_descale = quantize_kv(k, v, order, ws.BLOCK)
-        ws.launch(q, k8, v8t, out, counts, indices, order, scale, k_descale, v_descale)
+        k8, k_descale, v8t, v_descale = quantize_kv(k, v, kv_order, ws.BLOCK)
+        ws.launch(q, k8, v8t, out, counts, indices, q_order, scale, k_descale, v_descale)
         return
     if plan.head_step == 0:  # already permuted and TMA-ready: no copy at all
-        ws.launch(q, k, v, out, counts, indices, _identity(q.shape[2], q.device), scale, lse=lse)
+        ws.launch(q, k, v, out, counts, indices, q_order, scale, lse=lse)
         return
-    if order is None:
-        order = _identity(k.shape[2], k.device)
     from .permute import gather_rows_into as gather
 
     batch, kv_heads, kv_len, head_dim = k.shape
@@ -268,10 +268,10 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     for h0 in range(0, kv_heads, step):
         heads = min(step, kv_heads - h0)
         shape = (batch, heads, kv_len, head_dim)
-        k_perm = gather(order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
-        v_perm = gather(order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
+        k_perm = gather(kv_order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
+        v_perm = gather(kv_order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
         qh = slice(h0 * group, (h0 + heads) * group)
-        ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], order, scale,
+        ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], q_order, scale,
                   lse=None if lse is None else lse[:, qh])
 
 
