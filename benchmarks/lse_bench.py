@@ -5,12 +5,12 @@
 Per shape (batch 1, head dim 128, bf16, sparsity 0.8, a mask predicted from synthetic
 video-DiT activations, ``rainfusion_core.synthetic``):
 
-* the kernel on model-order q, k, v (``rf.block_sparse_attention`` path: read through the
-  permutation), without and with ``lse``; the target is a cost of at most 2 %;
-* the whole ``rf.sparse_attention`` call without and with ``return_lse=True``;
-* one rank's share of a ring of 2 and 4 (its query blocks against every key shard, one
+* the kernel on model-order q, k, v (read through the permutation), without and with ``lse``,
+  timed in turn three times each (medians); the target is a cost of at most 2 %;
+* the whole ``rf.sparse_attention`` call without and with ``return_lse=True``, likewise;
+* rank 0's share of a ring of 2 and 4 (its query blocks against every key shard, one
   kernel per shard with ``lse``, and the merge), run on this one GPU: what a ring rank
-  computes, without the collectives.
+  computes, without the collectives, against the kernel on the whole permuted sequence.
 
 Times are ``triton.testing.do_bench`` medians after warm-up.
 """
@@ -37,22 +37,32 @@ def bench(fn) -> float:
 
 
 def ring_share(qp, kp, vp, mask, scale, degree: int):
-    """Rank 0's work in a ring of ``degree``: its whole query blocks against each key shard, merged."""
+    """Rank 0's work in a ring of ``degree`` (``rainfusion_core.ring``: blocks dealt to the ranks in turn): its
+    query blocks against each rank's key blocks, one kernel per shard with ``lse``, merged."""
     nb = mask.kv_counts.shape[-1]
-    bounds = [j * nb // degree for j in range(degree + 1)]
-    rows = slice(bounds[0] * 128, min(bounds[1] * 128, qp.shape[2]))
-    shards = [slice(bounds[j] * 128, min(bounds[j + 1] * 128, kp.shape[2])) for j in range(degree)]
-    masks = [rf.BlockMask.from_dense(mask.dense[:, :, bounds[0]:bounds[1], bounds[j]:bounds[j + 1]], block_size=128,
-                                     q_len=rows.stop - rows.start, kv_len=s.stop - s.start)
-             for j, s in enumerate(shards)]
-    q = qp[:, :, rows]
-    ks = [(kp[:, :, s], vp[:, :, s]) for s in shards]
+    blocks = [torch.arange(j, nb, degree, device=qp.device) for j in range(degree)]
+    tokens = [(b[:, None] * 128 + torch.arange(128, device=qp.device)).flatten() for b in blocks]
+    tokens = [t[t < qp.shape[2]] for t in tokens]
+    rows = mask.dense.index_select(2, blocks[0])
+    masks = [rf.BlockMask.from_dense(rows.index_select(3, b), block_size=128, q_len=tokens[0].numel(),
+                                     kv_len=t.numel()) for b, t in zip(blocks, tokens)]
+    q = qp.index_select(2, tokens[0])
+    ks = [(kp.index_select(2, t), vp.index_select(2, t)) for t in tokens]
 
     def run():
         parts = [rf.block_sparse_attention(q, k, v, m, scale=scale, backend="triton", return_lse=True)
                  for (k, v), m in zip(ks, masks)]
         return rf.merge_attention([p[0] for p in parts], [p[1] for p in parts])
     return run
+
+
+def alternating(first, second, rounds: int = 3) -> tuple[float, float]:
+    """Medians of ``first`` and ``second`` timed in turn ``rounds`` times each (clock drift hits both alike)."""
+    times = [[], []]
+    for _ in range(rounds):
+        for i, fn in enumerate((first, second)):
+            times[i].append(bench(fn))
+    return tuple(sorted(t)[len(t) // 2] for t in times)
 
 
 def measure(name: str) -> list[str]:
@@ -67,10 +77,12 @@ def measure(name: str) -> list[str]:
     order = perm.indices
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
-    plain = bench(lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out))
-    with_lse = bench(lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out, lse=lse))
-    call = bench(lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton"))
-    call_lse = bench(lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton", return_lse=True))
+    plain, with_lse = alternating(lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out),
+                                  lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, out=out,
+                                                                        lse=lse))
+    call, call_lse = alternating(lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton"),
+                                 lambda: rf.sparse_attention(q, k, v, layout, sparsity=0.8, backend="triton",
+                                                             return_lse=True))
     whole_kernel = bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale))
     shares = [bench(ring_share(qp, kp, vp, mask, scale, d)) for d in (2, 4)]
     return [f"| {name} | {plain:.3f} | {with_lse:.3f} | {100 * (with_lse / plain - 1):+.1f} % | {call:.3f} | "

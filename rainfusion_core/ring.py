@@ -5,18 +5,18 @@ model's sequence of ``S = R * L`` tokens (``held[r]`` lists the model positions 
 ``r``'s rows; by default the contiguous chunks). A :class:`RingPlan` is made once per
 layout and split; each call then runs these steps:
 
-1. **Reshard.** Query blocks are split among the ranks in permuted order (rank ``j`` owns
-   the whole blocks ``[blocks[j], blocks[j+1])``, so a mask row never spans two ranks).
-   One all-to-all sends each row of q, k, v to the rank whose shard holds its permuted
-   position; each rank then holds its shard in permuted order.
+1. **Reshard.** The blocks of the permuted sequence are dealt to the ranks in turn (rank
+   ``j`` owns blocks ``j, j + R, j + 2R, ...``: whole blocks, so a mask row never spans two
+   ranks, and the first frame's and the text's blocks, whose rows keep every key, spread
+   evenly). One all-to-all sends each row of q, k, v to the rank whose shard holds its
+   permuted position; each rank then holds its shard, its blocks in ascending order.
 2. **Mask.** Each rank takes the block means of its shard; one all-gather of those
    (``S / block_size`` rows of ``D`` per head) gives every rank every mean, and each rank
    selects the whole mask exactly as one process would (the same block means, the same
    pooled scores, the same selection).
 3. **Ring.** The k and v shards are all-gathered (diffusers' ``rotate_method="allgather"``);
-   step ``j`` attends the rank's queries to shard ``j``'s kept blocks only (mask rows
-   ``[blocks[r], blocks[r+1])``, columns ``[blocks[j], blocks[j+1])``) and returns
-   ``(out_j, lse_j)``. On the CPU a step with no kept block is skipped; on an accelerator
+   step ``j`` attends the rank's queries to shard ``j``'s kept blocks only (the mask's
+   rows of rank ``r``'s blocks, columns of rank ``j``'s) and returns ``(out_j, lse_j)``. On the CPU a step with no kept block is skipped; on an accelerator
    every step launches (a row without a kept block ends at once), because knowing that a
    step is empty would make the host wait for the device.
 4. **Merge.** The parts are merged exactly through their log-sum-exp
@@ -57,8 +57,8 @@ class RingPlan:
         degree, rank: the ring's size and this rank's place in it.
         local: rows each rank holds (``S = degree * local`` tokens in all).
         block_size: tokens per mask block.
-        blocks: ``degree + 1`` block bounds: rank ``j`` owns query blocks ``[blocks[j], blocks[j+1])``.
-        starts: the same bounds in tokens of the permuted sparse sequence.
+        blocks: per rank, the blocks it owns (``arange(j, NB, degree)``), on ``device``.
+        lengths: per rank, the tokens of its shard.
         send_index: this rank's rows that take part, ordered by destination rank, then permuted position.
         send_splits, recv_splits: rows sent to / received from each rank in the all-to-all.
         to_shard: ``shard[i] = received[to_shard[i]]``; ``to_buffer`` its inverse.
@@ -71,7 +71,7 @@ class RingPlan:
     local: int
     block_size: int
     blocks: tuple
-    starts: tuple
+    lengths: tuple
     send_index: torch.Tensor
     send_splits: tuple
     recv_splits: tuple
@@ -125,15 +125,16 @@ class RingPlan:
         owner[held.flatten()] = torch.arange(degree).repeat_interleave(local)
         row[held.flatten()] = torch.arange(local).repeat(degree)
         model = seq_positions[cached_permutation(layout, torch.device("cpu")).indices]  # of each permuted position
-        blocks = tuple(j * nblocks // degree for j in range(degree + 1))
-        starts = tuple(min(b * block_size, count) for b in blocks)
         positions = torch.arange(count)
-        dest = torch.bucketize(positions, torch.tensor(starts[1:-1], dtype=torch.long), right=True)
+        dest = (positions // block_size) % degree  # blocks dealt in turn
+        lengths = torch.bincount(dest, minlength=degree)
         source = owner[model]
-        mine = source == rank
-        send_index = row[model[mine]]  # in increasing permuted position, so grouped by destination
+        # sent in ascending (destination, permuted position): a shard's rows arrive in its own order
+        mine = (source == rank).nonzero().flatten()
+        mine = mine[torch.argsort(dest[mine], stable=True)]
+        send_index = row[model[mine]]
         send_splits = torch.bincount(dest[mine], minlength=degree)
-        shard_source = source[starts[rank]:starts[rank + 1]]
+        shard_source = source[dest == rank]  # this rank's shard: its blocks' positions, ascending
         recv_splits = torch.bincount(shard_source, minlength=degree)
         to_buffer = torch.argsort(shard_source, stable=True)  # received rows come by source, then position
         to_shard = torch.empty_like(to_buffer)
@@ -144,13 +145,14 @@ class RingPlan:
             taking[seq_positions] = True
             padded = (~taking[held[rank]]).nonzero().flatten()
         move = (lambda x: x) if device is None else (lambda x: x.to(device))
-        return cls(layout, degree, rank, local, block_size, blocks, starts, move(send_index),
+        blocks = tuple(move(torch.arange(j, nblocks, degree)) for j in range(degree))
+        return cls(layout, degree, rank, local, block_size, blocks, tuple(lengths.tolist()), move(send_index),
                    tuple(send_splits.tolist()), tuple(recv_splits.tolist()), move(to_shard), move(to_buffer),
                    None if padded is None else move(padded))
 
     @property
     def shard_len(self) -> int:
-        return self.starts[self.rank + 1] - self.starts[self.rank]
+        return self.lengths[self.rank]
 
 
 # --------------------------------------------------------------------------- collectives
@@ -233,8 +235,9 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
     # ---- mask: block means of every shard, gathered; the whole mask selected on every rank
     predictor = chosen.mask_predictor(q_local.dtype)
     means = torch.cat([_rows(rule.block_means(x, predictor)) for x in (q_shard, k_shard)], dim=1)
-    counts = [plan.blocks[j + 1] - plan.blocks[j] for j in range(plan.degree)]
-    all_means = torch.cat(_all_gather_rows(means, counts, group))
+    counts = [blocks.numel() for blocks in plan.blocks]
+    all_means = torch.empty((sum(counts), means.shape[1]), dtype=means.dtype, device=means.device)
+    all_means.index_copy_(0, torch.cat(plan.blocks), torch.cat(_all_gather_rows(means, counts, group)))
     q_means, k_means = all_means.split([batch * heads * dim, batch * kv_heads * dim], dim=1)
     q_means, k_means = _bnsd(q_means, batch, heads, dim), _bnsd(k_means, batch, kv_heads, dim)
     if rule.share_batch_mask:
@@ -248,11 +251,10 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
 
     # ---- ring: the shards' k and v gathered; each step attends to one shard's kept blocks
     kv_rows = torch.cat([k_rows, v_rows], dim=1)
-    lengths = [plan.starts[j + 1] - plan.starts[j] for j in range(plan.degree)]
-    shards = _all_gather_rows(kv_rows, lengths, group)
+    shards = _all_gather_rows(kv_rows, plan.lengths, group)
     padded_q = None if plan.padded_rows is None or not plan.padded_rows.numel() else \
         q_local.index_select(2, plan.padded_rows)
-    rows = slice(plan.blocks[plan.rank], plan.blocks[plan.rank + 1])
+    rows = mask.dense.index_select(2, plan.blocks[plan.rank])  # this rank's mask rows
     outs, lses, padded_outs, padded_lses = [], [], [], []
     for j, shard in enumerate(shards):
         k_j, v_j = (_bnsd(x, batch, kv_heads, dim) for x in shard.split(widths[1:], dim=1))
@@ -260,10 +262,10 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
             out, lse = _dense_part(padded_q, k_j, v_j, rule.scale)
             padded_outs.append(out)
             padded_lses.append(lse)
-        step = mask.dense[:, :, rows, plan.blocks[j]:plan.blocks[j + 1]]
+        step = rows.index_select(3, plan.blocks[j])
         if step.device.type == "cpu" and not bool(step.any()):
             continue  # no kept block: no launch (free to know on the CPU)
-        step_mask = BlockMask.from_dense(step, block_size=plan.block_size, q_len=plan.shard_len, kv_len=lengths[j])
+        step_mask = BlockMask.from_dense(step, block_size=plan.block_size, q_len=plan.shard_len, kv_len=plan.lengths[j])
         out, lse = attention(choice, q_shard, k_j, v_j, step_mask, rule.scale, precision=precision,
                              chosen=chosen, return_lse=True)
         outs.append(out)
