@@ -63,6 +63,8 @@ class RingPlan:
         send_splits, recv_splits: rows sent to / received from each rank in the all-to-all.
         to_shard: ``shard[i] = received[to_shard[i]]``; ``to_buffer`` its inverse.
         padded_rows: this rank's rows outside ``keep`` (``None``: every token takes part).
+        to_local: row ``i`` of this rank's output is row ``to_local[i]`` of the rows sent back
+            followed by the padded rows.
     """
 
     layout: VideoLayout
@@ -78,6 +80,7 @@ class RingPlan:
     to_shard: torch.Tensor
     to_buffer: torch.Tensor
     padded_rows: torch.Tensor | None
+    to_local: torch.Tensor
 
     @classmethod
     def build(cls, layout: VideoLayout, *, degree: int, rank: int, block_size: int = 128,
@@ -144,11 +147,14 @@ class RingPlan:
             taking = torch.zeros(size, dtype=torch.bool)
             taking[seq_positions] = True
             padded = (~taking[held[rank]]).nonzero().flatten()
+        arrived = send_index if padded is None else torch.cat([send_index, padded])
+        to_local = torch.empty_like(arrived)
+        to_local[arrived] = torch.arange(arrived.numel())
         move = (lambda x: x) if device is None else (lambda x: x.to(device))
         blocks = tuple(move(torch.arange(j, nblocks, degree)) for j in range(degree))
         return cls(layout, degree, rank, local, block_size, blocks, tuple(lengths.tolist()), move(send_index),
                    tuple(send_splits.tolist()), tuple(recv_splits.tolist()), move(to_shard), move(to_buffer),
-                   None if padded is None else move(padded))
+                   None if padded is None else move(padded), move(to_local))
 
     @property
     def shard_len(self) -> int:
@@ -263,8 +269,8 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
             padded_outs.append(out)
             padded_lses.append(lse)
         step = rows.index_select(3, plan.blocks[j])
-        if step.device.type == "cpu" and not bool(step.any()):
-            continue  # no kept block: no launch (free to know on the CPU)
+        if step.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(step.any()):
+            continue  # no kept block: no launch (free to know on the CPU, outside a compiled graph)
         step_mask = BlockMask.from_dense(step, block_size=plan.block_size, q_len=plan.shard_len, kv_len=plan.lengths[j])
         out, lse = attention(choice, q_shard, k_j, v_j, step_mask, rule.scale, precision=precision,
                              chosen=chosen, return_lse=True)
@@ -274,12 +280,10 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
 
     # ---- back: each output row to the rank holding its token (the inverse all-to-all)
     back = _all_to_all(_rows(out_shard).index_select(0, plan.to_buffer), plan.send_splits, plan.recv_splits, group)
-    out = q_local.new_empty(batch, plan.local, heads, dim)  # BSND rows of this rank
-    out.transpose(0, 1).index_copy_(0, plan.send_index, back.unflatten(1, (batch, heads, dim)))
     if padded_q is not None:
-        merged, _ = merge_attention(padded_outs, padded_lses)
-        out.index_copy_(1, plan.padded_rows, merged.transpose(1, 2))
-    return out if tensor_layout == "BSND" else out.transpose(1, 2)
+        back = torch.cat([back, _rows(merge_attention(padded_outs, padded_lses)[0])])
+    out = back.index_select(0, plan.to_local).unflatten(1, (batch, heads, dim)).transpose(0, 1).contiguous()
+    return out if tensor_layout == "BSND" else out.transpose(1, 2)  # [B, L, H, D] rows of this rank
 
 
 def _dense_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

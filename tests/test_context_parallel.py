@@ -160,7 +160,7 @@ def test_unsupported_parallel_configs_are_refused_at_either_call(config, message
 RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image"]  # Qwen-Image's text is padded: its rows run dense
 
 
-def _ring_worker(rank, world, ring, ulysses):
+def _ring_worker(rank, world, ring, ulysses, compiled=False):
     """Every family of RING_FAMILIES in both call orders; the sparse outputs, and whether remove() gave the
     layers back their diffusers processors."""
     _setup_cpu_parallelism()
@@ -187,6 +187,12 @@ def _ring_worker(rank, world, ring, ulysses):
             sparse = forward(model, kwargs)
             masks = handle.stats().masks
             layers = len(attention_layers(model))
+            if compiled and family == "Wan" and order == "parallel-first":  # the ring op, traced whole
+                fresh = tiny.build(0)
+                fresh.enable_parallelism(config=config)
+                fresh_handle = apply_rainfusion(fresh, sparsity=0.8, block_size=16, backend="torch")
+                found["compiled"] = forward(torch.compile(fresh), kwargs).numpy()
+                fresh_handle.remove()
             handle.remove()
             after = {name: type(module.processor) for name, module in model.named_modules()
                      if hasattr(module, "processor")}
@@ -202,7 +208,7 @@ def _ring_worker(rank, world, ring, ulysses):
 def test_ring_and_unified_equal_one_process(ring, ulysses):
     """Ring degree 2 and 4, and Ulysses 2 x ring 2, each equal one process for every family, in either call
     order; after ``remove()`` the model runs diffusers' own (dense) ring and equals one process too."""
-    found = run_ranks(_ring_worker, ring * ulysses, ring, ulysses)
+    found = run_ranks(_ring_worker, ring * ulysses, ring, ulysses, ring == 2 and ulysses == 1)
     for family in RING_FAMILIES:
         expected_sparse, expected_dense = _single_process(family)
         for order in ("parallel-first", "rainfusion-first"):
@@ -217,3 +223,26 @@ def test_ring_and_unified_equal_one_process(ring, ulysses):
             assert restored, f"{family} {order}: remove() left RainFusion processors"
             for other in found[1:]:  # every rank gathers the same output
                 torch.testing.assert_close(torch.from_numpy(other[family, order][0]), sparse, rtol=0, atol=0)
+    if ring == 2 and ulysses == 1:  # torch.compile of a fresh model: its first call traces the ring op
+        torch.testing.assert_close(torch.from_numpy(found[0]["compiled"]), _single_process("Wan")[0], rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_mask_reuse_is_refused_under_ring_at_either_call():
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    from rainfusion_core.integrations.diffusers import apply_rainfusion
+
+    cp = ContextParallelConfig.__new__(ContextParallelConfig)  # skip __post_init__'s world checks
+    cp.ring_degree, cp.ulysses_degree, cp.ulysses_anything, cp.ring_anything = 2, 1, False, False
+    parallel = ParallelConfig(context_parallel_config=cp)
+    model = MODELS[0].build(0)
+    handle = apply_rainfusion(model, block_size=16, backend="torch", refresh_every=2)
+    with pytest.raises(ValueError, match="refresh_every > 1 does not run under ring attention"):
+        model.blocks[0].attn1.processor._parallel_config = parallel
+    handle.remove()
+    model.blocks[0].attn1.processor._parallel_config = parallel
+    with pytest.raises(ValueError, match="refresh_every > 1 does not run under ring attention"):
+        apply_rainfusion(model, block_size=16, backend="torch", refresh_every=2)
+    apply_rainfusion(model, block_size=16, backend="torch").remove()  # without reuse it applies

@@ -120,3 +120,26 @@ def test_a_ring_of_one_on_the_gpu_equals_sparse_attention():
     max_error, same_mask = run_ranks(_gpu_worker, 1, backend="nccl")[0]
     assert same_mask
     assert max_error < 2e-2, max_error  # bf16: one rounding of the output apart (the merge rounds it again)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(degree=4, block_size=64), "fewer than the 4 ranks"),
+    (dict(held=torch.arange(160).view(2, 80) % 100), "each of the 160 model positions once"),
+    (dict(held=torch.arange(160).view(4, 40)), r"shape \[degree=2, local\]"),
+    (dict(keep=torch.arange(150), held=torch.arange(160).view(2, 80)), "keep has 150 positions but layout.seq_len is 160"),
+    (dict(rank=2), "rank must be below degree"),
+])
+def test_a_plan_refuses_what_cannot_split(arguments, message):
+    layout = rf.VideoLayout(frames=2, height=8, width=10)
+    with pytest.raises(ValueError, match=message):
+        RingPlan.build(layout, **{**dict(degree=2, rank=0, block_size=16), **arguments})
+
+
+def test_a_plan_deals_blocks_in_turn_and_moves_every_row_once():
+    layout = rf.VideoLayout(frames=3, height=8, width=10, text_len=15)  # 255 tokens: a ragged last block
+    plans = [RingPlan.build(layout, degree=3, rank=r, block_size=16) for r in range(3)]
+    assert [p.blocks[1].tolist() for p in plans[:1]] == [list(range(1, 16, 3))]
+    assert sum(p.shard_len for p in plans) == layout.seq_len
+    for p in plans:  # what each rank sends is what the others expect from it
+        assert sorted(p.send_index.tolist()) == list(range(p.local))
+        assert [q.recv_splits[p.rank] for q in plans] == list(p.send_splits)

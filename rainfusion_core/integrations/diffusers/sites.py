@@ -17,11 +17,12 @@ import torch
 from ...api import run_sparse_call
 from ...call import resolve_sparse_call
 from ...layout import VideoLayout
+from ...caching import may_cache
 from ...capture import save_qkv
-from ...ring import RingPlan, ring_sparse_attention
 from . import routing
 from .adapters import DISPATCH, CallSite
 from .parallel import check_parallel_config, context_parallel, exchange, held_positions
+from .ring_call import ring_attention
 from .state import CallState
 
 
@@ -131,14 +132,17 @@ class SparseSite(Site):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
                             first_frame_sink=first_frame_sink, precision=precision)
-        self._held: dict = {}  # (length, ring, ulysses, video length) -> held_positions, and its inverse
-        self._plans: dict = {}  # (held key, ring rank, text group, device) -> RingPlan
+        self._orders: dict = {}  # (length, ulysses degree, video length) -> _gathered_order
 
     def active(self) -> bool:
         return self.state.sparse
 
     def check_parallel(self, parallel_config, heads):
         check_parallel_config(parallel_config, heads)
+        cp = context_parallel(parallel_config)
+        if cp is not None and (cp.ring_degree or 1) > 1 and self.state.reuse is not None:
+            raise ValueError("RainFusion under context parallelism: refresh_every > 1 does not run under ring "
+                             f"attention (ring_degree={cp.ring_degree}): each ring call predicts its mask")
 
     def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
         _refuse_unsupported(call)
@@ -210,12 +214,12 @@ class SparseSite(Site):
         ulysses, ring = cp.ulysses_degree or 1, cp.ring_degree or 1
         if ulysses > 1:
             q, k, v = (exchange(x, cp, to_heads=True) for x in (q, k, v))
-        held, order = self._held_rows(q.shape[1] * ring, ring, ulysses)
         if ring > 1:
-            out = self._attend_ring(q, k, v, scale, held, cp)
+            out = self._attend_ring(q, k, v, scale, q.shape[1] * ring, cp)
         else:
+            order = self._gathered_order(q.shape[1], ulysses)
             if order is not None:  # gathered -> model order
-                q, k, v = (x.index_select(1, order.to(x.device)) for x in (q, k, v))
+                q, k, v = (x.index_select(1, order[0].to(x.device)) for x in (q, k, v))
 
             def local(q, k, v, mask):
                 return dense(q, k, v, mask, local=True)
@@ -223,66 +227,58 @@ class SparseSite(Site):
             # The layer's mask is sharded like the sequence; padded rows attend over the kept keys instead.
             out = self._attend(q, k, v, None, scale, "BSND", local, exchanged=True)
             if order is not None:
-                out = out.index_select(1, held[0].to(out.device))
+                out = out.index_select(1, order[1].to(out.device))
         return exchange(out, cp, to_heads=False) if ulysses > 1 else out
 
-    def _held_rows(self, length: int, ring: int, ulysses: int):
-        """``(held, order)``: :func:`held_positions` of this call, and for Ulysses alone the gathered
-        position of each model position (``None`` when they agree)."""
-        grid = self.state.layout
-        video_len = grid.video_len if grid is not None else length
-        key = (length, ring, ulysses, video_len)
-        if key not in self._held:
-            held = held_positions(length, video_len, self.state.adapter.text_position,
-                                  self.state.adapter.cp_splits_joint_sequence, ring, ulysses)
-            order = None
-            if ring == 1 and not torch.equal(held[0], torch.arange(length)):
-                order = torch.empty(length, dtype=torch.long)
-                order[held[0]] = torch.arange(length)
-            self._held[key] = (held, order)
-        return self._held[key]
+    def _gathered_order(self, length: int, ulysses: int):
+        """``(order, model)`` under Ulysses alone: ``order[i]`` the gathered position of model position ``i``,
+        ``model[g]`` the model position of gathered position ``g``; ``None`` where they agree. Cached in
+        eager code; compiled code builds it in its graph (a few index ops, never cached from a trace)."""
+        video_len = self.state.layout.video_len
+        adapter = self.state.adapter
+        if length == video_len or adapter.cp_splits_joint_sequence or ulysses == 1:
+            return None
+        key = (length, ulysses, video_len)
+        found = self._orders.get(key)
+        if found is None:
+            model = held_positions(length, video_len, adapter.text_position, False, 1, ulysses)[0]
+            found = (torch.argsort(model), model)
+            if may_cache(torch.device("cpu")):
+                self._orders[key] = found
+        return found
 
-    def _attend_ring(self, q, k, v, scale, held, cp):
-        """Ring attention of this rank's rows ``[B, L, H, D]`` (model positions ``held[ring rank]``), padded
-        text per group of batch items: its rows attend densely to the kept keys, as under Ulysses."""
-        layout = self.layout_of(held.numel(), "self-attention")
+    def _attend_ring(self, q, k, v, scale, length: int, cp):
+        """Ring attention of this rank's rows ``[B, L, H, D]`` of a ``length``-token sequence (which rows:
+        ``held_positions``), padded text per group of batch items: its rows attend densely to the kept keys,
+        as under Ulysses."""
+        layout = self.layout_of(length, "self-attention")
         options = dict(self.options)
-        block_size = options.pop("block_size")
-        if self.state.sparsity is not None:
+        step_sparsity = None
+        if self.state.sparsity is not None:  # compiled code reads the handle's tensor when the op runs
             if torch.compiler.is_compiling():
-                raise ValueError("a sparsity per step under ring attention runs eagerly only: leave the "
-                                 "transformer uncompiled, or give one sparsity")
-            options["sparsity"] = self.state.step_sparsity
-        if self.state.reuse is not None:
-            raise ValueError("refresh_every > 1 does not run under ring attention: each call predicts its mask")
-        rank, group = cp._ring_local_rank, cp._ring_mesh.get_group()
+                step_sparsity = self.state.sparsity_tensor
+            else:
+                options["sparsity"] = self.state.step_sparsity
+        split = [length, self.state.layout.video_len, int(self.state.adapter.cp_splits_joint_sequence),
+                 cp.ring_degree, cp.ulysses_degree or 1, cp._ring_local_rank]
+        group = cp._ring_mesh.get_group()
         padding = self.state.text
-        groups = [None] if padding is None else padding.groups
         if padding is not None and padding.text_len != layout.text_len:
             raise ValueError(f"self-attention has {layout.text_len} text tokens but the transformer input has "
                              f"{padding.text_len}")
         out = None
-        for text in groups:
-            plan = self._ring_plan(layout, held, rank, block_size, text, q.device)
+        for text in [None] if padding is None else padding.groups:
             rows = None if text is None else text.rows
-            part = ring_sparse_attention(*(x if rows is None else x.index_select(0, rows) for x in (q, k, v)), plan,
-                                         group=group, scale=scale, tensor_layout="BSND", on_mask=self._tally,
-                                         **options)
+            sparse_layout = layout if text is None else VideoLayout(
+                layout.frames, layout.height, layout.width, text_len=text.text_len, text_position=layout.text_position)
+            part = ring_attention(*(x if rows is None else x.index_select(0, rows) for x in (q, k, v)), sparse_layout,
+                                  split, text, group, scale=scale, step_sparsity=step_sparsity, on_mask=self._tally,
+                                  **options)
             if rows is None:
                 return part
             out = part.new_empty(q.shape[:-1] + v.shape[-1:]) if out is None else out
             out.index_copy_(0, rows, part)
         return out
-
-    def _ring_plan(self, layout, held, rank, block_size, text, device):
-        key = (layout.frames, layout.height, layout.width, layout.text_len, layout.text_position,
-               tuple(held.shape), rank, block_size, None if text is None else text.pattern, device)
-        if key not in self._plans:
-            sparse_layout = layout if text is None else VideoLayout(
-                layout.frames, layout.height, layout.width, text_len=text.text_len, text_position=layout.text_position)
-            self._plans[key] = RingPlan.build(sparse_layout, degree=held.shape[0], rank=rank, block_size=block_size,
-                                              held=held, keep=None if text is None else text.keep, device=device)
-        return self._plans[key]
 
 
 def _refuse_unsupported(call: dict) -> None:
