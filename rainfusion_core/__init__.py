@@ -20,6 +20,7 @@ _EXPORTS = {
     "VideoLayout": "layout",
     "merge_attention": "merge",
     "Permutation": "permutation", "build_permutation": "permutation",
+    "RingPlan": "ring", "ring_sparse_attention": "ring",
     "block_means": "prediction", "predict_block_mask": "prediction",
     "BackendInfo": "registry", "get_backend": "registry", "list_backends": "registry",
     "register_backend": "registry", "registered_backends": "registry", "scoped_backends": "registry",

@@ -157,7 +157,7 @@ def test_unsupported_parallel_configs_are_refused_at_either_call(config, message
 
 
 # --------------------------------------------------------------------------- ring and unified attention
-RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image"]  # Qwen-Image's text is padded: its rows run dense
+RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image", "MiniMax-H3"]  # Qwen-Image's text is padded: its rows run dense
 
 
 def _ring_worker(rank, world, ring, ulysses, compiled=False):
