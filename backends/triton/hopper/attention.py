@@ -262,6 +262,10 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         acc = acc * (gl.load(V_DESCALE + offs_o) * (1.0 / P_MULT))[None, :]
     out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(out_dtype)
     out = gl.convert_layout(out, ld_layout)
+    # the rows' indices read again (from L2) rather than held in registers across the loop, where they spilled
+    offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    m_ok = offs_m < q_len
+    rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
     gl.store(Out + o_off + rows[:, None] * stride_os + offs_d[None, :], out, mask=m_ok[:, None])
 
 
