@@ -1,6 +1,6 @@
 """What returning the log-sum-exp costs, and a ring step's share, on one GPU at the Wan2.1 shapes.
 
-    python benchmarks/lse_bench.py [--models wan-1.3b,wan-14b]     # needs an NVIDIA GPU
+    python benchmarks/lse_bench.py [--shapes wan1.3b,wan14b]     # needs an NVIDIA GPU
 
 Per shape (batch 1, head dim 128, bf16, sparsity 0.8, a mask predicted from synthetic
 video-DiT activations, ``rainfusion_core.synthetic``):
@@ -23,13 +23,9 @@ import torch
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
 from rainfusion_core.benchmarking import comma_choices, median_ms
+from rainfusion_core.shapes import REFERENCE_HEAD_DIM as HEAD_DIM
+from rainfusion_core.shapes import REFERENCE_SHAPES
 from rainfusion_core.synthetic import video_dit_qkv
-
-MODELS = {  # heads, latent grid of an 81-frame video (480p / 720p), no text in self-attention
-    "wan-1.3b": (12, rf.VideoLayout(21, 30, 52)),
-    "wan-14b": (40, rf.VideoLayout(21, 45, 80)),
-}
-HEAD_DIM = 128
 
 
 def bench(fn) -> float:
@@ -66,7 +62,8 @@ def alternating(first, second, rounds: int = 3) -> tuple[float, float]:
 
 
 def measure(name: str) -> list[str]:
-    heads, layout = MODELS[name]
+    _, heads, frames, height, width, text = REFERENCE_SHAPES[name]
+    layout = rf.VideoLayout(frames, height, width, text_len=text)
     seq = layout.seq_len
     print(f"== {name}: {heads} heads, {seq} tokens; building synthetic activations ...", flush=True)
     q, k, v = video_dit_qkv(layout, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, seed=0)
@@ -92,9 +89,10 @@ def measure(name: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--shapes", default="wan1.3b,wan14b",
+                        help=f"comma-separated, of: {', '.join(REFERENCE_SHAPES)}")
     args = parser.parse_args()
-    names = comma_choices(parser, "--models", args.models, MODELS)
+    names = comma_choices(parser, "--shapes", args.shapes, REFERENCE_SHAPES)
     if not torch.cuda.is_available():
         parser.error("needs an NVIDIA GPU")
     rows = []

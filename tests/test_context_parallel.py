@@ -75,23 +75,27 @@ def _worker(rank, world, family, order):
     _setup_cpu_parallelism()
     from diffusers import ContextParallelConfig
 
-    from rainfusion_core.integrations.diffusers import apply_rainfusion
-
     tiny = next(m for m in MODELS if m.family == family)
     model = tiny.build(0)
     torch.manual_seed(1)
     kwargs = _inputs(tiny)
-    config = ContextParallelConfig(ulysses_degree=world)
-    if order == "parallel-first":
-        model.enable_parallelism(config=config)
-        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-    else:
-        handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-        model.enable_parallelism(config=config)
+    handle = _parallel_rainfusion(model, ContextParallelConfig(ulysses_degree=world), order)
     sparse = forward(model, kwargs)
     handle.remove()
     dense = forward(model, kwargs)  # remove() leaves a working context-parallel dense model
     return sparse.numpy(), dense.numpy()
+
+
+def _parallel_rainfusion(model, config, order):
+    """``enable_parallelism`` and ``apply_rainfusion`` on ``model``, in ``order``; the handle."""
+    from rainfusion_core.integrations.diffusers import apply_rainfusion
+
+    if order == "parallel-first":
+        model.enable_parallelism(config=config)
+        return apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
+    model.enable_parallelism(config=config)
+    return handle
 
 
 def _single_process(family):
@@ -166,7 +170,7 @@ def _ring_worker(rank, world, ring, ulysses, compiled=False):
     _setup_cpu_parallelism()
     from diffusers import ContextParallelConfig
 
-    from rainfusion_core.integrations.diffusers import apply_rainfusion, attention_layers
+    from rainfusion_core.integrations.diffusers import attention_layers
 
     found = {}
     for family in RING_FAMILIES:
@@ -178,19 +182,13 @@ def _ring_worker(rank, world, ring, ulysses, compiled=False):
             before = {name: type(module.processor) for name, module in model.named_modules()
                       if hasattr(module, "processor")}
             config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
-            if order == "parallel-first":
-                model.enable_parallelism(config=config)
-                handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-            else:
-                handle = apply_rainfusion(model, sparsity=0.8, block_size=16, backend="torch")
-                model.enable_parallelism(config=config)
+            handle = _parallel_rainfusion(model, config, order)
             sparse = forward(model, kwargs)
             masks = handle.stats().masks
             layers = len(attention_layers(model))
             if compiled and family == "Wan" and order == "parallel-first":  # the ring op, traced whole
                 fresh = tiny.build(0)
-                fresh.enable_parallelism(config=config)
-                fresh_handle = apply_rainfusion(fresh, sparsity=0.8, block_size=16, backend="torch")
+                fresh_handle = _parallel_rainfusion(fresh, config, "parallel-first")
                 found["compiled"] = forward(torch.compile(fresh), kwargs).numpy()
                 fresh_handle.remove()
             handle.remove()
