@@ -220,6 +220,7 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
     if q_local.shape[2] != plan.local or k_local.shape[2] != plan.local:
         raise ValueError(f"q and k hold {q_local.shape[2]} and {k_local.shape[2]} rows; the plan is for "
                          f"{plan.local} rows per rank")
+    _check_group(group, plan)
     precision = check_precision(precision)
     layout = plan.layout
     rule = MaskRule.for_layout(layout, layout.seq_len, q_local.shape[-1], sparsity=sparsity,
@@ -284,6 +285,18 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
         back = torch.cat([back, _rows(merge_attention(padded_outs, padded_lses)[0])])
     out = back.index_select(0, plan.to_local).unflatten(1, (batch, heads, dim)).transpose(0, 1).contiguous()
     return out if tensor_layout == "BSND" else out.transpose(1, 2)  # [B, L, H, D] rows of this rank
+
+
+def _check_group(group, plan: RingPlan) -> None:
+    """``group`` must be a process group of ``plan.degree`` ranks in which this process is ``plan.rank``."""
+    import torch.distributed as dist
+
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup, got {describe(group)}")
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if size != plan.degree or rank != plan.rank:
+        raise ValueError(f"the plan is for rank {plan.rank} of {plan.degree}, but this process is rank {rank} of the "
+                         f"{size} in group")
 
 
 def _dense_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

@@ -143,3 +143,22 @@ def test_a_plan_deals_blocks_in_turn_and_moves_every_row_once():
     for p in plans:  # what each rank sends is what the others expect from it
         assert sorted(p.send_index.tolist()) == list(range(p.local))
         assert [q.recv_splits[p.rank] for q in plans] == list(p.send_splits)
+
+
+def _wrong_group_worker(rank, world):
+    layout = rf.VideoLayout(frames=2, height=8, width=8)
+    q = torch.randn(1, 2, layout.seq_len // world, 32)
+    found = []
+    for plan, group in ((RingPlan.build(layout, degree=world, rank=world - 1 - rank, block_size=16),
+                         dist.group.WORLD),
+                        (RingPlan.build(layout, degree=world, rank=rank, block_size=16), None)):
+        try:
+            ring_sparse_attention(q, q, q, plan, group=group, sparsity=0.5, backend="torch")
+        except (TypeError, ValueError) as exc:  # before any collective: no rank waits for the other
+            found.append(str(exc))
+    return found
+
+
+def test_a_plan_for_another_rank_or_no_group_is_refused_before_any_exchange():
+    for messages in run_ranks(_wrong_group_worker, 2):
+        assert "the plan is for rank" in messages[0] and "group must be a torch.distributed ProcessGroup" in messages[1]
