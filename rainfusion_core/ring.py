@@ -16,9 +16,10 @@ layout and split; each call then runs these steps:
    pooled scores, the same selection).
 3. **Ring.** The k and v shards are all-gathered (diffusers' ``rotate_method="allgather"``);
    step ``j`` attends the rank's queries to shard ``j``'s kept blocks only (the mask's
-   rows of rank ``r``'s blocks, columns of rank ``j``'s) and returns ``(out_j, lse_j)``. On the CPU a step with no kept block is skipped; on an accelerator
-   every step launches (a row without a kept block ends at once), because knowing that a
-   step is empty would make the host wait for the device.
+   rows of rank ``r``'s blocks, columns of rank ``j``'s) and returns ``(out_j, lse_j)``.
+   On the CPU a step with no kept block is skipped; on an accelerator every step launches
+   (a row without a kept block ends at once), because knowing that a step is empty would
+   make the host wait for the device.
 4. **Merge.** The parts are merged exactly through their log-sum-exp
    (:func:`~rainfusion_core.merge.merge_attention`) in the fixed order ``j = 0 .. R-1``,
    so the result never depends on timing.
@@ -272,7 +273,8 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
         step = rows.index_select(3, plan.blocks[j])
         if step.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(step.any()):
             continue  # no kept block: no launch (free to know on the CPU, outside a compiled graph)
-        step_mask = BlockMask.from_dense(step, block_size=plan.block_size, q_len=plan.shard_len, kv_len=plan.lengths[j])
+        step_mask = BlockMask.from_dense(step, block_size=plan.block_size, q_len=plan.shard_len,
+                                         kv_len=plan.lengths[j])
         out, lse = attention(choice, q_shard, k_j, v_j, step_mask, rule.scale, precision=precision,
                              chosen=chosen, return_lse=True)
         outs.append(out)

@@ -161,7 +161,8 @@ def test_unsupported_parallel_configs_are_refused_at_either_call(config, message
 
 
 # --------------------------------------------------------------------------- ring and unified attention
-RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image", "MiniMax-H3"]  # Qwen-Image's text is padded: its rows run dense
+# Qwen-Image's text is padded (its padded rows run dense); MiniMax-H3 splits its packed sequence whole
+RING_FAMILIES = ["Wan", "Flux", "LTX-Video", "Qwen-Image", "MiniMax-H3"]
 
 
 def _ring_worker(rank, world, ring, ulysses, compiled=False):

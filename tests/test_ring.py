@@ -126,7 +126,8 @@ def test_a_ring_of_one_on_the_gpu_equals_sparse_attention():
     (dict(degree=4, block_size=64), "fewer than the 4 ranks"),
     (dict(held=torch.arange(160).view(2, 80) % 100), "each of the 160 model positions once"),
     (dict(held=torch.arange(160).view(4, 40)), r"shape \[degree=2, local\]"),
-    (dict(keep=torch.arange(150), held=torch.arange(160).view(2, 80)), "keep has 150 positions but layout.seq_len is 160"),
+    (dict(keep=torch.arange(150), held=torch.arange(160).view(2, 80)),
+     "keep has 150 positions but layout.seq_len is 160"),
     (dict(rank=2), "rank must be below degree"),
 ])
 def test_a_plan_refuses_what_cannot_split(arguments, message):
