@@ -43,7 +43,9 @@ def masked_attention(
 
     q_grouped = q.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Sq, D]
     k_t = k.to(softmax_dtype).unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, Sk]
-    v_b = v.unsqueeze(2)  # [B, Hkv, 1, Sk, D]
+    # P is rounded to v's dtype, then P V runs on float32 (or wider) operands: PyTorch's CPU matmul in
+    # bfloat16 lets a NaN row spill into its neighbour, which dense attention never does
+    v_b = v.to(softmax_dtype).unsqueeze(2)  # [B, Hkv, 1, Sk, D]
     for start, stop in query_chunks(q_len, kv_len, batch * q_heads, bs, chunk_elements):
         # --- scores of this chunk of query rows against every key, accumulated in float32 or wider
         scores = (q_grouped[:, :, :, start:stop].to(softmax_dtype) @ k_t) * scale  # [B, Hkv, G, rows, Sk]
@@ -54,7 +56,7 @@ def masked_attention(
         # --- softmax over kept keys; rows with no kept key are zeros, not NaN
         probs = torch.softmax(scores, dim=-1)
         probs = torch.where(keep.any(dim=-1, keepdim=True), probs, 0.0)
-        out[:, :, start:stop] = (probs.to(v.dtype) @ v_b).flatten(1, 2)
+        out[:, :, start:stop] = (probs.to(v.dtype).to(softmax_dtype) @ v_b).flatten(1, 2)
     return out
 
 

@@ -100,13 +100,18 @@ class RingPlan:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if rank >= degree:
             raise ValueError(f"rank must be below degree ({degree}), got {rank}")
-        total = layout.seq_len if keep is None else None
+        for name, x, dims in (("held", held, 2), ("keep", keep, 1)):
+            if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != dims or x.is_floating_point()
+                                  or x.is_complex() or x.dtype == torch.bool):
+                raise ValueError(f"{name} must be a {dims}-D integer tensor of model positions, got {describe(x)}")
         if held is None:
-            if total is None or total % degree:
+            if keep is not None:
+                raise ValueError("with keep=, pass held= too: the whole sequence's rows are not known from keep")
+            if layout.seq_len % degree:
                 raise ValueError(f"{layout.seq_len} tokens do not split into {degree} equal chunks: pass held=")
-            held = torch.arange(total).view(degree, total // degree)
+            held = torch.arange(layout.seq_len).view(degree, layout.seq_len // degree)
         held = held.to("cpu", torch.long)
-        if held.dim() != 2 or held.shape[0] != degree:
+        if held.shape[0] != degree:
             raise ValueError(f"held must have shape [degree={degree}, local], got {tuple(held.shape)}")
         local = held.shape[1]
         size = degree * local
@@ -208,6 +213,10 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
     The mask is the one a single process predicts on the whole sequence (block means
     gathered from all ranks); the output equals a single process's up to the rounding of
     the merge. ``on_mask(mask)`` sees the whole :class:`BlockMask` of each call.
+
+    Arguments are checked on each rank before any exchange; a rank whose own arguments are
+    wrong raises there while the others wait in the first exchange (until the process
+    group's timeout), as with any collective.
     """
     tensor_layout = check_tensor_layout(tensor_layout)
     if not isinstance(plan, RingPlan):

@@ -227,7 +227,7 @@ def test_ring_and_unified_equal_one_process(ring, ulysses):
                                    atol=1e-5)
 
 
-def test_mask_reuse_is_refused_under_ring_at_either_call():
+def test_mask_reuse_and_fp8_are_refused_under_ring_at_either_call(monkeypatch):
     from diffusers import ContextParallelConfig
     from diffusers.models._modeling_parallel import ParallelConfig
 
@@ -244,4 +244,10 @@ def test_mask_reuse_is_refused_under_ring_at_either_call():
     model.blocks[0].attn1.processor._parallel_config = parallel
     with pytest.raises(ValueError, match="refresh_every > 1 does not run under ring attention"):
         apply_rainfusion(model, block_size=16, backend="torch", refresh_every=2)
+    import rainfusion_core.integrations.diffusers as integration
+
+    with monkeypatch.context() as patch:  # as on a Hopper GPU, where FP8 is offered
+        patch.setattr(integration, "_check_precision_offered", lambda *args: None)
+        with pytest.raises(ValueError, match="precision='fp8' does not run under ring attention"):
+            apply_rainfusion(model, block_size=16, precision="fp8")
     apply_rainfusion(model, block_size=16, backend="torch").remove()  # without reuse it applies

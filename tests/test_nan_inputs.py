@@ -43,3 +43,14 @@ def test_the_predicted_mask_keeps_every_block_of_a_poisoned_row():
     mask = rf.predict_block_mask(q, k, LAYOUT, sparsity=0.9, block_size=64)
     assert mask.dense[0, 0, 4].all() and int(mask.kv_counts[0, 0, 4]) == 8
     assert not mask.dense[0, 0, 5].all() and not mask.dense[0, 1, 4].all()  # other rows stay sparse
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_poisoned_row_stays_alone_in_16_bits_with_an_odd_key_count(dtype):
+    """PyTorch's CPU matmul in bfloat16 spills a NaN row into its neighbour at some key counts (100 here):
+    the torch backend multiplies P V on float32 operands, so only the poisoned row is NaN."""
+    q, k, v = (torch.randn(1, 1, 100, 32).to(dtype) for _ in range(3))
+    q[0, 0, 5, 0] = float("nan")
+    mask = rf.BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=128, q_len=100, kv_len=100)
+    out = rf.block_sparse_attention(q, k, v, mask, backend="torch")
+    assert out.isnan().any(-1).nonzero()[:, 2].tolist() == [5]

@@ -1,4 +1,5 @@
 """Ring attention with RainFusion2.0 masks (``rainfusion_core.ring``): R CPU processes (gloo) against one process."""
+import numpy
 import pytest
 import torch
 
@@ -101,6 +102,35 @@ def test_ring_ranks_equal_one_process(world):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
+SIXTEEN_BIT = rf.VideoLayout(frames=3, height=8, width=8, text_len=6, text_position="tail")  # 198 = 3 x 66 tokens
+
+
+def _sixteen_bit_inputs():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4 if i == 0 else 2, SIXTEEN_BIT.seq_len, 32, generator=g).to(torch.bfloat16)
+               for i in range(3))
+    q[1, 3, 70, 0] = float("nan")  # a poisoned row: NaN exactly where one process has it
+    return q, k, v
+
+
+def _sixteen_bit_worker(rank, world):
+    q, k, v = _sixteen_bit_inputs()
+    plan = RingPlan.build(SIXTEEN_BIT, degree=world, rank=rank, block_size=16)
+    rows = slice(rank * plan.local, (rank + 1) * plan.local)
+    out = ring_sparse_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], plan, group=dist.group.WORLD,
+                                sparsity=0.6, backend="torch", share_batch_mask=True)
+    return out.float().numpy()
+
+
+def test_a_ring_of_three_in_bfloat16_bnsd_with_a_shared_mask_and_a_nan():
+    out = torch.from_numpy(numpy.concatenate(run_ranks(_sixteen_bit_worker, 3), axis=2))
+    q, k, v = _sixteen_bit_inputs()
+    want = rf.sparse_attention(q, k, v, SIXTEEN_BIT, sparsity=0.6, block_size=16, backend="torch",
+                               share_batch_mask=True, min_tokens=0).float()
+    assert torch.equal(out.isnan(), want.isnan()) and want.isnan().any()
+    torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=2e-2, atol=2e-2)  # bf16 parts, merged
+
+
 def _gpu_worker(rank, world):
     """A ring of one on the GPU (NCCL): the collectives on device tensors, the Triton kernels with lse, the merge."""
     layout = rf.VideoLayout(frames=3, height=16, width=24, text_len=40)
@@ -129,6 +159,10 @@ def test_a_ring_of_one_on_the_gpu_equals_sparse_attention():
     (dict(keep=torch.arange(150), held=torch.arange(160).view(2, 80)),
      "keep has 150 positions but layout.seq_len is 160"),
     (dict(rank=2), "rank must be below degree"),
+    (dict(keep=torch.arange(150)), "with keep=, pass held= too"),
+    (dict(keep=torch.arange(160)[None], held=torch.arange(160).view(2, 80)), "keep must be a 1-D integer tensor"),
+    (dict(keep=torch.ones(160, dtype=torch.bool), held=torch.arange(160).view(2, 80)), "keep must be a 1-D integer"),
+    (dict(held=torch.arange(160.0).view(2, 80)), "held must be a 2-D integer tensor"),
 ])
 def test_a_plan_refuses_what_cannot_split(arguments, message):
     layout = rf.VideoLayout(frames=2, height=8, width=10)

@@ -18,6 +18,7 @@ from ...api import run_sparse_call
 from ...call import resolve_sparse_call
 from ...layout import VideoLayout
 from ...caching import may_cache
+from ...precision import DEFAULT_PRECISION
 from ...capture import save_qkv
 from . import routing
 from .adapters import DISPATCH, CallSite
@@ -132,7 +133,7 @@ class SparseSite(Site):
         super().__init__(state)
         self.options = dict(sparsity=sparsity, block_size=block_size, backend=backend,
                             first_frame_sink=first_frame_sink, precision=precision)
-        self._orders: dict = {}  # (length, ulysses degree, video length) -> _gathered_order
+        self._orders: dict = {}  # (length, ulysses degree, video length, device) -> _gathered_order
 
     def active(self) -> bool:
         return self.state.sparse
@@ -140,9 +141,14 @@ class SparseSite(Site):
     def check_parallel(self, parallel_config, heads):
         check_parallel_config(parallel_config, heads)
         cp = context_parallel(parallel_config)
-        if cp is not None and (cp.ring_degree or 1) > 1 and self.state.reuse is not None:
-            raise ValueError("RainFusion under context parallelism: refresh_every > 1 does not run under ring "
-                             f"attention (ring_degree={cp.ring_degree}): each ring call predicts its mask")
+        if cp is not None and (cp.ring_degree or 1) > 1:
+            if self.state.reuse is not None:
+                raise ValueError("RainFusion under context parallelism: refresh_every > 1 does not run under ring "
+                                 f"attention (ring_degree={cp.ring_degree}): each ring call predicts its mask")
+            if self.options["precision"] != DEFAULT_PRECISION:
+                raise ValueError(f"RainFusion under context parallelism: precision={self.options['precision']!r} "
+                                 f"does not run under ring attention (ring_degree={cp.ring_degree}): its kernel "
+                                 "returns no log-sum-exp to merge the ring's parts")
 
     def attend(self, q, k, v, attn_mask, scale, tensor_layout, dense, call):
         _refuse_unsupported(call)
@@ -217,9 +223,9 @@ class SparseSite(Site):
         if ring > 1:
             out = self._attend_ring(q, k, v, scale, q.shape[1] * ring, cp)
         else:
-            order = self._gathered_order(q.shape[1], ulysses)
+            order = self._gathered_order(q.shape[1], ulysses, q.device)
             if order is not None:  # gathered -> model order
-                q, k, v = (x.index_select(1, order[0].to(x.device)) for x in (q, k, v))
+                q, k, v = (x.index_select(1, order[0]) for x in (q, k, v))
 
             def local(q, k, v, mask):
                 return dense(q, k, v, mask, local=True)
@@ -227,23 +233,23 @@ class SparseSite(Site):
             # The layer's mask is sharded like the sequence; padded rows attend over the kept keys instead.
             out = self._attend(q, k, v, None, scale, "BSND", local, exchanged=True)
             if order is not None:
-                out = out.index_select(1, order[1].to(out.device))
+                out = out.index_select(1, order[1])
         return exchange(out, cp, to_heads=False) if ulysses > 1 else out
 
-    def _gathered_order(self, length: int, ulysses: int):
-        """``(order, model)`` under Ulysses alone: ``order[i]`` the gathered position of model position ``i``,
-        ``model[g]`` the model position of gathered position ``g``; ``None`` where they agree. Cached in
-        eager code; compiled code builds it in its graph (a few index ops, never cached from a trace)."""
-        video_len = self.state.layout.video_len
+    def _gathered_order(self, length: int, ulysses: int, device):
+        """``(order, model)`` on ``device`` under Ulysses alone: ``order[i]`` the gathered position of model
+        position ``i``, ``model[g]`` the model position of gathered position ``g``; ``None`` where they agree.
+        Cached in eager code; compiled code builds it in its graph (a few index ops, never cached from a trace)."""
+        video_len = self.layout_of(length, "self-attention").video_len
         adapter = self.state.adapter
         if length == video_len or adapter.cp_splits_joint_sequence or ulysses == 1:
             return None
-        key = (length, ulysses, video_len)
+        key = (length, ulysses, video_len, device)
         found = self._orders.get(key)
         if found is None:
-            model = held_positions(length, video_len, adapter.text_position, False, 1, ulysses)[0]
+            model = held_positions(length, video_len, adapter.text_position, False, 1, ulysses)[0].to(device)
             found = (torch.argsort(model), model)
-            if may_cache(torch.device("cpu")):
+            if may_cache(device):
                 self._orders[key] = found
         return found
 
