@@ -9,7 +9,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import rainfusion_core as rf  # noqa: E402
 from rainfusion_core.ring import RingPlan, ring_sparse_attention  # noqa: E402
-from helpers import needs_cuda  # noqa: E402
+from helpers import needs_cpp, needs_cuda  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
 # (name, layout, heads, kv heads, block size, held, padded text positions): ragged blocks, text at either end,
@@ -129,6 +129,27 @@ def test_a_ring_of_three_in_bfloat16_bnsd_with_a_shared_mask_and_a_nan():
                                share_batch_mask=True, min_tokens=0).float()
     assert torch.equal(out.isnan(), want.isnan()) and want.isnan().any()
     torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=2e-2, atol=2e-2)  # bf16 parts, merged
+
+
+def _cpp_worker(rank, world):
+    """The C++ kernel (named, and chosen automatically) in a ring, against one process on the same backend."""
+    layout = rf.VideoLayout(frames=3, height=16, width=16, text_len=32)
+    q, k, v = (x.transpose(1, 2) for x in _inputs(layout, 4, 2, seed=11))
+    found = {}
+    for backend in ("cpu", None):
+        plan = RingPlan.build(layout, degree=world, rank=rank, block_size=64)
+        rows = slice(rank * plan.local, (rank + 1) * plan.local)
+        out = ring_sparse_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], plan, group=dist.group.WORLD,
+                                    sparsity=0.7, backend=backend)
+        want = rf.sparse_attention(q, k, v, layout, sparsity=0.7, block_size=64, backend=backend, min_tokens=0)
+        found[str(backend)] = float((out - want[:, :, rows]).abs().max())
+    return found
+
+
+@needs_cpp
+def test_the_cpp_kernel_in_a_ring_equals_one_process():
+    for errors in run_ranks(_cpp_worker, 2):
+        assert max(errors.values()) < 1e-5, errors
 
 
 def _gpu_worker(rank, world):
