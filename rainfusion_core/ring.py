@@ -58,7 +58,8 @@ class RingPlan:
         degree, rank: the ring's size and this rank's place in it.
         local: rows each rank holds (``S = degree * local`` tokens in all).
         block_size: tokens per mask block.
-        blocks: per rank, the blocks it owns (``arange(j, NB, degree)``), on ``device``.
+        blocks: per rank, the blocks it owns (``arange(j, NB, degree)``), on ``device``;
+            ``dealt`` all of them in rank order (where each rank's gathered rows go).
         lengths: per rank, the tokens of its shard.
         send_index: this rank's rows that take part, ordered by destination rank, then permuted position.
         send_splits, recv_splits: rows sent to / received from each rank in the all-to-all.
@@ -74,6 +75,7 @@ class RingPlan:
     local: int
     block_size: int
     blocks: tuple
+    dealt: torch.Tensor
     lengths: tuple
     send_index: torch.Tensor
     send_splits: tuple
@@ -158,7 +160,8 @@ class RingPlan:
         to_local[arrived] = torch.arange(arrived.numel())
         move = (lambda x: x) if device is None else (lambda x: x.to(device))
         blocks = tuple(move(torch.arange(j, nblocks, degree)) for j in range(degree))
-        return cls(layout, degree, rank, local, block_size, blocks, tuple(lengths.tolist()), move(send_index),
+        return cls(layout, degree, rank, local, block_size, blocks, torch.cat(blocks), tuple(lengths.tolist()),
+                   move(send_index),
                    tuple(send_splits.tolist()), tuple(recv_splits.tolist()), move(to_shard), move(to_buffer),
                    None if padded is None else move(padded), move(to_local))
 
@@ -254,7 +257,7 @@ def ring_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
     means = torch.cat([_rows(rule.block_means(x, predictor)) for x in (q_shard, k_shard)], dim=1)
     counts = [blocks.numel() for blocks in plan.blocks]
     all_means = torch.empty((sum(counts), means.shape[1]), dtype=means.dtype, device=means.device)
-    all_means.index_copy_(0, torch.cat(plan.blocks), torch.cat(_all_gather_rows(means, counts, group)))
+    all_means.index_copy_(0, plan.dealt, torch.cat(_all_gather_rows(means, counts, group)))
     q_means, k_means = all_means.split([batch * heads * dim, batch * kv_heads * dim], dim=1)
     q_means, k_means = _bnsd(q_means, batch, heads, dim), _bnsd(k_means, batch, kv_heads, dim)
     if rule.share_batch_mask:

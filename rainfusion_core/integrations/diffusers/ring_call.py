@@ -15,7 +15,7 @@ import torch
 
 from ...caching import may_cache
 from ...layout import VideoLayout
-from ...ops import layout_args, runs_directly
+from ...ops import _no_backward, layout_args, runs_directly
 from ...precision import DEFAULT_PRECISION
 from ...ring import RingPlan, ring_sparse_attention
 from .parallel import held_positions
@@ -87,12 +87,6 @@ def _(q, k, v, keep, layout, split, pattern, group_name, block_size, sparsity, f
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-def _no_backward(ctx, *grads):
-    from ...ops import NO_BACKWARD
-
-    raise RuntimeError(NO_BACKWARD)
-
-
 diffusers_ring_attention_op.register_autograd(_no_backward)
 
 
@@ -101,13 +95,12 @@ def ring_attention(q, k, v, layout: VideoLayout, split: list[int], text, group, 
     """Ring attention of a layer's rows ``[B, L, H, D]`` (``text``: a ``TextGroup`` of padded text, or ``None``):
     the op's body in eager mode (``on_mask`` sees each mask), the op under tracing."""
     keep, pattern = (None, []) if text is None else (text.keep, list(text.pattern))
-    if isinstance(backend, str) or backend is None:
-        if not (runs_directly(q, k, v) and step_sparsity is None):
-            return diffusers_ring_attention_op(q, k, v, keep, layout_args(layout), split, pattern, group.group_name,
-                                               block_size, float(sparsity), first_frame_sink, scale, backend,
-                                               precision, step_sparsity)
-    elif step_sparsity is not None or not runs_directly(q, k, v):
-        raise ValueError("a Backend object cannot cross the op boundary: under torch.compile, name a registered "
-                         "backend")
+    if step_sparsity is not None or not runs_directly(q, k, v):
+        if not (backend is None or isinstance(backend, str)):
+            raise ValueError("a Backend object cannot cross the op boundary: under torch.compile, name a registered "
+                             "backend")
+        return diffusers_ring_attention_op(q, k, v, keep, layout_args(layout), split, pattern, group.group_name,
+                                           block_size, float(sparsity), first_frame_sink, scale, backend, precision,
+                                           step_sparsity)
     return _body(q, k, v, keep, layout_args(layout), split, pattern, group, block_size, sparsity, first_frame_sink,
                  scale, backend, precision, on_mask)

@@ -10,16 +10,17 @@ whenever the site does not take it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ...api import run_sparse_call
-from ...call import resolve_sparse_call
-from ...layout import VideoLayout
 from ...caching import may_cache
-from ...precision import DEFAULT_PRECISION
+from ...call import resolve_sparse_call
 from ...capture import save_qkv
+from ...layout import VideoLayout
+from ...precision import DEFAULT_PRECISION
 from . import routing
 from .adapters import DISPATCH, CallSite
 from .parallel import check_parallel_config, context_parallel, exchange, held_positions
@@ -275,8 +276,7 @@ class SparseSite(Site):
         out = None
         for text in [None] if padding is None else padding.groups:
             rows = None if text is None else text.rows
-            sparse_layout = layout if text is None else VideoLayout(
-                layout.frames, layout.height, layout.width, text_len=text.text_len, text_position=layout.text_position)
+            sparse_layout = layout if text is None else replace(layout, text_len=text.text_len)
             part = ring_attention(*(x if rows is None else x.index_select(0, rows) for x in (q, k, v)), sparse_layout,
                                   split, text, group, scale=scale, step_sparsity=step_sparsity, on_mask=self._tally,
                                   **options)
