@@ -6,8 +6,9 @@ No GPU is needed: Triton compiles Gluon for a named target and ships ``ptxas`` a
 ``cuobjdump``. Prints the shared memory the kernel takes and how many of each
 instruction of interest its machine code holds: tensor-core products (``HGMMA`` for
 16-bit, ``QGMMA`` for FP8), float8/bf16 packing (``F2FP``), local-memory spills
-(``LDL``/``STL``) and quarter-rate conversions (``I2F``). ``tests/test_ws_kernel.py``
-runs it to prove the kernel still builds where no Hopper GPU is present. Exits 3 when
+(``LDL``/``STL``), quarter-rate conversions (``I2F``) and ``EX2_UNDER_PV``, the softmax's
+exponentials that run while the tensor cores compute ``P_t V_t`` (``SCHEDULES``'s late wait).
+``tests/test_ws_kernel.py`` runs it to prove the kernel still builds where no Hopper GPU is present. Exits 3 when
 this Triton cannot compile Gluon ahead of time. Run it without ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
              "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
     constants = {"HEAD_DIM": head_dim, "GROUP": 1, "BLOCK_N": block, "STAGES": ws.TUNING[head_dim]["stages"],
-                 "FP8": fp8, "WRITE_LSE": lse}
+                 "FP8": fp8, "WRITE_LSE": lse, "POLY_EVERY": ws.SCHEDULES[fp8].poly_every,
+                 "LATE_WAIT": ws.SCHEDULES[fp8].late_wait}
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
@@ -61,6 +63,18 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
         sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True,
                               check=True).stdout
     return compiled.metadata.shared, sass
+
+
+def exponentials_under_pv(sass: str) -> int:
+    """How many ``MUFU.EX2`` lie between a wait that leaves one product in flight (``P_t V_t``, once
+    ``S_{t+1}`` is done) and the next wait for all: the softmax that runs under ``P_t V_t``."""
+    count, under = 0, False
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE" in line:
+            under = "gsb0, 0x1" in line
+        elif under and "MUFU.EX2" in line:
+            count += 1
+    return count
 
 
 def main() -> int:
@@ -90,6 +104,7 @@ def main() -> int:
         return 3
     shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse)
     counts = {name: sass.count(name) for name in INSTRUCTIONS}
+    counts["EX2_UNDER_PV"] = exponentials_under_pv(sass)
     counts["shared_bytes"] = shared
     if args.json:
         print(json.dumps(counts))

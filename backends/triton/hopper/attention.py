@@ -7,10 +7,11 @@ and runs three partitions:
   rings, each slot guarded by a *ready* and an *empty* mbarrier;
 * two 4-warp **consumer** warpgroups own 64 query rows each. Per kept tile a
   consumer issues ``S_{t+1} = Q K_{t+1}^T`` and ``O += P_t V_t`` on the
-  tensor cores, then runs the softmax of ``S_{t+1}`` while both run; the
-  warp schedulers interleave the two consumers, so one warpgroup's softmax
-  also runs under the other's GEMMs. (Forcing strict turns with a pair of
-  mbarriers, FlashAttention-3's ping-pong, measured no faster: docs/benchmarks-history.md.)
+  tensor cores, then runs the softmax of ``S_{t+1}`` while ``P_t V_t`` runs
+  (16 bits; ``SCHEDULES`` says per precision how); the warp schedulers
+  interleave the two consumers, so one warpgroup's softmax also runs under
+  the other's GEMMs. (Forcing strict turns with a pair of mbarriers,
+  FlashAttention-3's ping-pong, measured no faster: docs/benchmarks-history.md.)
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
@@ -20,6 +21,10 @@ program runs both products on the 8-bit tensor cores: k is float8, v float8 and 
 and 128 (``TUNING``) and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
 """
 from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
 
 import torch
 from triton.experimental import gluon
@@ -55,12 +60,75 @@ CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 # The FP8 recipe's constants (rainfusion_core.fp8), as the kernel sees them.
 TOP_EXPONENT: gl.constexpr = gl.constexpr(recipe.TOP_EXPONENT)
 MIN_AMAX: gl.constexpr = gl.constexpr(recipe.MIN_AMAX)
-P_MULT: gl.constexpr = gl.constexpr(recipe.P_MULTIPLIER)
+# FP8 stores P as p * P_MULTIPLIER, a power of two: the softmax subtracts its log2 from the exponent instead.
+P_SHIFT: gl.constexpr = gl.constexpr(int(math.log2(recipe.P_MULTIPLIER)))
+assert 2.0 ** P_SHIFT.value == recipe.P_MULTIPLIER
 # FP8: kept tiles O accumulates inside the tensor cores before it is added to its float32 total (_consumer).
 # H100, Wan2.1-1.3B shape: every 4 tiles 1.00x the bf16 kernel, every 8 tiles 1.08x; the error is the
 # roundings' alone at both (cosine 0.9992 against bf16), against 0.998 with no flush at 1.17x.
 FLUSH_EVERY: gl.constexpr = gl.constexpr(8)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
+
+
+# -- exponentials off the special-function unit (FlashAttention-4's idea). Per SM that unit computes 16
+# exp2s a cycle: in FP8 one tile's 2 x 64 x 128 probabilities take as long there as both products on
+# the tensor cores. _exp2 computes one in Schedule.poly_every of them on the FMA units instead:
+# 2 ** x = 2 ** j * 2 ** f with j = round(x) (adding 1.5 * 2**23 rounds), f = x - j in [-1/2, 1/2], 2 ** f a
+# degree-3 polynomial (relative error 7.5e-5, below bfloat16's rounding of P, 2**-9) and j added to
+# its exponent bits. x is first raised to -125 so the result stays a normal float: a masked key
+# (-inf) gets 2**-125 (about 2e-38) instead of 0, far below any kept probability's rounding.
+EXP2_COEFFS = (0.9999280571937561, 0.6932609677314758, 0.2426111400127411, 0.0551716685295105)
+
+
+def _f32_hex(value: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def _exp2_asm(every: int) -> str:
+    """PTX for ``pack = every`` values: ``every - 1`` on ``ex2.approx``, the last by the polynomial."""
+    c0, c1, c2, c3 = map(_f32_hex, EXP2_COEFFS)
+    lines = ["{", ".reg .f32 x, t, j, f, p;", ".reg .b32 e, r;"]
+    lines += [f"ex2.approx.ftz.f32 ${i}, ${every + i};" for i in range(every - 1)]
+    last = every - 1
+    lines += [
+        f"max.ftz.f32 x, ${every + last}, 0fC2FA0000;",  # -125
+        "add.rn.ftz.f32 t, x, 0f4B400000;",  # + 1.5 * 2**23: rounds x to an integer j, held in t's low bits
+        "sub.rn.ftz.f32 j, t, 0f4B400000;",
+        "sub.rn.ftz.f32 f, x, j;",
+        f"fma.rn.ftz.f32 p, f, {c3}, {c2};",
+        f"fma.rn.ftz.f32 p, p, f, {c1};",
+        f"fma.rn.ftz.f32 p, p, f, {c0};",
+        "mov.b32 e, t;",
+        "shl.b32 e, e, 23;",  # j << 23, two's complement: j's bits land on the exponent
+        "mov.b32 r, p;",
+        "add.s32 r, r, e;",
+        f"mov.b32 ${last}, r;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+EXP2_ASM_2: gl.constexpr = gl.constexpr(_exp2_asm(2))
+EXP2_ASM_4: gl.constexpr = gl.constexpr(_exp2_asm(4))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a consumer schedules one tile's softmax, per precision (``SCHEDULES``).
+
+    Attributes:
+        poly_every: one of every ``poly_every`` of P's exponentials by ``_exp2``'s polynomial (0: none).
+        late_wait: hold the wait for ``P_t V_t`` behind the softmax of tile ``t + 1``
+            (``_wait_products_after``); without it the compiler moves that wait above the softmax.
+    """
+    poly_every: int = 0
+    late_wait: bool = False
+
+
+# Measured on an H200 (docs/benchmarks-history.md, Wan2.1 shapes): 16 bits, the late wait is 2-3 % faster and
+# the polynomial only adds work (-3 to -10 %); FP8, one in four exponentials by the polynomial is 1-2 %
+# faster, one in two slower, and the late wait 3-5 % slower (its products are half as long as 16-bit ones).
+SCHEDULES = {False: Schedule(poly_every=0, late_wait=True), True: Schedule(poly_every=4, late_wait=False)}
 
 
 @gluon.jit
@@ -93,13 +161,34 @@ def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Online softmax step on one score tile: new max, probabilities, rescale factor, new sum."""
+def _exp2(x, POLY_EVERY: gl.constexpr):
+    """``2 ** x`` for ``x <= 8`` (``-inf`` included): one in ``POLY_EVERY`` of a thread's values by the
+    polynomial of ``_exp2_asm`` on the FMA units, the others on the special-function unit (0: all there)."""
+    if POLY_EVERY == 2:
+        y = gl.inline_asm_elementwise(EXP2_ASM_2, "=f,=f,f,f", [x], dtype=gl.float32, is_pure=True, pack=2)
+    elif POLY_EVERY == 4:
+        y = gl.inline_asm_elementwise(EXP2_ASM_4, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True, pack=4)
+    else:
+        gl.static_assert(POLY_EVERY == 0, "POLY_EVERY is 0, 2 or 4")
+        y = gl.exp2(x)
+    return y
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+             P_SHIFT: gl.constexpr, POLY_EVERY: gl.constexpr):
+    """Online softmax step on one score tile: new max, probabilities, rescale factor, new sum.
+
+    The probabilities come out times ``2 ** P_SHIFT`` (FP8's ``P_MULT``; 0 in 16 bits), and so does
+    the row sum: the scaling costs no multiply and cancels in the normalisation."""
     if start + BLOCK_N > kv_len:  # the ragged last block: keys past the end never win
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((cols < kv_len)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
+    if P_SHIFT == 0:
+        p = _exp2(s * qk_scale - m_new[:, None], POLY_EVERY)
+    else:
+        p = _exp2(s * qk_scale - (m_new - P_SHIFT)[:, None], POLY_EVERY)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -117,20 +206,21 @@ def _power_of_two_scale(amax):
 
 
 @gluon.jit
-def _tile_scale(qk_scale, K_DESCALE, kept, t, n_blocks, FP8: gl.constexpr):
-    """The softmax scale of kept tile ``t``: times its k block's scale in FP8."""
+def _tile_info(qk_scale, K_DESCALE, kept, t, n_blocks, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
+    """``(first key row, softmax scale)`` of kept tile ``t``; the scale times its k block's scale in FP8.
+
+    The consumers call it before they wait for the tile's scores, so the loads' latency hides under
+    the products instead of delaying the softmax."""
+    block = gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1)
     scale = qk_scale
     if FP8:
-        block = gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1)
         scale = qk_scale * gl.load(K_DESCALE + block)
-    return scale
+    return block * BLOCK_N, scale
 
 
 @gluon.jit
-def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
-    """The probabilities as the A operand of ``P V``: float8 of ``p * P_MULT`` in FP8."""
-    if FP8:
-        p = p * P_MULT
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
+    """The probabilities as the A operand of ``P V`` (in FP8 already ``p * P_MULT``: ``_softmax``)."""
     return gl.convert_layout(p.to(dtype), p_layout)
 
 
@@ -145,10 +235,34 @@ def _v_operand(v_smem, slot, FP8: gl.constexpr):
 
 
 @gluon.jit
+def _wait_products_after(l_i):
+    """Wait for every tensor-core product of this warpgroup once ``l_i`` (the new row sums) exists.
+
+    The compiler otherwise moved the wait for P_t V_t above the softmax that should run under it: a wait
+    behind a branch on ``l_i`` (never taken: a row sum is never negative) cannot move up past the softmax."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred neg; setp.lt.f32 neg, $1, 0f00000000; @neg bra SKIP${:uid}; "
+        "wgmma.wait_group.sync.aligned 0; SKIP${:uid}: mov.b32 $0, $1; }",
+        "=f,f", [l_i], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _flush(total_smem, acc, beta, t, o_layout: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """FP8: after every FLUSH_EVERY tiles' products (``t`` the last one's index) move O out of the tensor
+    cores' accumulator into the float32 total in shared memory (``_consumer``)."""
+    if t % FLUSH_EVERY == FLUSH_EVERY - 1:
+        total_smem.store(total_smem.load(o_layout) * beta[:, None] + acc)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        beta = gl.full([ROWS], 1.0, gl.float32, layout=gl.SliceLayout(1, o_layout))
+    return acc, beta
+
+
+@gluon.jit
 def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len, kv_len,
               m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              FP8: gl.constexpr, WRITE_LSE: gl.constexpr):
+              FP8: gl.constexpr, WRITE_LSE: gl.constexpr, POLY_EVERY: gl.constexpr,
+              LATE_WAIT: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
@@ -202,17 +316,19 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
 
     if n > 0:
         # -- tile 0: scores and probabilities; nothing to accumulate yet
+        start, scale = _tile_info(qk_scale, K_DESCALE, kept, 0, n_blocks, BLOCK_N, FP8)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, 0, n_blocks, BLOCK_N), kv_len,
-                                      _tile_scale(qk_scale, K_DESCALE, kept, 0, n_blocks, FP8), s_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
+                                      P_SHIFT if FP8 else 0, POLY_EVERY)
 
         for t in range(0, n - 1):
-            # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
             nxt = (t + 1) % STAGES
             cur = t % STAGES
+            start, scale = _tile_info(qk_scale, K_DESCALE, kept, t + 1, n_blocks, BLOCK_N, FP8)
+            # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
             mbarrier.wait(k_ready.index(nxt), ((t + 1) // STAGES) & 1)
             s_tok = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                   is_async=True)
@@ -221,21 +337,19 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             if FP8:
                 beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
-            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, FP8), acc,
+            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout), _v_operand(v_smem, cur, FP8), acc,
                                   is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, _kept_start(kept, t + 1, n_blocks, BLOCK_N), kv_len,
-                                          _tile_scale(qk_scale, K_DESCALE, kept, t + 1, n_blocks, FP8), s_layout,
-                                          BLOCK_N)
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
+                                          P_SHIFT if FP8 else 0, POLY_EVERY)
+            if LATE_WAIT:
+                l_i = _wait_products_after(l_i)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(cur), count=1)
             if FP8:
-                if t % FLUSH_EVERY == FLUSH_EVERY - 1:  # -- move O out of the tensor cores' accumulator
-                    total_smem.store(total_smem.load(o_layout) * beta[:, None] + acc)
-                    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-                    beta = gl.full([ROWS], 1.0, gl.float32, layout=gl.SliceLayout(1, o_layout))
+                acc, beta = _flush(total_smem, acc, beta, t, o_layout, ROWS, HEAD_DIM)
 
         # -- the last tile's P V
         last = n - 1
@@ -244,7 +358,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         if FP8:
             beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, FP8), acc,
+        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout), _v_operand(v_smem, last % STAGES, FP8), acc,
                               is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
@@ -259,7 +373,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
     if FP8:  # the float32 total; undo v's channel scales and P's multiplier
         acc = total_smem.load(o_layout) * beta[:, None] + acc
         offs_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        acc = acc * (gl.load(V_DESCALE + offs_o) * (1.0 / P_MULT))[None, :]
+        acc = acc * gl.load(V_DESCALE + offs_o)[None, :]  # P_MULT cancels: l_i holds it too (_softmax)
     out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(out_dtype)
     out = gl.convert_layout(out, ld_layout)
     # the rows' indices read again (from L2) rather than held in registers across the loop, where they spilled
@@ -276,7 +390,7 @@ def block_sparse_attention_fwd_ws(
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
-    WRITE_LSE: gl.constexpr = False,
+    WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -326,10 +440,10 @@ def block_sparse_attention_fwd_ws(
     gl.warp_specialize([
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
-                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE)),
+                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT)),
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
-                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE)),
+                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -383,6 +497,6 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
-        WRITE_LSE=lse is not None,
+        WRITE_LSE=lse is not None, POLY_EVERY=SCHEDULES[fp8].poly_every, LATE_WAIT=SCHEDULES[fp8].late_wait,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
