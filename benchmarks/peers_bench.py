@@ -8,6 +8,9 @@ compiled, with its default Triton kernels and with its FlashAttention-4 backend
 (``kernel_options={"BACKEND": "FLASH"}``, needs the ``flash-attn-4`` package); FlashInfer's
 ``VariableBlockSparseAttentionWrapper`` (per-head masks; ``flashinfer-python``, its kernels compiled on
 first use) with its FlashAttention-3 and FlashAttention-2 kernels, planned once outside the timing;
+cuDNN's block-sparse attention (``nvidia-cudnn-frontend``, experimental; on sm_90 it takes 64-token
+blocks, so the mask is given as 64-token blocks, :func:`bsa_metadata`; its FP8 variant takes only
+a fixed number of whole blocks per row on sm_90 and so cannot express these masks);
 our Hopper kernel and the whole ``rf.sparse_attention`` call (from model order). Every sparse peer's
 output is compared with ours (largest difference printed), so a timing is never of a different mask.
 A peer that cannot run prints one line saying why. Times are ``triton.testing.do_bench`` medians;
@@ -60,7 +63,44 @@ def _flashinfer(qp, kp, vp, mask, scale, backend: str):
     return lambda: wrapper.run(q, k, v)
 
 
-PEERS = ("cudnn", "fa2", "flex", "flex-fa4", "flashinfer-fa3", "flashinfer-fa2", "ours", "whole")
+def bsa_metadata(mask: rf.BlockMask, padded_q_len: int):
+    """Our 128-token mask as cuDNN's block-sparse attention takes it on sm_90, in 64-token blocks:
+    ``(q2k_block_index [B, H, NQ64, cap], q2k_block_nums [B, H, NQ64], block_sizes [NK64])``, int32.
+
+    Each 128-row query block becomes two 64-row blocks with its list; each kept 128-key block ``j``
+    becomes the 64-key blocks ``2j`` and ``2j + 1`` (the latter only where it exists), in ascending
+    order; ``block_sizes`` shortens the last key block to what the sequence holds. q is padded to
+    ``padded_q_len`` rows (a multiple of 64, which sm_90 needs); padded rows are dropped after.
+    """
+    n_q64, n_k64 = padded_q_len // 64, -(-mask.kv_len // 64)
+    fine = mask.dense.repeat_interleave(2, dim=-1)[..., :n_k64].repeat_interleave(2, dim=2)[:, :, :n_q64]
+    nums = fine.sum(-1, dtype=torch.int32)
+    kept_first = torch.argsort((~fine).to(torch.int8), dim=-1, stable=True)  # kept ids first, each part ascending
+    index = kept_first[..., :max(int(nums.max()), 1)].to(torch.int32).contiguous()
+    sizes = torch.full((n_k64,), 64, dtype=torch.int32, device=mask.dense.device)
+    sizes[-1] = mask.kv_len - 64 * (n_k64 - 1)
+    return index, nums.contiguous(), sizes
+
+
+def _cudnn_bsa(qp, kp, vp, mask, scale):
+    """cuDNN's block-sparse attention (``nvidia-cudnn-frontend``, experimental; 64-token blocks on sm_90)
+    on our mask (:func:`bsa_metadata`), q padded to a multiple of 64 rows; metadata made here, untimed."""
+    from cudnn.block_sparse_attention import block_sparse_attention_forward
+
+    seq = qp.shape[2]
+    padded = -(-seq // 64) * 64
+    q = F.pad(qp, (0, 0, 0, padded - seq)).contiguous()
+    index, nums, sizes = bsa_metadata(mask, padded)
+
+    def call():
+        out = block_sparse_attention_forward(q, kp, vp, index, q2k_block_nums=nums, block_sizes=sizes,
+                                             sparse_block_size=64, allow_empty_block_nums=True,
+                                             softmax_scale=scale, layout="bhsd")["o_tensor"]
+        return out[:, :, :seq]
+    return call
+
+
+PEERS = ("cudnn", "fa2", "flex", "flex-fa4", "flashinfer-fa3", "flashinfer-fa2", "cudnn-bsa", "ours", "whole")
 
 
 def measure(name: str, peers=PEERS) -> list[str]:
@@ -84,6 +124,8 @@ def measure(name: str, peers=PEERS) -> list[str]:
          lambda: _flashinfer(qp, kp, vp, mask, scale, "fa3")),
         ("flashinfer-fa2", "FlashInfer block-sparse, FA2 kernels", density, None,
          lambda: _flashinfer(qp, kp, vp, mask, scale, "fa2")),
+        ("cudnn-bsa", "cuDNN block-sparse attention (64-token blocks)", density, None,
+         lambda: _cudnn_bsa(qp, kp, vp, mask, scale)),
         ("ours", "ours: Hopper kernel", density, None,
          lambda: lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))),
         ("whole", "ours: whole rf.sparse_attention", density, None,
