@@ -76,7 +76,8 @@ LOADER_REGS: gl.constexpr = gl.constexpr(24)
 # 2 ** x = 2 ** j * 2 ** f with j = round(x) (adding 1.5 * 2**23 rounds), f = x - j in [-1/2, 1/2], 2 ** f a
 # degree-3 polynomial (relative error 7.5e-5, below bfloat16's rounding of P, 2**-9) and j added to
 # its exponent bits. x is first raised to -125 so the result stays a normal float: a masked key
-# (-inf) gets 2**-125 (about 2e-38) instead of 0, far below any kept probability's rounding.
+# (-inf) gets 2**-125 (about 2e-38) instead of 0, far below any kept probability's rounding; a NaN
+# x (a NaN in q or k) gives NaN, as the special-function unit does.
 EXP2_COEFFS = (0.9999280571937561, 0.6932609677314758, 0.2426111400127411, 0.0551716685295105)
 
 
@@ -91,7 +92,7 @@ def _exp2_asm(every: int) -> str:
     lines += [f"ex2.approx.ftz.f32 ${i}, ${every + i};" for i in range(every - 1)]
     last = every - 1
     lines += [
-        f"max.ftz.f32 x, ${every + last}, 0fC2FA0000;",  # -125
+        f"max.NaN.f32 x, ${every + last}, 0fC2FA0000;",  # -125; a NaN stays a NaN
         "add.rn.ftz.f32 t, x, 0f4B400000;",  # + 1.5 * 2**23: rounds x to an integer j, held in t's low bits
         "sub.rn.ftz.f32 j, t, 0f4B400000;",
         "sub.rn.ftz.f32 f, x, j;",
@@ -102,7 +103,9 @@ def _exp2_asm(every: int) -> str:
         "shl.b32 e, e, 23;",  # j << 23, two's complement: j's bits land on the exponent
         "mov.b32 r, p;",
         "add.s32 r, r, e;",
-        f"mov.b32 ${last}, r;",
+        "mov.b32 p, r;",
+        "fma.rn.f32 p, x, 0f00000000, p;",  # + x * 0: a NaN x makes the result NaN (the bit arithmetic would not)
+        f"mov.b32 ${last}, p;",
         "}",
     ]
     return "\n".join(lines)
@@ -126,9 +129,11 @@ class Schedule:
 
 
 # Measured on an H200 (docs/benchmarks-history.md, Wan2.1 shapes): 16 bits, the late wait is 2-3 % faster and
-# the polynomial only adds work (-3 to -10 %); FP8, one in four exponentials by the polynomial is 1-2 %
+# the polynomial only adds work (-3 to -10 %); FP8, one in four exponentials by the polynomial was 1-2 %
 # faster, one in two slower, and the late wait 3-5 % slower (its products are half as long as 16-bit ones).
-SCHEDULES = {False: Schedule(poly_every=0, late_wait=True), True: Schedule(poly_every=4, late_wait=False)}
+# FP8 keeps every exponential on the special-function unit until the polynomial's NaN handling (a NaN
+# score must give NaN, not 2**-125) has run on a Hopper GPU: tests/test_ws_kernel.py checks it there.
+SCHEDULES = {False: Schedule(poly_every=0, late_wait=True), True: Schedule(poly_every=0, late_wait=False)}
 
 
 @gluon.jit
