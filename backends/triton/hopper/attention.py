@@ -402,6 +402,7 @@ def block_sparse_attention_fwd_ws(
     FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
     ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise). With ``WRITE_LSE`` each
     row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to."""
+    gl.static_assert(not (FP8 and WRITE_LSE), "the FP8 kernel does not write the log-sum-exp")
     dtype: gl.constexpr = desc_k.dtype
     pid_m = gl.program_id(0)  # query blocks vary fastest: CTAs running together share one head's k and v in L2
     pid_bh = gl.program_id(1)
