@@ -26,8 +26,7 @@ import rainfusion_core as rf
 from rainfusion_core.backends.triton.hopper import attention as ws
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.backends.triton.quantize import quantize_kv
-from rainfusion_core.benchmarking import comma_choices, median_ms
-from rainfusion_core.synthetic import video_dit_qkv
+from rainfusion_core.benchmarking import comma_choices, median_ms, synthetic_video_problem
 
 MODELS = {  # heads, latent grid of a 81-frame video (480p / 720p), no text in self-attention
     "wan-1.3b": (12, rf.VideoLayout(21, 30, 52)),
@@ -48,11 +47,8 @@ def compare(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def measure(name: str) -> list[str]:
     heads, layout = MODELS[name]
     seq = layout.seq_len
-    print(f"== {name}: {heads} heads, {seq} tokens; building synthetic activations ...", flush=True)
-    q, k, v = video_dit_qkv(layout, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, seed=0)
-    perm = rf.build_permutation(layout, "cuda")
-    qp, kp, vp = (perm.apply(x, 2).contiguous() for x in (q, k, v))
-    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
+    print(f"== {name}", flush=True)
+    q, k, v, perm, (qp, kp, vp), mask = synthetic_video_problem(layout, heads, HEAD_DIM, "cuda")
     density = mask.token_density()
     scale = HEAD_DIM ** -0.5
     kept_tflop = 4 * heads * seq * seq * HEAD_DIM * density / 1e12

@@ -22,10 +22,9 @@ import torch
 
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
-from rainfusion_core.benchmarking import comma_choices, median_ms
+from rainfusion_core.benchmarking import comma_choices, median_ms, synthetic_video_problem
 from rainfusion_core.shapes import REFERENCE_HEAD_DIM as HEAD_DIM
 from rainfusion_core.shapes import REFERENCE_SHAPES
-from rainfusion_core.synthetic import video_dit_qkv
 
 
 def bench(fn) -> float:
@@ -64,12 +63,8 @@ def alternating(first, second, rounds: int = 3) -> tuple[float, float]:
 def measure(name: str) -> list[str]:
     _, heads, frames, height, width, text = REFERENCE_SHAPES[name]
     layout = rf.VideoLayout(frames, height, width, text_len=text)
-    seq = layout.seq_len
-    print(f"== {name}: {heads} heads, {seq} tokens; building synthetic activations ...", flush=True)
-    q, k, v = video_dit_qkv(layout, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, seed=0)
-    perm = rf.build_permutation(layout, "cuda")
-    qp, kp, vp = (perm.apply(x, 2).contiguous() for x in (q, k, v))
-    mask = rf.predict_block_mask(qp, kp, layout, sparsity=0.8)
+    print(f"== {name}", flush=True)
+    q, k, v, perm, (qp, kp, vp), mask = synthetic_video_problem(layout, heads, HEAD_DIM, "cuda")
     scale = HEAD_DIM ** -0.5
     order = perm.indices
     out = torch.empty_like(q)

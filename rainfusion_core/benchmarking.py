@@ -93,3 +93,21 @@ def device_name(device) -> str:
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} threads"
+
+
+def synthetic_video_problem(layout, heads: int, head_dim: int, device, *, sparsity: float = 0.8):
+    """A benchmark's inputs at one video shape: ``(q, k, v, perm, (qp, kp, vp), mask)``.
+
+    q, k, v are ``synthetic.video_dit_qkv``'s bf16 activations (seed 0) in model order, ``[1, H, S, D]``;
+    ``qp, kp, vp`` their contiguous copies in ``perm``'s order; ``mask`` predicted from those at ``sparsity``.
+    """
+    from .permutation import build_permutation
+    from .prediction import predict_block_mask
+    from .synthetic import video_dit_qkv
+
+    print(f"== building synthetic activations: {heads} heads, {layout.seq_len} tokens ...", flush=True)
+    q, k, v = video_dit_qkv(layout, heads, head_dim, device=device, dtype=torch.bfloat16, seed=0)
+    perm = build_permutation(layout, device)
+    permuted = tuple(perm.apply(x, 2).contiguous() for x in (q, k, v))
+    mask = predict_block_mask(permuted[0], permuted[1], layout, sparsity=sparsity)
+    return q, k, v, perm, permuted, mask
