@@ -49,8 +49,8 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
              "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
     constants = {"HEAD_DIM": head_dim, "GROUP": 1, "BLOCK_N": block, "STAGES": ws.TUNING[head_dim]["stages"],
-                 "FP8": fp8, "WRITE_LSE": lse, "POLY_EVERY": ws.SCHEDULES[fp8].poly_every,
-                 "LATE_WAIT": ws.SCHEDULES[fp8].late_wait}
+                 "FP8": fp8, "WRITE_LSE": lse, "POLY_EVERY": ws.SCHEDULES[fp8, head_dim].poly_every,
+                 "LATE_WAIT": ws.SCHEDULES[fp8, head_dim].late_wait}
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})

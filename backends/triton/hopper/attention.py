@@ -8,7 +8,7 @@ and runs three partitions:
 * two 4-warp **consumer** warpgroups own 64 query rows each. Per kept tile a
   consumer issues ``S_{t+1} = Q K_{t+1}^T`` and ``O += P_t V_t`` on the
   tensor cores, then runs the softmax of ``S_{t+1}`` while ``P_t V_t`` runs
-  (16 bits; ``SCHEDULES`` says per precision how); the warp schedulers
+  (``SCHEDULES`` says per precision and head dim how); the warp schedulers
   interleave the two consumers, so one warpgroup's softmax also runs under
   the other's GEMMs. (Forcing strict turns with a pair of mbarriers,
   FlashAttention-3's ping-pong, measured no faster: docs/benchmarks-history.md.)
@@ -128,11 +128,19 @@ class Schedule:
     late_wait: bool = False
 
 
-# Measured on an H200 (docs/benchmarks-history.md, Wan2.1 shapes): 16 bits, the late wait is 2-3 % faster and
-# the polynomial only adds work (-3 to -10 %); FP8, one in four exponentials by the polynomial was 1-2 %
-# faster, one in two slower, and the late wait 3-5 % slower (its products are half as long as 16-bit ones).
-# The polynomial keeps NaN scores NaN and masked keys at zero: tests/test_ws_kernel.py checks it on Hopper.
-SCHEDULES = {False: Schedule(poly_every=0, late_wait=True), True: Schedule(poly_every=4, late_wait=False)}
+# Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md). 16 bits at d=128
+# (Wan2.1 shapes): the late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %). 16 bits at
+# d=64 (CogVideoX-5B, and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower, one in four by the
+# polynomial no faster, one in two 13 % slower. FP8 at d=128: one in four by the polynomial 1-2 % faster, one
+# in two slower, the late wait 3-5 % slower (its products are half as long as 16-bit ones); FP8 at d=64 takes
+# d=128's schedule, not timed apart. The polynomial keeps NaN scores NaN and masked keys at zero
+# (tests/test_ws_kernel.py checks it on Hopper).
+SCHEDULES = {
+    (False, 128): Schedule(poly_every=0, late_wait=True),
+    (False, 64): Schedule(poly_every=0, late_wait=False),
+    (True, 128): Schedule(poly_every=4, late_wait=False),
+    (True, 64): Schedule(poly_every=4, late_wait=False),
+}
 
 
 @gluon.jit
@@ -495,6 +503,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
     grid = (-(-q_len // BLOCK), batch * heads)
+    schedule = SCHEDULES[fp8, head_dim]
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
         kv_counts if lse is None else lse,
@@ -502,6 +511,6 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
-        WRITE_LSE=lse is not None, POLY_EVERY=SCHEDULES[fp8].poly_every, LATE_WAIT=SCHEDULES[fp8].late_wait,
+        WRITE_LSE=lse is not None, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
