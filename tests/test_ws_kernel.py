@@ -312,6 +312,14 @@ def test_fp8_refusals_on_hopper():
 
 
 # --------------------------------------------------------------------------- compiled for sm_90a on any machine
+def test_every_supported_head_dim_has_a_schedule_in_both_precisions():
+    pytest.importorskip("triton")
+    from rainfusion_core.backends.triton.hopper import attention as ws
+
+    assert set(ws.SCHEDULES) == {(fp8, d) for fp8 in (False, True) for d in ws.SUPPORTED_HEAD_DIMS}
+    assert all(s.poly_every in (0, 2, 4) for s in ws.SCHEDULES.values()), ws.SCHEDULES
+
+
 @pytest.mark.parametrize("build", ["bf16", "fp8", "lse"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build):

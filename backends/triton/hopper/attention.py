@@ -128,7 +128,8 @@ class Schedule:
     late_wait: bool = False
 
 
-# Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md). 16 bits at d=128
+# Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; every schedule
+# against the table's: benchmarks/schedules_bench.py). 16 bits at d=128
 # (Wan2.1 shapes): the late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %). 16 bits at
 # d=64 (CogVideoX-5B, and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower, one in four by the
 # polynomial no faster, one in two 13 % slower. FP8 at d=128: one in four by the polynomial 1-2 % faster, one

@@ -1,0 +1,103 @@
+"""The Hopper kernel's schedules side by side: the measurement behind each entry of ``SCHEDULES``.
+
+    python benchmarks/schedules_bench.py [--shapes cogvideox-5b,wan-1.3b] [--precisions bf16,fp8] [--rounds 2]
+    # needs an NVIDIA Hopper GPU
+
+``SCHEDULES`` (``backends/triton/hopper/attention.py``) says per precision and head dim whether a
+consumer holds its wait for ``P_t V_t`` behind the next tile's softmax (the late wait) and how many of
+P's exponentials a polynomial on the FMA units computes (none, one in four, one in two). Per shape
+(batch 1, bf16 synthetic video-DiT activations, inputs already permuted, the mask predicted at
+sparsity 0.8) this runs the kernel with each of the six schedules on the same inputs, every
+schedule timed once per round and the rounds in turn, so slow drift of the GPU's clocks hits all
+of them alike. Prints each schedule's times (``triton.testing.do_bench`` medians), its best
+TFLOP/s on kept blocks, and the largest difference of its output from the table's schedule, whose
+row is marked. Change ``SCHEDULES`` only where a schedule wins in every round.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+import rainfusion_core as rf
+from rainfusion_core.benchmarking import comma_choices, median_ms, synthetic_video_problem
+
+SHAPES = {  # heads, head dim, layout
+    "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
+    "wan-14b": (40, 128, rf.VideoLayout(21, 45, 80)),
+    "cogvideox-5b": (48, 64, rf.VideoLayout(13, 30, 45, text_len=226)),
+    "d64-wan-1.3b-grid": (24, 64, rf.VideoLayout(21, 30, 52)),  # head dim 64 on a longer sequence
+}
+PRECISIONS = ("bf16", "fp8")
+POLY_EVERY = (0, 4, 2)
+
+
+def measure(name: str, precisions, rounds: int) -> list[str]:
+    from rainfusion_core.backends.triton.hopper import attention as ws
+    from rainfusion_core.backends.triton.quantize import quantize_kv
+
+    heads, head_dim, layout = SHAPES[name]
+    seq = layout.seq_len
+    _, _, _, _, (qp, kp, vp), mask = synthetic_video_problem(layout, heads, head_dim, "cuda")
+    counts, indices = mask.kv_counts.contiguous(), mask.kv_indices.contiguous()
+    ident = torch.arange(seq, device="cuda")  # the inputs are permuted already
+    tflop = 4 * heads * seq * seq * head_dim * mask.token_density() / 1e12
+    scale = head_dim ** -0.5
+    rows = []
+    for precision in precisions:
+        fp8 = precision == "fp8"
+        if fp8:  # k in float8, v in float8 and transposed, with their scales (what the FP8 call passes)
+            k8, k_descale, v8t, v_descale = quantize_kv(kp, vp, ident, ws.BLOCK)
+            args, extra = (qp, k8, v8t), (k_descale, v_descale)
+        else:
+            args, extra = (qp, kp, vp), ()
+        table = ws.SCHEDULES[fp8, head_dim]
+        variants = [ws.Schedule(poly, late) for poly, late in itertools.product(POLY_EVERY, (True, False))]
+        times = {s: [] for s in variants}
+        outs = {}
+        try:
+            for _ in range(rounds):
+                for schedule in variants:
+                    ws.SCHEDULES[fp8, head_dim] = schedule
+                    out = outs[schedule] = torch.empty_like(qp)
+                    times[schedule].append(median_ms(
+                        lambda: ws.launch(*args, out, counts, indices, ident, scale, *extra), "cuda", repeats=10))
+        finally:
+            ws.SCHEDULES[fp8, head_dim] = table
+        for schedule in variants:
+            diff = (outs[schedule].float() - outs[table].float()).abs().max().item()
+            mark = " **(table)**" if schedule == table else ""
+            rows.append(f"| {name} | d{head_dim} {precision} | poly_every={schedule.poly_every} "
+                        f"late_wait={schedule.late_wait}{mark} | "
+                        + " / ".join(f"{t:.3f}" for t in times[schedule])
+                        + f" ms | {tflop / min(times[schedule]) * 1e3:.0f} | {diff:.1e} |")
+            print(rows[-1], flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="cogvideox-5b,wan-1.3b",
+                        help=f"comma-separated, of: {', '.join(SHAPES)}")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"comma-separated, of: {', '.join(PRECISIONS)}")
+    parser.add_argument("--rounds", type=int, default=2, help="times each schedule is timed, in turn (default 2)")
+    args = parser.parse_args()
+    names = comma_choices(parser, "--shapes", args.shapes, SHAPES)
+    precisions = comma_choices(parser, "--precisions", args.precisions, PRECISIONS)
+    if args.rounds < 1:
+        parser.error(f"--rounds: at least 1, got {args.rounds}")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        parser.error("needs an NVIDIA Hopper GPU (sm_90)")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = [row for name in names for row in measure(name, precisions, args.rounds)]
+    print("\n==== summary ====")
+    print("| shape | kernel | schedule | times per round | best TFLOP/s (kept blocks) | max abs difference from the table's |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
