@@ -343,6 +343,7 @@ def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build)
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     wanted, other = ("QGMMA", "HGMMA") if fp8 else ("HGMMA", "QGMMA")
     assert counts[wanted] > 0 and counts[other] == 0, counts
+    assert 0 < counts["LOOP"] < 2000, counts  # the consumer's loop over the kept tiles was found
     # spills: none, but one 64-bit pointer held across the loop of the 16-bit kernel at head dim 128
     allowed = 1 if (head_dim == 128 and not fp8) else 0
     assert counts["LDL"] <= allowed and counts["STL"] <= allowed, counts

@@ -7,7 +7,9 @@ No GPU is needed: Triton compiles Gluon for a named target and ships ``ptxas`` a
 instruction of interest its machine code holds: tensor-core products (``HGMMA`` for
 16-bit, ``QGMMA`` for FP8), float8/bf16 packing (``F2FP``), local-memory spills
 (``LDL``/``STL``), quarter-rate conversions (``I2F``) and ``EX2_UNDER_PV``, the softmax's
-exponentials that run while the tensor cores compute ``P_t V_t`` (``SCHEDULES``'s late wait).
+exponentials that run while the tensor cores compute ``P_t V_t`` (``SCHEDULES``'s late wait), and
+``LOOP``, the instructions of one consumer's loop over the kept tiles (what each of its threads issues per
+tile; its rarely taken branches count too).
 ``tests/test_ws_kernel.py`` runs it to prove the kernel still builds where no Hopper GPU is present. Exits 3 when
 this Triton cannot compile Gluon ahead of time. Run it without ``TRITON_INTERPRET``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,6 +80,20 @@ def exponentials_under_pv(sass: str) -> int:
     return count
 
 
+def loop_instructions(sass: str) -> int:
+    """Instructions in the smallest loop that issues tensor-core products: one consumer's loop over the kept
+    tiles, as compiled (its rarely taken branches, the ragged last tile and FP8's flush, included)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = 0
+    for address, text in code:
+        jump = re.search(r"BRA\s+\S*?0x([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < address:
+            body = [t for a, t in code if int(jump.group(1), 16) <= a <= address]
+            if any("GMMA" in t for t in body) and (best == 0 or len(body) < best):
+                best = len(body)
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
@@ -105,6 +122,7 @@ def main() -> int:
     shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse)
     counts = {name: sass.count(name) for name in INSTRUCTIONS}
     counts["EX2_UNDER_PV"] = exponentials_under_pv(sass)
+    counts["LOOP"] = loop_instructions(sass)
     counts["shared_bytes"] = shared
     if args.json:
         print(json.dumps(counts))
