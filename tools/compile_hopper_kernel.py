@@ -82,12 +82,14 @@ def exponentials_under_pv(sass: str) -> int:
 
 def loop_instructions(sass: str) -> int:
     """Instructions in the smallest loop that issues tensor-core products: one consumer's loop over the kept
-    tiles, as compiled (its rarely taken branches, the ragged last tile and FP8's flush, included)."""
+    tiles, as compiled (its rarely taken branches, the ragged last tile and FP8's flush, included). The
+    out-of-line retries of barrier waits after the kernel's last ``EXIT`` jump back too; they are not loops."""
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    end = max((a for a, t in code if t.strip().endswith("EXIT")), default=0)
     best = 0
     for address, text in code:
         jump = re.search(r"BRA\s+\S*?0x([0-9a-f]+)", text)
-        if jump and int(jump.group(1), 16) < address:
+        if jump and int(jump.group(1), 16) < address < end:
             body = [t for a, t in code if int(jump.group(1), 16) <= a <= address]
             if any("GMMA" in t for t in body) and (best == 0 or len(body) < best):
                 best = len(body)
