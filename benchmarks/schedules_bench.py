@@ -94,7 +94,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = [row for name in names for row in measure(name, precisions, args.rounds)]
     print("\n==== summary ====")
-    print("| shape | kernel | schedule | times per round | best TFLOP/s (kept blocks) | max abs difference from the table's |")
+    print("| shape | kernel | schedule | times per round | best TFLOP/s (kept blocks) "
+          "| max abs difference from the table's |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 

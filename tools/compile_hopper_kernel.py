@@ -88,7 +88,7 @@ def loop_instructions(sass: str) -> int:
     end = max((a for a, t in code if t.strip().endswith("EXIT")), default=0)
     best = 0
     for address, text in code:
-        jump = re.search(r"BRA\s+\S*?0x([0-9a-f]+)", text)
+        jump = re.search(r"BRA(?:\.\w+)*\s+\S*?0x([0-9a-f]+)", text)
         if jump and int(jump.group(1), 16) < address < end:
             body = [t for a, t in code if int(jump.group(1), 16) <= a <= address]
             if any("GMMA" in t for t in body) and (best == 0 or len(body) < best):

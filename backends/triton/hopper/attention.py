@@ -117,7 +117,7 @@ EXP2_ASM_4: gl.constexpr = gl.constexpr(_exp2_asm(4))
 
 @dataclass(frozen=True)
 class Schedule:
-    """How a consumer schedules one tile's softmax, per precision (``SCHEDULES``).
+    """How a consumer schedules one tile's softmax, per precision and head dim (``SCHEDULES``).
 
     Attributes:
         poly_every: one of every ``poly_every`` of P's exponentials by ``_exp2``'s polynomial (0: none).
@@ -128,13 +128,14 @@ class Schedule:
     late_wait: bool = False
 
 
-# Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; every schedule
-# against the table's: benchmarks/schedules_bench.py). 16 bits at d=128 (Wan2.1 shapes): the late wait is
-# 2-3 % faster and the polynomial only adds work (-3 to -10 %). 16 bits at d=64 (CogVideoX-5B, and 24 heads
-# at Wan2.1-1.3B's grid): the late wait is 2 % slower, one in four by the polynomial no faster, one in two
-# 13 % slower. FP8 at d=128: one in four by the polynomial 1-2 % faster, one in two slower, the late wait
-# 3-5 % slower (its products are half as long as 16-bit ones); FP8 at d=64 takes d=128's schedule, not timed
-# apart. The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on Hopper).
+# Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; each schedule
+# against the table's, reproduced by benchmarks/schedules_bench.py). 16 bits at d=128 (Wan2.1 shapes): the
+# late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %). 16 bits at d=64 (CogVideoX-5B,
+# and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower, one in four by the polynomial no faster,
+# one in two 15-18 % slower. FP8 at d=128: one in four by the polynomial 1-2 % faster, one in two slower, the
+# late wait 3-5 % slower (its products are half as long as 16-bit ones); FP8 at d=64 takes d=128's schedule,
+# not timed apart. The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on
+# Hopper).
 SCHEDULES = {
     (False, 128): Schedule(poly_every=0, late_wait=True),
     (False, 64): Schedule(poly_every=0, late_wait=False),
