@@ -21,7 +21,7 @@ import itertools
 import torch
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import comma_choices, median_ms, synthetic_video_problem
+from rainfusion_core.benchmarking import comma_choices, median_ms, require_hopper, synthetic_video_problem
 
 SHAPES = {  # heads, head dim, layout
     "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
@@ -89,8 +89,7 @@ def main() -> None:
     precisions = comma_choices(parser, "--precisions", args.precisions, PRECISIONS)
     if args.rounds < 1:
         parser.error(f"--rounds: at least 1, got {args.rounds}")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        parser.error("needs an NVIDIA Hopper GPU (sm_90)")
+    require_hopper(parser)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = [row for name in names for row in measure(name, precisions, args.rounds)]
     print("\n==== summary ====")

@@ -75,6 +75,12 @@ def comma_choices(parser, option: str, value: str, choices) -> list[str]:
     return names
 
 
+def require_hopper(parser) -> None:
+    """Stop a GPU benchmark script with its parser's one-line error where no NVIDIA Hopper GPU is present."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        parser.error("needs an NVIDIA Hopper GPU (sm_90)")
+
+
 def device_name(device) -> str:
     """What a timing ran on: the GPU's name, or the CPU's model name and the threads torch uses.
 
