@@ -137,7 +137,7 @@ def measure(name: str, peers=PEERS, rounds: int = 1) -> list[str]:
          lambda: lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),
     ]
     ours = block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))
-    rows, times, timed = [], {}, []
+    rows, times, timed, failed = [], {}, [], {}
     print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
     for key, what, fraction, sdpa, build in runs:
         if key not in peers:
@@ -149,8 +149,8 @@ def measure(name: str, peers=PEERS, rounds: int = 1) -> list[str]:
                 times[what] = [median_ms(call, "cuda", repeats=10)]
         except Exception as exc:  # a peer missing here (package, backend) is reported, not fatal
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            rows.append(f"| {name} | {what} | cannot run here: {type(exc).__name__}: {reason} | | |")
-            print(rows[-1], flush=True)
+            failed[what] = f"| {name} | {what} | cannot run here: {type(exc).__name__}: {reason} | | |"
+            print(failed[what], flush=True)
             continue
         timed.append((key, what, fraction, sdpa, call, note))
         print(f"   {what}: {times[what][0]:.2f} ms", flush=True)
@@ -160,10 +160,15 @@ def measure(name: str, peers=PEERS, rounds: int = 1) -> list[str]:
                 times[what].append(median_ms(call, "cuda", repeats=10))
     ms = {what: statistics.median(times[what]) for _, what, *_ in timed}
     cudnn = ms.get("dense cuDNN (SDPA)")
-    for key, what, fraction, _, _, note in timed:
-        versus = f"{cudnn / ms[what]:.2f}×" if cudnn else ""
-        tflops = flops * fraction / ms[what] / 1e9
-        rows.append(f"| {name} | {what} | {ms[what]:.2f} ms | {tflops:.0f} | {versus} |{note}")
+    notes = {what: (fraction, note) for _, what, fraction, _, _, note in timed}
+    for _, what, *_ in runs:  # in the table's order, the peers that could not run included
+        if what in failed:
+            rows.append(failed[what])
+        elif what in notes:
+            fraction, note = notes[what]
+            versus = f"{cudnn / ms[what]:.2f}×" if cudnn else ""
+            tflops = flops * fraction / ms[what] / 1e9
+            rows.append(f"| {name} | {what} | {ms[what]:.2f} ms | {tflops:.0f} | {versus} |{note}")
     others = [ms[what] for key, what, *_ in timed if key not in ("ours", "whole")]
     if "ours: Hopper kernel" in ms and others:
         rows.append(f"| {name} | fastest peer's time / our kernel's | {min(others) / ms['ours: Hopper kernel']:.3f} "
