@@ -33,13 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.benchmarking import comma_choices, median_ms, require_hopper
+from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
-SHAPES = {  # heads, head dim, layout
-    "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
-    "wan-14b": (40, 128, rf.VideoLayout(21, 45, 80)),
-    "hunyuanvideo": (24, 128, rf.VideoLayout(33, 45, 80, text_len=256, text_position="tail")),
-    "cogvideox-5b": (48, 64, rf.VideoLayout(13, 30, 45, text_len=226)),
-}
+SHAPES = {name: kernel_shape(name) for name in KERNEL_SHAPES}  # heads, head dim, layout
 
 
 def _flex(qp, kp, vp, mask, scale, backend: str | None):

@@ -22,13 +22,10 @@ import torch
 
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import comma_choices, median_ms, require_hopper, synthetic_video_problem
+from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
-SHAPES = {  # heads, head dim, layout
-    "wan-1.3b": (12, 128, rf.VideoLayout(21, 30, 52)),
-    "wan-14b": (40, 128, rf.VideoLayout(21, 45, 80)),
-    "cogvideox-5b": (48, 64, rf.VideoLayout(13, 30, 45, text_len=226)),
-    "d64-wan-1.3b-grid": (24, 64, rf.VideoLayout(21, 30, 52)),  # head dim 64 on a longer sequence
-}
+SHAPES = {name: kernel_shape(name) for name in KERNEL_SHAPES}  # heads, head dim, layout
+SHAPES["d64-wan-1.3b-grid"] = (24, 64, rf.VideoLayout(21, 30, 52))  # head dim 64 on a longer sequence
 PRECISIONS = ("bf16", "fp8")
 POLY_EVERY = (0, 4, 2)
 
