@@ -145,10 +145,10 @@ SCHEDULES = {
 
 
 @gluon.jit
-def _kept_start(kept, t, n_blocks, BLOCK_N: gl.constexpr):
-    """First key row of the ``t``-th kept block, its index clamped to ``[0, n_blocks)``: a mask edited
-    after its checks can never move a TMA copy outside k and v."""
-    return gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1) * BLOCK_N
+def _kept_block(kept, t, n_blocks):
+    """Index of the ``t``-th kept key block, clamped to ``[0, n_blocks)``: a mask edited after its checks can
+    never move a TMA copy outside k and v, nor a scale load outside ``K_DESCALE``."""
+    return gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1)
 
 
 @gluon.jit
@@ -160,7 +160,7 @@ def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
     for t in range(n):
         slot = t % STAGES
         phase = (t // STAGES) & 1
-        start = _kept_start(kept, t, n_blocks, BLOCK_N)
+        start = _kept_block(kept, t, n_blocks) * BLOCK_N
         # -- slots start out free: the first wait on an empty barrier passes at once
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
@@ -224,7 +224,7 @@ def _tile_info(qk_scale, K_DESCALE, kept, t, n_blocks, BLOCK_N: gl.constexpr, FP
 
     The consumers call it before they wait for the tile's scores, so the loads' latency hides under
     the products instead of delaying the softmax."""
-    block = gl.minimum(gl.maximum(gl.load(kept + t), 0), n_blocks - 1)
+    block = _kept_block(kept, t, n_blocks)
     scale = qk_scale
     if FP8:
         scale = qk_scale * gl.load(K_DESCALE + block)
