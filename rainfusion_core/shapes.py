@@ -1,8 +1,6 @@
 """The reference shapes of docs/design.md, one table for the CLI, the demo and the benchmarks."""
 from __future__ import annotations
 
-from .layout import VideoLayout
-
 #: name: (batch, heads, latent frames, height, width, text tokens); bf16, head dim 128.
 REFERENCE_SHAPES = {
     "wan1.3b": (1, 12, 21, 30, 52, 0),  # Wan2.1-1.3B, 480p, 81 frames: S = 32760
@@ -23,5 +21,7 @@ KERNEL_SHAPES = {
 
 def kernel_shape(name: str):
     """``(heads, head dim, layout)`` of ``KERNEL_SHAPES[name]``."""
+    from .layout import VideoLayout  # here, not at import: the CLI reads this table without torch
+
     heads, head_dim, frames, height, width, text, position = KERNEL_SHAPES[name]
     return heads, head_dim, VideoLayout(frames, height, width, text_len=text, text_position=position)
