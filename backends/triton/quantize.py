@@ -7,9 +7,12 @@ permutation and writes
 * ``v8t [B, Hkv, D, S_pad]`` float8 e4m3, *transposed*: the FP8 tensor-core product
   ``P V`` needs v with the keys contiguous; one scale per channel (``v_descale [B, Hkv, D]``),
   from the channel's largest magnitude over the whole sequence, taken before this pass.
+  Within each chunk of 32 keys the columns are reordered (:func:`key_slots`): column ``k``
+  holds the key whose probability sits in the A-operand register the tensor cores read for
+  ``k``, so the kernel feeds P to ``P V`` straight from the softmax's registers.
 
-``S_pad`` rounds the sequence up to 16 so every row of ``v8t`` starts 16-byte aligned (TMA);
-the padding columns are never read (the kernel's descriptor ends at ``S``).
+``S_pad`` rounds the sequence up to 32 (whole chunks; every row of ``v8t`` 16-byte aligned for
+TMA); the columns of keys past ``S`` hold zeros, and the kernel's descriptor ends at ``S_pad``.
 """
 from __future__ import annotations
 
@@ -48,10 +51,18 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def key_slot(key):
+    """The column of ``v8t`` that holds ``key`` (:func:`key_slots`): bits 3, 2, 1 of the key's place in its
+    32-key chunk move to bits 1, 3, 2."""
+    r = key & 31
+    return (key - r) + (r & 0x11) + (((r >> 2) & 1) << 3) + (((r >> 1) & 1) << 2) + (((r >> 3) & 1) << 1)
+
+
+@triton.jit
 def quantize_kv_kernel(
     K, V, ORDER, K8, V8T, K_DESCALE, V_MULT,
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-    heads, length, n_blocks, v8t_row,
+    heads, length, n_blocks, v8t_row, padded,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr, MIN: tl.constexpr,
 ):
     """One program: permuted key rows ``[BLOCK * pid, BLOCK * (pid + 1))`` of one (batch, kv head)."""
@@ -78,13 +89,26 @@ def quantize_kv_kernel(
                 mask=ok[:, None], other=0.0).to(tl.float32)
     v_mult = tl.load(V_MULT + pid_bh * HEAD_DIM + offs_d)
     v8t = V8T + pid_bh.to(tl.int64) * HEAD_DIM * v8t_row
-    tl.store(v8t + offs_d[None, :] * v8t_row + offs[:, None], round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty),
-             mask=ok[:, None])
+    # keys past the sequence, up to the end of their 32-key chunk, are written as zeros (their probability is 0)
+    tl.store(v8t + offs_d[None, :] * v8t_row + key_slot(offs)[:, None],
+             round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty), mask=(offs < padded)[:, None])
 
 
 def padded_length(length: int) -> int:
-    """Row length of ``v8t``: ``length`` rounded up to 16 elements (16 bytes of float8)."""
-    return -(-length // 16) * 16
+    """Row length of ``v8t``: ``length`` rounded up to whole 32-key chunks."""
+    return -(-length // 32) * 32
+
+
+def key_slots(length: int, device=None) -> torch.Tensor:
+    """For each key ``0 .. length - 1``, the column of ``v8t`` that holds it: ``v8t[..., key_slots(S)]`` is v
+    (scaled, float8) transposed, in key order.
+
+    Within a 32-key chunk key ``c`` goes to column ``k`` with ``k``'s bits 4..0 = ``c``'s bits 4, 2, 1, 3, 0:
+    the order in which the FP8 kernel's softmax holds the probabilities in the registers that the 8-bit
+    tensor-core product reads as its A operand (``hopper/attention.py``, ``_p_operand``)."""
+    c = torch.arange(length, device=device)
+    r = c % 32
+    return (c - r) + (r & 0x11) + ((r >> 2) & 1) * 8 + ((r >> 1) & 1) * 4 + ((r >> 3) & 1) * 2
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: int):
@@ -103,7 +127,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: in
     v_mult, v_descale = power_of_two_scale(amax)
     quantize_kv_kernel[(n_blocks, batch * heads)](
         k, v, order, k8, v8t, k_descale, v_mult.contiguous(),
-        *k.stride(), *v.stride(), heads, length, n_blocks, row,
+        *k.stride(), *v.stride(), heads, length, n_blocks, row, row,
         HEAD_DIM=head_dim, BLOCK=block, TOP=TOP_EXPONENT, MIN=MIN_AMAX, num_warps=8,
     )
     return k8, k_descale, v8t, v_descale.contiguous()

@@ -232,9 +232,21 @@ def _tile_info(qk_scale, K_DESCALE, kept, t, n_blocks, BLOCK_N: gl.constexpr, FP
 
 
 @gluon.jit
-def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
-    """The probabilities as the A operand of ``P V`` (in FP8 already ``p * P_MULT``: ``_softmax``)."""
-    return gl.convert_layout(p.to(dtype), p_layout)
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """The probabilities as the A operand of ``P V`` (in FP8 already ``p * P_MULT``: ``_softmax``).
+
+    FP8: the 8-bit A operand wants four consecutive keys per register where the scores' accumulator holds
+    pairs. Rather than shuffle P between threads, the keys of each 32-key chunk are taken in the order in
+    which P's registers already sit (column ``k`` is key ``c`` with ``c``'s bits 4..0 = ``k``'s bits 4, 1, 3,
+    2, 0), and v was written in that order (``quantize.key_slots``), so ``P V`` is unchanged and the
+    layout conversion below moves nothing."""
+    p = p.to(dtype)
+    if FP8:
+        rows: gl.constexpr = p.shape[0]
+        cols: gl.constexpr = p.shape[1]
+        p = gl.reshape(p, [rows, cols // 32, 2, 2, 2, 2, 2])  # row, chunk, key bits 4, 3, 2, 1, 0
+        p = gl.reshape(gl.permute(p, [0, 1, 2, 4, 5, 3, 6]), [rows, cols])  # column bits: key bits 4, 2, 1, 3, 0
+    return gl.convert_layout(p, p_layout)
 
 
 @gluon.jit
@@ -350,7 +362,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             if FP8:
                 beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
-            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout), _v_operand(v_smem, cur, FP8), acc,
+            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, FP8), acc,
                                   is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -371,7 +383,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         if FP8:
             beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout), _v_operand(v_smem, last % STAGES, FP8), acc,
+        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, FP8), acc,
                               is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
@@ -485,7 +497,8 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
 
     FP8 (``rainfusion_core.fp8``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
-    v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 16) with
+    v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 32, keys reordered within
+    each 32-key chunk as ``quantize.key_slots`` says, zeros past S) with
     ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
     ``lse`` (float32 ``[B, H, S]``, unit stride along S; 16-bit calls) receives each row's log-sum-exp.
     """
@@ -496,10 +509,10 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     dtype = _GL_DTYPES[k.dtype]
     k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
     desc_k = TensorDescriptor.from_tensor(k.view(-1, head_dim), [BLOCK, head_dim], k_layout)
-    if fp8:  # v8t rows are (head, channel) pairs; the descriptor ends at kv_len, so padding is never read
+    if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], dtype)
-        desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, kv_len], [v.shape[-1], 1], [head_dim, BLOCK],
-                                  v_layout)
+        desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
+                                  [head_dim, BLOCK], v_layout)
     else:
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
