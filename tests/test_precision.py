@@ -183,7 +183,7 @@ def test_triton_quantiser_equals_the_reference_rounding(length, head_dim, bsnd):
     from helpers import triton_device
 
     device = triton_device(module_level=False)
-    from rainfusion_core.backends.triton.quantize import padded_length, quantize_kv
+    from rainfusion_core.backends.triton.quantize import key_slots, padded_length, quantize_kv
 
     torch.manual_seed(4)
     shape = (2, length, 2, head_dim) if bsnd else (2, 2, length, head_dim)
@@ -200,9 +200,13 @@ def test_triton_quantiser_equals_the_reference_rounding(length, head_dim, bsnd):
     k8, k_descale, v8t, v_descale = quantize_kv(k.to(device), v.to(device), order.to(device), 128)
     want_k, want_kd = fp8.quantize_rows(k[:, :, order], 128)
     want_v, want_vd = fp8.quantize_channels(v[:, :, order])
-    assert v8t.shape == (2, 2, head_dim, padded_length(length))
+    assert v8t.shape == (2, 2, head_dim, padded_length(length)) and padded_length(length) % 32 == 0
     assert torch.equal(k8.cpu().float(), want_k) and torch.equal(k_descale.cpu(), want_kd)
-    assert torch.equal(v8t[..., :length].cpu().float().transpose(2, 3), want_v)
+    slots = key_slots(length)
+    assert torch.equal(v8t[..., slots].cpu().float().transpose(2, 3), want_v)
+    padding = torch.ones(padded_length(length), dtype=torch.bool)
+    padding[slots] = False  # the columns of keys past the end: zeros, read by the kernel's last tile
+    assert bool((v8t[..., padding].cpu().float() == 0).all())
     assert torch.equal(v_descale.cpu(), want_vd)
     assert math.isfinite(float(k_descale.max()))
 
@@ -217,3 +221,23 @@ def test_cli_fp8_where_it_cannot_run_is_one_line_and_status_2(capsys):
     # the torch backend refuses every FP8 case, with its reason; nothing proved is a failed check
     assert main(["parity", "--backend", "torch", "--dtypes", "bfloat16", "--quick", "--precision", "fp8"]) == 1
     assert "does not compute in precision 'fp8'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("length", [32, 113, 256], ids=lambda n: f"S{n}")
+def test_v8t_key_order_is_the_fp8_kernels_register_order(length):
+    """P V is unchanged when P's columns are taken as the FP8 kernel's _p_operand takes them (a reshape into
+    key bits and a permute) and v's keys as quantize.key_slots stores them."""
+    from rainfusion_core.backends.triton.quantize import key_slots, padded_length
+
+    width = padded_length(length)
+    slots = key_slots(length)
+    assert sorted(slots.tolist()) == sorted(set(slots.tolist())) and int(slots.max()) < width
+    assert torch.equal(slots // 32, torch.arange(length) // 32)  # keys never leave their 32-key chunk
+    torch.manual_seed(0)
+    p = torch.rand(64, width, dtype=torch.float64)
+    p[:, length:] = 0.0  # keys past the end: probability 0 (masked to -inf in the kernel)
+    v = torch.randn(length, 16, dtype=torch.float64)
+    stored = torch.zeros(width, 16, dtype=torch.float64)
+    stored[slots] = v  # v8t's columns, as rows here
+    kernel_p = p.reshape(64, width // 32, 2, 2, 2, 2, 2).permute(0, 1, 2, 4, 5, 3, 6).reshape(64, width)
+    assert torch.allclose(kernel_p @ stored, p[:, :length] @ v)
