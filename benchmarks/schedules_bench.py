@@ -4,19 +4,20 @@
     # needs an NVIDIA Hopper GPU
 
 ``SCHEDULES`` (``backends/triton/hopper/attention.py``) says per precision and head dim whether a
-consumer holds its wait for ``P_t V_t`` behind the next tile's softmax (the late wait) and how many of
-P's exponentials a polynomial on the FMA units computes (none, one in four, one in two). Per shape
-(batch 1, bf16 synthetic video-DiT activations, inputs already permuted, the mask predicted at
-sparsity 0.8) this runs the kernel with each of the six schedules on the same inputs, every
-schedule timed once per round and the rounds in turn, so slow drift of the GPU's clocks hits all
-of them alike. Prints each schedule's times (``triton.testing.do_bench`` medians), its best
-TFLOP/s on kept blocks, and the largest difference of its output from the table's schedule, whose
-row is marked. Change ``SCHEDULES`` only where a schedule wins in every round.
+consumer holds its wait for ``P_t V_t`` behind the next tile's softmax (the late wait), how many of
+P's exponentials a polynomial on the FMA units computes (none, one in four, one in two) and whether
+a warp skips O's rescale when no row's maximum moved. Per shape (batch 1, bf16 synthetic video-DiT
+activations, inputs already permuted, the mask predicted at sparsity 0.8) this runs the kernel with
+the table's schedule and each schedule that differs from it in one field (five in all), on the same
+inputs, every schedule timed once per round and the rounds in turn, so slow drift of the GPU's
+clocks hits all of them alike. Prints each schedule's times (``triton.testing.do_bench`` medians),
+its best TFLOP/s on kept blocks, and the largest difference of its output from the table's
+schedule, whose row is marked. Change ``SCHEDULES`` only where a schedule wins in every round.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 
 import torch
 
@@ -28,6 +29,15 @@ SHAPES = {name: kernel_shape(name) for name in KERNEL_SHAPES}  # heads, head dim
 SHAPES["d64-wan-1.3b-grid"] = (24, 64, rf.VideoLayout(21, 30, 52))  # head dim 64 on a longer sequence
 PRECISIONS = ("bf16", "fp8")
 POLY_EVERY = (0, 4, 2)
+
+
+def neighbours(table) -> list:
+    """The table's schedule first, then each schedule that differs from it in one field."""
+    variants = [table]
+    variants += [dataclasses.replace(table, poly_every=poly) for poly in POLY_EVERY if poly != table.poly_every]
+    variants.append(dataclasses.replace(table, late_wait=not table.late_wait))
+    variants.append(dataclasses.replace(table, rescale_skip=not table.rescale_skip))
+    return variants
 
 
 def measure(name: str, precisions, rounds: int) -> list[str]:
@@ -50,7 +60,7 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
         else:
             args, extra = (qp, kp, vp), ()
         table = ws.SCHEDULES[fp8, head_dim]
-        variants = [ws.Schedule(poly, late) for poly, late in itertools.product(POLY_EVERY, (True, False))]
+        variants = neighbours(table)
         times = {s: [] for s in variants}
         outs = {}
         try:
@@ -66,7 +76,7 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
             diff = (outs[schedule].float() - outs[table].float()).abs().max().item()
             mark = " **(table)**" if schedule == table else ""
             rows.append(f"| {name} | d{head_dim} {precision} | poly_every={schedule.poly_every} "
-                        f"late_wait={schedule.late_wait}{mark} | "
+                        f"late_wait={schedule.late_wait} rescale_skip={schedule.rescale_skip}{mark} | "
                         + " / ".join(f"{t:.3f}" for t in times[schedule])
                         + f" ms | {tflop / min(times[schedule]) * 1e3:.0f} | {diff:.1e} |")
             print(rows[-1], flush=True)

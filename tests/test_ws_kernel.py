@@ -311,6 +311,30 @@ def test_fp8_refusals_on_hopper():
         block_sparse_attention_triton(q, k, v, mask, 0.1, options=PORTABLE, precision="fp8")
 
 
+@ON_HOPPER
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+def test_skipping_unit_rescales_changes_no_bit_and_keeps_nan(monkeypatch, head_dim, precision):
+    # Schedule.rescale_skip: a warp skips O *= alpha when every alpha of its rows is exactly 1
+    import dataclasses
+
+    from rainfusion_core.backends.triton.hopper import attention as ws
+
+    layout, q, k, v, _ = _problem("tiled-16x24", torch.bfloat16, head_dim=head_dim)
+    q[0, 2, 300, 7] = float("nan")  # one poisoned row: its alphas are NaN, never 1
+    dense = random_dense(1, 6, 9, 9, density=0.5)
+    dense[..., 0] = True  # every row keeps a block: the poisoned row's output is NaN, not zero
+    mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=layout.seq_len, kv_len=layout.seq_len)
+    order = rf.build_permutation(layout, DEVICE).indices
+    key, outs = (precision == "fp8", head_dim), {}
+    for skip in (False, True):
+        monkeypatch.setitem(ws.SCHEDULES, key, dataclasses.replace(ws.SCHEDULES[key], rescale_skip=skip))
+        outs[skip] = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS, precision=precision)
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0, equal_nan=True)
+    nan_rows = outs[True].isnan().any(-1)
+    assert bool(nan_rows[0, 2, 300]) and int(nan_rows.sum()) == 1, int(nan_rows.sum())
+
+
 # --------------------------------------------------------------------------- compiled for sm_90a on any machine
 def test_every_supported_head_dim_has_a_schedule_in_both_precisions():
     pytest.importorskip("triton")

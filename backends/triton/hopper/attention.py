@@ -115,6 +115,32 @@ EXP2_ASM_2: gl.constexpr = gl.constexpr(_exp2_asm(2))
 EXP2_ASM_4: gl.constexpr = gl.constexpr(_exp2_asm(4))
 
 
+# -- O's rescale skipped where it would multiply by 1. Once a row's running maximum settles, most tiles
+# leave it unchanged and alpha = 2 ** (m_old - m_new) is exactly 1.0: the 64 x D multiplies of O then
+# change no bit. A warp votes whether all its 16 rows kept their maximum and, if so, branches past them
+# (the branch is warp-uniform: no divergence). A NaN alpha is not 1.0, so NaN still reaches O.
+def _rescale_asm(n: int) -> str:
+    """PTX for one thread's ``n`` accumulator values (operands ``$0..``: out, ``$n..``: in, ``$2n..``: each
+    value's row factor). In the tensor cores' accumulator layout a thread's values belong to two rows:
+    values 0 and 1 to row ``r``, 2 and 3 to row ``r + 8``, the pattern repeating."""
+    a0, a1 = 2 * n, 2 * n + 2
+    lines = ["{", ".reg .pred keep, keep2;",
+             f"setp.eq.f32 keep, ${a0}, 0f3F800000;", f"setp.eq.f32 keep2, ${a1}, 0f3F800000;",
+             "and.pred keep, keep, keep2;", "vote.sync.all.pred keep, keep, 0xffffffff;",
+             "@keep bra.uni SKIP${:uid};"]
+    lines += [f"mul.f32 ${i}, ${n + i}, ${2 * n + i};" for i in range(n)]
+    lines += ["bra.uni DONE${:uid};", "SKIP${:uid}:"]
+    lines += [f"mov.b32 ${i}, ${n + i};" for i in range(n)]
+    lines += ["DONE${:uid}:", "}"]
+    return "\n".join(lines)
+
+
+RESCALE_ASM_64: gl.constexpr = gl.constexpr(_rescale_asm(64))  # head dim 128: 64 x 128 / 128 threads
+RESCALE_ASM_32: gl.constexpr = gl.constexpr(_rescale_asm(32))  # head dim 64
+RESCALE_CON_64: gl.constexpr = gl.constexpr(",".join(["=f"] * 64 + ["f"] * 128))
+RESCALE_CON_32: gl.constexpr = gl.constexpr(",".join(["=f"] * 32 + ["f"] * 64))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How a consumer schedules one tile's softmax, per precision and head dim (``SCHEDULES``).
@@ -123,24 +149,29 @@ class Schedule:
         poly_every: one of every ``poly_every`` of P's exponentials by ``_exp2``'s polynomial (0: none).
         late_wait: hold the wait for ``P_t V_t`` behind the softmax of tile ``t + 1``
             (``_wait_products_after``); without it the compiler moves that wait above the softmax.
+        rescale_skip: a warp skips O's rescale when none of its rows' maxima moved (``_rescale``); the
+            output is bit-identical either way.
     """
     poly_every: int = 0
     late_wait: bool = False
+    rescale_skip: bool = False
 
 
 # Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; each schedule
 # against the table's, reproduced by benchmarks/schedules_bench.py). 16 bits at d=128 (Wan2.1 shapes): the
-# late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %). 16 bits at d=64 (CogVideoX-5B,
-# and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower, one in four by the polynomial no faster,
-# one in two 15-18 % slower. FP8 at d=128: one in four by the polynomial 1-2 % faster, one in two slower, the
-# late wait 3-5 % slower (its products are half as long as 16-bit ones); FP8 at d=64 takes d=128's schedule,
-# not timed apart. The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on
+# late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %); skipping unit rescales 1-3 %
+# faster. 16 bits at d=64 (CogVideoX-5B, and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower,
+# one in four by the polynomial no faster, one in two 15-18 % slower, the rescale skip 3 % slower. FP8 at
+# d=128, with P fed from registers (_p_operand): skipping unit rescales 2-3 % faster, and with it every
+# exponential on the special-function unit 2-3 % faster than one in four by the polynomial; the late wait
+# 3-5 % slower (its products are half as long as 16-bit ones). FP8 at d=64 takes d=128's schedule, not
+# timed apart. The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on
 # Hopper).
 SCHEDULES = {
-    (False, 128): Schedule(poly_every=0, late_wait=True),
+    (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True),
     (False, 64): Schedule(poly_every=0, late_wait=False),
-    (True, 128): Schedule(poly_every=4, late_wait=False),
-    (True, 64): Schedule(poly_every=4, late_wait=False),
+    (True, 128): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
+    (True, 64): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
 }
 
 
@@ -205,6 +236,24 @@ def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _rescale(acc, alpha_o, RESCALE_SKIP: gl.constexpr):
+    """``acc * alpha_o[:, None]``; with ``RESCALE_SKIP`` by ``_rescale_asm``, which skips multiplies by 1."""
+    if RESCALE_SKIP:
+        per_thread: gl.constexpr = acc.shape[0] * acc.shape[1] // 128
+        alpha, acc = gl.broadcast(alpha_o[:, None], acc)
+        if per_thread == 64:
+            acc = gl.inline_asm_elementwise(RESCALE_ASM_64, RESCALE_CON_64, [acc, alpha],
+                                            dtype=gl.float32, is_pure=True, pack=64)
+        else:
+            gl.static_assert(per_thread == 32, "the rescale's PTX covers head dims 64 and 128")
+            acc = gl.inline_asm_elementwise(RESCALE_ASM_32, RESCALE_CON_32, [acc, alpha],
+                                            dtype=gl.float32, is_pure=True, pack=32)
+    else:
+        acc = acc * alpha_o[:, None]
+    return acc
 
 
 @gluon.jit
@@ -287,7 +336,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
               m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               FP8: gl.constexpr, WRITE_LSE: gl.constexpr, POLY_EVERY: gl.constexpr,
-              LATE_WAIT: gl.constexpr):
+              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
@@ -358,7 +407,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             s_tok = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                   is_async=True)
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-            acc = acc * alpha_o[:, None]
+            acc = _rescale(acc, alpha_o, RESCALE_SKIP)
             if FP8:
                 beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
@@ -379,7 +428,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         # -- the last tile's P V
         last = n - 1
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        acc = acc * alpha_o[:, None]
+        acc = _rescale(acc, alpha_o, RESCALE_SKIP)
         if FP8:
             beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
@@ -416,6 +465,7 @@ def block_sparse_attention_fwd_ws(
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
+    RESCALE_SKIP: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -466,10 +516,12 @@ def block_sparse_attention_fwd_ws(
     gl.warp_specialize([
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
-                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT)),
+                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
+                     RESCALE_SKIP)),
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
-                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT)),
+                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
+                     RESCALE_SKIP)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -526,5 +578,6 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
         WRITE_LSE=lse is not None, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
+        RESCALE_SKIP=schedule.rescale_skip,
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
