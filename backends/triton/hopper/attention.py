@@ -10,8 +10,9 @@ and runs three partitions:
   tensor cores, then runs the softmax of ``S_{t+1}`` while ``P_t V_t`` runs
   (``SCHEDULES`` says per precision and head dim how); the warp schedulers
   interleave the two consumers, so one warpgroup's softmax also runs under
-  the other's GEMMs. (Forcing strict turns with a pair of mbarriers,
-  FlashAttention-3's ping-pong, measured no faster: docs/benchmarks-history.md.)
+  the other's GEMMs. (Forcing strict turns, FlashAttention-3's ping-pong, with
+  a pair of mbarriers or with named barriers, measured no faster:
+  docs/benchmarks-history.md.)
 
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
@@ -159,14 +160,13 @@ class Schedule:
 
 # Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; each schedule
 # against the table's, reproduced by benchmarks/schedules_bench.py). 16 bits at d=128 (Wan2.1 shapes): the
-# late wait is 2-3 % faster and the polynomial only adds work (-3 to -10 %); skipping unit rescales 1-3 %
-# faster. 16 bits at d=64 (CogVideoX-5B, and 24 heads at Wan2.1-1.3B's grid): the late wait is 2 % slower,
-# one in four by the polynomial no faster, one in two 15-18 % slower, the rescale skip 3 % slower. FP8 at
-# d=128, with P fed from registers (_p_operand): skipping unit rescales 2-3 % faster, and with it every
-# exponential on the special-function unit 2-3 % faster than one in four by the polynomial; the late wait
-# 3-5 % slower (its products are half as long as 16-bit ones). FP8 at d=64 takes d=128's schedule, not
-# timed apart. The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on
-# Hopper).
+# late wait is 2-6 % faster, skipping unit rescales 3-7 %, and the polynomial only adds work (-5 to -27 %).
+# 16 bits at d=64 (CogVideoX-5B, and 24 heads at Wan2.1-1.3B's grid): the late wait is 2-6 % slower, the
+# rescale skip 3 % slower, one in four by the polynomial no faster, one in two 15-18 % slower. FP8, with P
+# fed from registers (_p_operand): skipping unit rescales 4 % faster at d=128 and 9 % at d=64; with it every
+# exponential on the special-function unit 2-4 % (d=128) and 8 % (d=64) faster than one in four by the
+# polynomial; the late wait 6 % (d=128) and 22 % (d=64) slower (its products are half as long as 16-bit
+# ones). The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on Hopper).
 SCHEDULES = {
     (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True),
     (False, 64): Schedule(poly_every=0, late_wait=False),
