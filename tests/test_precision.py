@@ -200,7 +200,7 @@ def test_triton_quantiser_equals_the_reference_rounding(length, head_dim, bsnd):
     k8, k_descale, v8t, v_descale = quantize_kv(k.to(device), v.to(device), order.to(device), 128)
     want_k, want_kd = fp8.quantize_rows(k[:, :, order], 128)
     want_v, want_vd = fp8.quantize_channels(v[:, :, order])
-    assert v8t.shape == (2, 2, head_dim, padded_length(length)) and padded_length(length) % 32 == 0
+    assert v8t.shape == (2, 2, head_dim, -(-length // 32) * 32)
     assert torch.equal(k8.cpu().float(), want_k) and torch.equal(k_descale.cpu(), want_kd)
     slots = key_slots(length)
     assert torch.equal(v8t[..., slots].cpu().float().transpose(2, 3), want_v)
@@ -226,7 +226,9 @@ def test_cli_fp8_where_it_cannot_run_is_one_line_and_status_2(capsys):
 @pytest.mark.parametrize("length", [32, 113, 256], ids=lambda n: f"S{n}")
 def test_v8t_key_order_is_the_fp8_kernels_register_order(length):
     """P V is unchanged when P's columns are taken as the FP8 kernel's _p_operand takes them (a reshape into
-    key bits and a permute) and v's keys as quantize.key_slots stores them."""
+    key bits and the kernel's own permutation, P_KEY_DIMS) and v's keys as quantize.key_slots stores them."""
+    pytest.importorskip("triton")
+    from rainfusion_core.backends.triton.hopper.attention import P_KEY_DIMS
     from rainfusion_core.backends.triton.quantize import key_slots, padded_length
 
     width = padded_length(length)
@@ -239,5 +241,24 @@ def test_v8t_key_order_is_the_fp8_kernels_register_order(length):
     v = torch.randn(length, 16, dtype=torch.float64)
     stored = torch.zeros(width, 16, dtype=torch.float64)
     stored[slots] = v  # v8t's columns, as rows here
-    kernel_p = p.reshape(64, width // 32, 2, 2, 2, 2, 2).permute(0, 1, 2, 4, 5, 3, 6).reshape(64, width)
+    kernel_p = p.reshape(64, width // 32, 2, 2, 2, 2, 2).permute(*P_KEY_DIMS.value).reshape(64, width)
     assert torch.allclose(kernel_p @ stored, p[:, :length] @ v)
+
+
+def test_fp8_operands_of_the_wrong_shape_are_refused_before_any_launch():
+    # quantize_kv zero-fills v8t up to whole 32-key chunks only with whole-chunk blocks; the Hopper kernel
+    # reads v8t's width as S_pad, so a v of any other width (keys in model order, say) must not reach it
+    pytest.importorskip("triton")
+    from rainfusion_core.backends.triton.hopper import attention as ws
+    from rainfusion_core.backends.triton.quantize import quantize_kv
+
+    k = torch.randn(1, 1, 200, 64)
+    with pytest.raises(ValueError, match="block must be a multiple of 32, got 16"):
+        quantize_kv(k, k, torch.arange(200), 16)
+    q = torch.randn(1, 1, 200, 64, dtype=torch.bfloat16)
+    k8 = torch.zeros(1, 1, 200, 64, dtype=torch.float8_e4m3fn)
+    v8t = torch.zeros(1, 1, 64, 208, dtype=torch.float8_e4m3fn)  # rounded to 16, not to 32
+    counts, indices = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="S_pad = 224 .*got width 208"):
+        ws.launch(q, k8, v8t, torch.empty_like(q), counts, indices, torch.arange(200), 0.1,
+                  torch.ones(1, 1, 2), torch.ones(1, 1, 64))

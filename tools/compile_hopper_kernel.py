@@ -45,7 +45,7 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
     desc_v = desc_k
     if fp8:  # v transposed: [heads * D, S]
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block], gl_dtype)
-        desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block - 5],
+        desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block],
                                   [8 * block, 1], [head_dim, block], v_layout)
     kernel = ws.block_sparse_attention_fwd_ws
     schedule = ws.SCHEDULES[fp8, head_dim]

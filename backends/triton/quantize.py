@@ -50,10 +50,17 @@ def round_to_e4m3(x):
     return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
+# Within a 32-key chunk, bit ``4 - i`` of a key's column in ``v8t`` is bit ``KEY_BITS[i]`` of its place in the
+# chunk (key_slots): the FP8 kernel's P, reshaped into the five key bits and permuted into this order
+# (``hopper/attention.py``, ``_p_operand``), then sits where the 8-bit A operand of P V wants it.
+KEY_BITS = (4, 2, 1, 3, 0)
+CHUNK = 32
+
+
 @triton.jit
 def key_slot(key):
-    """The column of ``v8t`` that holds ``key`` (:func:`key_slots`): bits 3, 2, 1 of the key's place in its
-    32-key chunk move to bits 1, 3, 2."""
+    """The column of ``v8t`` that holds ``key`` (:func:`key_slots`, ``KEY_BITS``): bits 3, 2, 1 of the key's
+    place in its 32-key chunk move to bits 1, 3, 2."""
     r = key & 31
     return (key - r) + (r & 0x11) + (((r >> 2) & 1) << 3) + (((r >> 1) & 1) << 2) + (((r >> 3) & 1) << 1)
 
@@ -62,7 +69,7 @@ def key_slot(key):
 def quantize_kv_kernel(
     K, V, ORDER, K8, V8T, K_DESCALE, V_MULT,
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-    heads, length, n_blocks, v8t_row, padded,
+    heads, length, n_blocks, v8t_row,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr, MIN: tl.constexpr,
 ):
     """One program: permuted key rows ``[BLOCK * pid, BLOCK * (pid + 1))`` of one (batch, kv head)."""
@@ -91,7 +98,7 @@ def quantize_kv_kernel(
     v8t = V8T + pid_bh.to(tl.int64) * HEAD_DIM * v8t_row
     # keys past the sequence, up to the end of their 32-key chunk, are written as zeros (their probability is 0)
     tl.store(v8t + offs_d[None, :] * v8t_row + key_slot(offs)[:, None],
-             round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty), mask=(offs < padded)[:, None])
+             round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty), mask=(offs < v8t_row)[:, None])
 
 
 def padded_length(length: int) -> int:
@@ -107,8 +114,8 @@ def key_slots(length: int, device=None) -> torch.Tensor:
     the order in which the FP8 kernel's softmax holds the probabilities in the registers that the 8-bit
     tensor-core product reads as its A operand (``hopper/attention.py``, ``_p_operand``)."""
     c = torch.arange(length, device=device)
-    r = c % 32
-    return (c - r) + (r & 0x11) + ((r >> 2) & 1) * 8 + ((r >> 1) & 1) * 4 + ((r >> 3) & 1) * 2
+    r = c % CHUNK
+    return (c - r) + sum(((r >> bit) & 1) << (4 - i) for i, bit in enumerate(KEY_BITS))
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: int):
@@ -116,6 +123,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: in
 
     No host synchronisation: the channel maxima of v are one device reduction.
     """
+    if block % CHUNK:  # the last block's program writes the zeros up to the end of its chunk
+        raise ValueError(f"quantize_kv: block must be a multiple of {CHUNK}, got {block}")
     batch, heads, length, head_dim = k.shape
     n_blocks = -(-length // block)
     row = padded_length(length)
@@ -127,7 +136,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: in
     v_mult, v_descale = power_of_two_scale(amax)
     quantize_kv_kernel[(n_blocks, batch * heads)](
         k, v, order, k8, v8t, k_descale, v_mult.contiguous(),
-        *k.stride(), *v.stride(), heads, length, n_blocks, row, row,
+        *k.stride(), *v.stride(), heads, length, n_blocks, row,
         HEAD_DIM=head_dim, BLOCK=block, TOP=TOP_EXPONENT, MIN=MIN_AMAX, num_warps=8,
     )
     return k8, k_descale, v8t, v_descale.contiguous()

@@ -37,6 +37,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from rainfusion_core import fp8 as recipe
 
+from ..quantize import KEY_BITS, padded_length
+
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -69,6 +71,8 @@ assert 2.0 ** P_SHIFT.value == recipe.P_MULTIPLIER
 # roundings' alone at both (cosine 0.9992 against bf16), against 0.998 with no flush at 1.17x.
 FLUSH_EVERY: gl.constexpr = gl.constexpr(8)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
+# FP8: _p_operand's permutation of P reshaped to [row, chunk, key bits 4, 3, 2, 1, 0]: v8t's key order.
+P_KEY_DIMS: gl.constexpr = gl.constexpr([0, 1] + [2 + (4 - bit) for bit in KEY_BITS])
 
 
 # -- exponentials off the special-function unit (FlashAttention-4's idea). Per SM that unit computes 16
@@ -294,7 +298,7 @@ def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr
         rows: gl.constexpr = p.shape[0]
         cols: gl.constexpr = p.shape[1]
         p = gl.reshape(p, [rows, cols // 32, 2, 2, 2, 2, 2])  # row, chunk, key bits 4, 3, 2, 1, 0
-        p = gl.reshape(gl.permute(p, [0, 1, 2, 4, 5, 3, 6]), [rows, cols])  # column bits: key bits 4, 2, 1, 3, 0
+        p = gl.reshape(gl.permute(p, P_KEY_DIMS), [rows, cols])  # column bits: key bits 4, 2, 1, 3, 0 (KEY_BITS)
     return gl.convert_layout(p, p_layout)
 
 
@@ -562,6 +566,9 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
     desc_k = TensorDescriptor.from_tensor(k.view(-1, head_dim), [BLOCK, head_dim], k_layout)
     if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
+        if v.shape[-1] != padded_length(kv_len):
+            raise ValueError(f"v: FP8 v is [B, Hkv, D, S_pad] with S_pad = {padded_length(kv_len)} "
+                             f"(quantize.quantize_kv), got width {v.shape[-1]}")
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], dtype)
         desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
                                   [head_dim, BLOCK], v_layout)
