@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import device_name, median_ms
 from rainfusion_core.call import crossover_reason
+from rainfusion_core.cli import POSITIVE, sparsity_option
 from rainfusion_core.progress import progress
 from rainfusion_core.registry import select_backend
 from rainfusion_core.synthetic import video_like_qkv
@@ -43,22 +44,22 @@ def describe_backend(backend: rf.Backend) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cpu, gpu = CPU_SHAPE, GPU_SHAPE
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best present)")
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--head-dim", type=int, default=None)
-    parser.add_argument("--sparsity", type=float, default=0.8)
+    for name in ("frames", "height", "width", "heads", "head_dim"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=POSITIVE, default=None,
+                            help=f"default: {cpu[name]} on a CPU, {gpu[name]} on a GPU")
+    parser.add_argument("--sparsity", type=sparsity_option, default=0.8,
+                        help="fraction of key blocks each query block skips (default: 0.8)")
     parser.add_argument("--backend", default=None, help="backend name or device string (default: automatic)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=POSITIVE, default=5, help="timed calls, median reported (default: 5)")
     args = parser.parse_args()
 
     device = args.device or best_device()
     shape = GPU_SHAPE if device.startswith("cuda") else CPU_SHAPE
-    layout = rf.VideoLayout(args.frames or shape["frames"], args.height or shape["height"],
-                            args.width or shape["width"])
-    heads, head_dim = args.heads or shape["heads"], args.head_dim or shape["head_dim"]
+    pick = lambda name: shape[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    layout = rf.VideoLayout(pick("frames"), pick("height"), pick("width"))
+    heads, head_dim = pick("heads"), pick("head_dim")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     q, k, v = video_like_qkv(layout, heads, head_dim, device=device, dtype=dtype, seed=0)
     plan = rf.plan_sparse_attention(q, k, layout, sparsity=args.sparsity, backend=args.backend)

@@ -38,7 +38,7 @@ def _ints(count: int, what: str):
     return parse
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -51,7 +51,7 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _sparsity(text: str) -> float:
+def sparsity_option(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -62,7 +62,7 @@ def _sparsity(text: str) -> float:
 
 
 def _sparsities(text: str) -> list[float]:
-    return [_sparsity(part) for part in text.split(",")]
+    return [sparsity_option(part) for part in text.split(",")]
 
 
 def _dtypes(text: str) -> list[str]:
@@ -73,7 +73,7 @@ def _dtypes(text: str) -> list[str]:
     return names
 
 
-POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+POSITIVE, NON_NEGATIVE = int_at_least(1), int_at_least(0)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -89,7 +89,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def _seed(text: str) -> int:
-    value = _int_at_least(0)(text)
+    value = int_at_least(0)(text)
     if value >= 2 ** 63:
         raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
     return value
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=POSITIVE, required=True, help="latent rows per frame after patching")
     p.add_argument("--width", type=POSITIVE, required=True, help="latent columns per frame after patching")
     p.add_argument("--text-len", type=NON_NEGATIVE, default=0, help="text tokens joined to the video")
-    p.add_argument("--sparsity", type=_sparsity, default=0.8, help="fraction of key blocks to skip per row")
+    p.add_argument("--sparsity", type=sparsity_option, default=0.8, help="fraction of key blocks to skip per row")
     p.add_argument("--block-size", type=POSITIVE, default=128, help="tokens per block")
     p.add_argument("--head", type=NON_NEGATIVE, default=0, help="which head to draw")
     p.add_argument("--out", default="mask.png", help="PNG file to write (.png is added when there is no suffix)")

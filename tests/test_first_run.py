@@ -180,3 +180,15 @@ def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path):
         run = rainfusion(*args, timeout=120)
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "argument --frames: must be >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["--sparsity", "1.5"], "argument --sparsity: must be in [0, 1), got 1.5"),
+])
+def test_demo_refuses_a_bad_option_in_one_line(args, message):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), *args], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].endswith(message), run.stderr
+    assert "Traceback" not in run.stderr
