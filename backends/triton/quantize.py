@@ -103,7 +103,7 @@ def quantize_kv_kernel(
 
 def padded_length(length: int) -> int:
     """Row length of ``v8t``: ``length`` rounded up to whole 32-key chunks."""
-    return -(-length // 32) * 32
+    return -(-length // CHUNK) * CHUNK
 
 
 def key_slots(length: int, device=None) -> torch.Tensor:
