@@ -42,6 +42,7 @@ def neighbours(table) -> list:
 
 def measure(name: str, precisions, rounds: int) -> list[str]:
     from rainfusion_core.backends.triton.hopper import attention as ws
+    from rainfusion_core.backends.triton.permute import gather_rows
     from rainfusion_core.backends.triton.quantize import quantize_kv
 
     heads, head_dim, layout = SHAPES[name]
@@ -56,9 +57,10 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
         fp8 = precision == "fp8"
         if fp8:  # k in float8, v in float8 and transposed, with their scales (what the FP8 call passes)
             k8, k_descale, v8t, v_descale = quantize_kv(kp, vp, ident, ws.BLOCK)
-            args, extra = (qp, k8, v8t), (k_descale, v_descale)
-        else:
-            args, extra = (qp, kp, vp), ()
+            args, extra = (qp, k8, v8t), {"k_descale": k_descale, "v_descale": v_descale}
+        else:  # 16-bit k and v padded with zero rows to whole blocks, as the call pads its copies
+            pitch = -(-seq // ws.BLOCK) * ws.BLOCK
+            args, extra = (qp, *gather_rows(ident, kp, vp, pitch=pitch)), {"kv_len": seq}
         table = ws.SCHEDULES[fp8, head_dim]
         variants = neighbours(table)
         times = {s: [] for s in variants}
@@ -69,7 +71,7 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
                     ws.SCHEDULES[fp8, head_dim] = schedule
                     out = outs[schedule] = torch.empty_like(qp)
                     times[schedule].append(median_ms(
-                        lambda: ws.launch(*args, out, counts, indices, ident, scale, *extra), "cuda", repeats=10))
+                        lambda: ws.launch(*args, out, counts, indices, ident, scale, **extra), "cuda", repeats=10))
         finally:
             ws.SCHEDULES[fp8, head_dim] = table
         for schedule in variants:

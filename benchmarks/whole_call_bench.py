@@ -39,8 +39,9 @@ def _ws_one_launch(q, k, v, mask, scale, order):
     from rainfusion_core.backends.triton.hopper import attention as gluon_attention
 
     out = torch.empty_like(q)
-    k_perm, v_perm = gather_rows(order, k, v)
-    gluon_attention.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, scale)
+    pitch = -(-k.shape[2] // gluon_attention.BLOCK) * gluon_attention.BLOCK  # whole blocks, zero rows past S
+    k_perm, v_perm = gather_rows(order, k, v, pitch=pitch)
+    gluon_attention.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, scale, kv_len=k.shape[2])
     return out
 
 

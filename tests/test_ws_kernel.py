@@ -142,6 +142,25 @@ def test_ws_on_permuted_tensors(contiguous):
 
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("through_order", [True, False], ids=["model-order", "permuted-inputs"])
+def test_a_ragged_last_tile_never_reads_the_next_heads_values(through_order, head_dim):
+    # 231 tokens: the last key tile holds 103 keys and 25 rows past the end. The kernel's copies are padded
+    # with zero rows, so those 25 rows are never kv head 1's first rows, whose inf would turn head 0's
+    # zero probabilities into NaN (0 * inf).
+    layout, q, k, v, _ = _problem("ragged-7x11", torch.bfloat16, head_dim=head_dim)
+    dense = random_dense(2, 4, 2, 2, density=0.5)
+    dense[..., -1] = True  # every row keeps the ragged last block
+    mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=layout.seq_len, kv_len=layout.seq_len)
+    order = rf.build_permutation(layout, DEVICE).indices if through_order else None
+    v[:, 1, 0 if order is None else order[0]] = float("inf")  # kv head 1's first row in the kernel's order
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
+    assert got[:, :2].isfinite().all()  # q heads 0 and 1 read kv head 0 only
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@ON_HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_ws_meets_the_parity_rule(name, head_dim):
     layout, q, k, v, mask = _problem(name, torch.bfloat16, head_dim=head_dim)

@@ -160,8 +160,10 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
         reason = _ws_unavailable_reason(q, out, block_mask.block_size)
         if reason is None and options.kernel == "auto" and q.shape[2] < _ws_min_tokens(q.shape[3]):
             reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
-        if reason is None:
-            contiguous = order is None and k.is_contiguous() and v.is_contiguous()
+        if reason is None:  # no copy needs permuted, contiguous k and v of whole blocks (see _run_ws)
+            from .hopper.attention import BLOCK
+
+            contiguous = order is None and k.is_contiguous() and v.is_contiguous() and k.shape[2] % BLOCK == 0
             head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
             return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
@@ -262,17 +264,20 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     batch, kv_heads, kv_len, head_dim = k.shape
     group = q.shape[1] // kv_heads
     step = plan.head_step
+    # Each head's copies are padded with zero rows to whole blocks: the kernel's ragged last tile then
+    # reads zeros, never the next head's first rows (whose NaN or inf would leak through a zero probability).
+    pitch = -(-kv_len // ws.BLOCK) * ws.BLOCK
     # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
-    # views of their first batch * heads * S * D elements, contiguous as TMA needs them.
-    k_buf, v_buf = (torch.empty(batch * step * kv_len * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
+    # views of their first batch * heads * pitch * D elements, contiguous as TMA needs them.
+    k_buf, v_buf = (torch.empty(batch * step * pitch * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
     for h0 in range(0, kv_heads, step):
         heads = min(step, kv_heads - h0)
-        shape = (batch, heads, kv_len, head_dim)
+        shape = (batch, heads, pitch, head_dim)
         k_perm = gather(kv_order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
         v_perm = gather(kv_order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
         qh = slice(h0 * group, (h0 + heads) * group)
         ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], q_order, scale,
-                  lse=None if lse is None else lse[:, qh])
+                  lse=None if lse is None else lse[:, qh], kv_len=kv_len)
 
 
 def _identity(length: int, device: torch.device) -> torch.Tensor:

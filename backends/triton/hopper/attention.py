@@ -466,14 +466,16 @@ def block_sparse_attention_fwd_ws(
     Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
-    q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
+    q_heads, kv_heads, q_len, kv_len, kv_pitch, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
     RESCALE_SKIP: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
-    FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
+    A kv head's k and v rows start every ``kv_pitch`` rows of the 2-D descriptors; the tiles a ragged last
+    block reads past ``kv_len`` (up to the pitch) must hold finite values, since a zero probability times
+    an infinite v is NaN. FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
     ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise). With ``WRITE_LSE`` each
     row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to."""
     gl.static_assert(not (FP8 and WRITE_LSE), "the FP8 kernel does not write the log-sum-exp")
@@ -491,7 +493,7 @@ def block_sparse_attention_fwd_ws(
     n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
     kept = KV_INDICES + b64 * stride_ib + h * stride_ih + pid_m * stride_ir
     kv_head = b * kv_heads + h // GROUP
-    row0 = kv_head * kv_len
+    row0 = kv_head * kv_pitch
     k_descale = K_DESCALE + kv_head * n_blocks
     v_descale = V_DESCALE + kv_head * HEAD_DIM
 
@@ -547,7 +549,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.floa
 
 
 def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None,
-           lse=None) -> None:
+           lse=None, kv_len: int | None = None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
     through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
     [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
@@ -557,11 +559,22 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     each 32-key chunk as ``quantize.key_slots`` says, zeros past S) with
     ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
     ``lse`` (float32 ``[B, H, S]``, unit stride along S; 16-bit calls) receives each row's log-sum-exp.
+
+    ``kv_len`` (default: k's rows per head) is the keys' length when k and v carry rows past it. 16-bit
+    k and v hold whole blocks per head, zero past ``kv_len`` (``permute.gather_rows(..., pitch=)``), so
+    that a ragged last tile never reads the next head's first rows: a NaN or inf there would reach the
+    output through a zero probability. FP8 v is padded by ``quantize_kv``; FP8 k needs no padding
+    (scores past ``kv_len`` are replaced, not multiplied).
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
-    kv_len = k.shape[2]
+    kv_heads, kv_pitch = k.shape[1], k.shape[2]
+    kv_len = kv_pitch if kv_len is None else kv_len
+    if not 0 < kv_len <= kv_pitch:
+        raise ValueError(f"kv_len: expected 1..{kv_pitch} (k's rows per head), got {kv_len}")
     fp8 = k.dtype == torch.float8_e4m3fn
+    if not fp8 and kv_pitch % BLOCK:
+        raise ValueError(f"k, v: 16-bit k and v need whole {BLOCK}-row blocks per head (zero rows past kv_len, "
+                         f"as permute.gather_rows(..., pitch=) writes them), got {kv_pitch} rows")
     dtype = _GL_DTYPES[k.dtype]
     k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
     desc_k = TensorDescriptor.from_tensor(k.view(-1, head_dim), [BLOCK, head_dim], k_layout)
@@ -582,7 +595,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         kv_counts if lse is None else lse,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
-        heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
+        heads, kv_heads, q_len, kv_len, kv_pitch, kv_indices.shape[3], scale * 1.4426950408889634,
         HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
         WRITE_LSE=lse is not None, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
         RESCALE_SKIP=schedule.rescale_skip,
