@@ -48,13 +48,10 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
         desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block],
                                   [8 * block, 1], [head_dim, block], v_layout)
     kernel = ws.block_sparse_attention_fwd_ws
-    schedule = ws.SCHEDULES[fp8, head_dim]
     types = {"Q": "*bf16", "Out": "*bf16", "desc_k": desc_k.__mangle__(), "desc_v": desc_v.__mangle__(),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
              "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
-    constants = {"HEAD_DIM": head_dim, "GROUP": 1, "BLOCK_N": block, "STAGES": ws.TUNING[head_dim]["stages"],
-                 "FP8": fp8, "WRITE_LSE": lse, "POLY_EVERY": schedule.poly_every, "LATE_WAIT": schedule.late_wait,
-                 "RESCALE_SKIP": schedule.rescale_skip}
+    constants = ws.kernel_constants(head_dim, fp8, lse)
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})

@@ -37,6 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from rainfusion_core import fp8 as recipe
 
+from .. import attention as portable
 from ..quantize import KEY_BITS, padded_length
 
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
@@ -224,15 +225,21 @@ def _exp2(x, POLY_EVERY: gl.constexpr):
 
 @gluon.jit
 def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-             P_SHIFT: gl.constexpr, POLY_EVERY: gl.constexpr):
+             P_SHIFT: gl.constexpr, POLY_EVERY: gl.constexpr, MAX_SLACK: gl.constexpr):
     """Online softmax step on one score tile: new max, probabilities, rescale factor, new sum.
 
     The probabilities come out times ``2 ** P_SHIFT`` (FP8's ``P_MULT``; 0 in 16 bits), and so does
-    the row sum: the scaling costs no multiply and cancels in the normalisation."""
+    the row sum: the scaling costs no multiply and cancels in the normalisation. With ``MAX_SLACK`` the
+    running maximum moves only when a tile's exceeds it by more than that, as in the portable kernel
+    (``attention.MAX_SLACK``), which this must equal bit for bit."""
     if start + BLOCK_N > kv_len:  # the ragged last block: keys past the end never win
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((cols < kv_len)[None, :], s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_tile = gl.max(s, 1) * qk_scale
+    if MAX_SLACK > 0:
+        m_new = gl.where(m_tile > m_i + MAX_SLACK, m_tile, m_i)
+    else:
+        m_new = gl.maximum(m_i, m_tile)
     if P_SHIFT == 0:
         p = _exp2(s * qk_scale - m_new[:, None], POLY_EVERY)
     else:
@@ -340,7 +347,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
               m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               FP8: gl.constexpr, WRITE_LSE: gl.constexpr, POLY_EVERY: gl.constexpr,
-              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr):
+              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr, MAX_SLACK: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
@@ -400,7 +407,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
-                                      P_SHIFT if FP8 else 0, POLY_EVERY)
+                                      P_SHIFT if FP8 else 0, POLY_EVERY, MAX_SLACK)
 
         for t in range(0, n - 1):
             nxt = (t + 1) % STAGES
@@ -421,7 +428,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
-                                          P_SHIFT if FP8 else 0, POLY_EVERY)
+                                          P_SHIFT if FP8 else 0, POLY_EVERY, MAX_SLACK)
             if LATE_WAIT:
                 l_i = _wait_products_after(l_i)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
@@ -469,7 +476,7 @@ def block_sparse_attention_fwd_ws(
     q_heads, kv_heads, q_len, kv_len, kv_pitch, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
-    RESCALE_SKIP: gl.constexpr = False,
+    RESCALE_SKIP: gl.constexpr = False, MAX_SLACK: gl.constexpr = 0.0,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -523,14 +530,24 @@ def block_sparse_attention_fwd_ws(
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
-                     RESCALE_SKIP)),
+                     RESCALE_SKIP, MAX_SLACK)),
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
-                     RESCALE_SKIP)),
+                     RESCALE_SKIP, MAX_SLACK)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1) -> dict:
+    """The kernel's compile-time arguments for one build, as ``launch`` passes them (and
+    ``tools/compile_hopper_kernel.py`` compiles them): the tuning, the schedule and, in 16 bits, the
+    portable kernel's running-maximum slack, so that the two stay equal bit for bit."""
+    schedule = SCHEDULES[fp8, head_dim]
+    return dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
+                WRITE_LSE=lse, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
+                RESCALE_SKIP=schedule.rescale_skip, MAX_SLACK=0.0 if fp8 else portable.MAX_SLACK)
 
 
 def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
@@ -589,15 +606,11 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
     grid = (-(-q_len // BLOCK), batch * heads)
-    schedule = SCHEDULES[fp8, head_dim]
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
         kv_counts if lse is None else lse,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_pitch, kv_indices.shape[3], scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, GROUP=heads // kv_heads, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
-        WRITE_LSE=lse is not None, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
-        RESCALE_SKIP=schedule.rescale_skip,
-        num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
+        **kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads), num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
