@@ -72,8 +72,11 @@ assert 2.0 ** P_SHIFT.value == recipe.P_MULTIPLIER
 # roundings' alone at both (cosine 0.9992 against bf16), against 0.998 with no flush at 1.17x.
 FLUSH_EVERY: gl.constexpr = gl.constexpr(8)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
-# FP8: _p_operand's permutation of P reshaped to [row, chunk, key bits 4, 3, 2, 1, 0]: v8t's key order.
-P_KEY_DIMS: gl.constexpr = gl.constexpr([0, 1] + [2 + (4 - bit) for bit in KEY_BITS])
+# FP8: _p_operand's permutation of P reshaped to [row, chunk, key bits 4, 3, 2, 1, 0]: v8t's key order
+# (quantize.KEY_BITS). _p_operand spells it out: Triton 3.6's permute takes no constexpr list (a test
+# checks that the two agree).
+P_KEY_DIMS = (0, 1, 2, 4, 5, 3, 6)
+assert P_KEY_DIMS == tuple([0, 1] + [2 + (4 - bit) for bit in KEY_BITS])
 
 
 # -- exponentials off the special-function unit (FlashAttention-4's idea). Per SM that unit computes 16
@@ -320,7 +323,7 @@ def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr
         rows: gl.constexpr = p.shape[0]
         cols: gl.constexpr = p.shape[1]
         p = gl.reshape(p, [rows, cols // 32, 2, 2, 2, 2, 2])  # row, chunk, key bits 4, 3, 2, 1, 0
-        p = gl.reshape(gl.permute(p, P_KEY_DIMS), [rows, cols])  # column bits: key bits 4, 2, 1, 3, 0 (KEY_BITS)
+        p = gl.reshape(gl.permute(p, [0, 1, 2, 4, 5, 3, 6]), [rows, cols])  # P_KEY_DIMS: key bits 4, 2, 1, 3, 0
     return gl.convert_layout(p, p_layout)
 
 
