@@ -241,7 +241,7 @@ def test_v8t_key_order_is_the_fp8_kernels_register_order(length):
     v = torch.randn(length, 16, dtype=torch.float64)
     stored = torch.zeros(width, 16, dtype=torch.float64)
     stored[slots] = v  # v8t's columns, as rows here
-    kernel_p = p.reshape(64, width // 32, 2, 2, 2, 2, 2).permute(*P_KEY_DIMS.value).reshape(64, width)
+    kernel_p = p.reshape(64, width // 32, 2, 2, 2, 2, 2).permute(*P_KEY_DIMS).reshape(64, width)
     assert torch.allclose(kernel_p @ stored, p[:, :length] @ v)
 
 

@@ -50,7 +50,7 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
     kernel = ws.block_sparse_attention_fwd_ws
     types = {"Q": "*bf16", "Out": "*bf16", "desc_k": desc_k.__mangle__(), "desc_v": desc_v.__mangle__(),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
-             "V_DESCALE": "*fp32", "LSE": "*fp32", "PROGRAMS": "*i32", "qk_scale": "fp32"}
+             "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
     constants = ws.kernel_constants(head_dim, fp8, lse)
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,

@@ -43,15 +43,6 @@ _GATHER_CONFIGS = {
 }
 
 
-# FlashAttention-4's lazy rescaling: a row's running maximum (base 2) moves only when a tile's maximum
-# exceeds it by more than MAX_SLACK, so most tiles leave it, and O's rescale by exactly 1 can be skipped
-# (the Hopper kernel's Schedule.rescale_skip). Probabilities then reach 2 ** MAX_SLACK = 256, well inside
-# float32 sums and 16-bit P; the output is the same softmax (the scale cancels in the normalisation).
-# The Hopper kernel's 16-bit builds use the same value, so the two kernels stay equal bit for bit; its
-# FP8 build keeps the exact maximum, since its P (times P_MULT) must stay inside float8's range.
-MAX_SLACK = 8.0
-
-
 def pick_config(head_dim: int, dtype: torch.dtype, mask_block: int, *, gather_kv: bool = False) -> KernelConfig:
     """The tuned configuration for this head dim and dtype, shrunk to divide ``mask_block``."""
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
@@ -99,7 +90,6 @@ def _attend_tiles(
     stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GATHER_KV: tl.constexpr, RAGGED: tl.constexpr,
-    MAX_SLACK: tl.constexpr,
 ):
     """Online softmax over kept key tiles ``first .. last - 1``; only RAGGED tiles check ``kv_len``.
 
@@ -123,12 +113,8 @@ def _attend_tiles(
         qk = tl.dot(q, k.T, input_precision=INPUT_PRECISION)
         if RAGGED:
             qk = tl.where(k_ok[None, :], qk, float("-inf"))
-        # -- online softmax: new running max (moved only past MAX_SLACK), rescale what was accumulated
-        m_tile = tl.max(qk, 1) * qk_scale
-        if MAX_SLACK > 0:
-            m_new = tl.where(m_tile > m_i + MAX_SLACK, m_tile, m_i)
-        else:
-            m_new = tl.maximum(m_i, m_tile)
+        # -- online softmax: new running max, rescale what was accumulated
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -163,7 +149,6 @@ def block_sparse_attention_fwd(
     GATHER_Q: tl.constexpr,
     GATHER_KV: tl.constexpr,
     WRITE_LSE: tl.constexpr = False,
-    MAX_SLACK: tl.constexpr = 0.0,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of their mask row.
 
@@ -216,14 +201,12 @@ def block_sparse_attention_fwd(
         acc, l_i, m_i, q, kept, 0, even * TILES, full_blocks - 1, k_base, v_base, desc_k, desc_v, ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
         HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=False,
-        MAX_SLACK=MAX_SLACK,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, kept, even * TILES, count * TILES, mask_cols - 1, k_base, v_base, desc_k, desc_v,
         ORDER, b, kv_h,
         stride_ks, stride_kd, stride_vs, stride_vd, kv_len, qk_scale,
         HEAD_DIM, MASK_BLOCK, BLOCK_N, BLOCK_D, INPUT_PRECISION, TMA_KV, GATHER_KV, RAGGED=True,
-        MAX_SLACK=MAX_SLACK,
     )
 
     # -- epilogue: normalise; a row with no kept block stays zero

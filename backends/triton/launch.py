@@ -328,7 +328,6 @@ def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=No
         GATHER_Q=gather_q,
         GATHER_KV=gather_kv,
         WRITE_LSE=lse is not None,
-        MAX_SLACK=kernels.MAX_SLACK,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

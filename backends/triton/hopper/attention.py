@@ -37,7 +37,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from rainfusion_core import fp8 as recipe
 
-from .. import attention as portable
 from ..quantize import KEY_BITS, padded_length
 
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
@@ -184,21 +183,6 @@ SCHEDULES = {
 
 
 @gluon.jit
-def _work_item(PROGRAMS, q_heads, REORDER: gl.constexpr):
-    """``(batch, head, query block)`` of this program. Query blocks vary fastest in the grid, so programs
-    running together share one head's k and v in L2; with ``REORDER`` program ``i`` (in grid order)
-    runs work item ``PROGRAMS[i]`` instead (``program_order``)."""
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    if REORDER:
-        q_blocks = gl.num_programs(0)
-        item = gl.load(PROGRAMS + pid_bh * q_blocks + pid_m)
-        pid_bh = item // q_blocks
-        pid_m = item % q_blocks
-    return pid_bh // q_heads, pid_bh % q_heads, pid_m
-
-
-@gluon.jit
 def _kept_block(kept, t, n_blocks):
     """Index of the ``t``-th kept key block, clamped to ``[0, n_blocks)``: a mask edited after its checks can
     never move a TMA copy outside k and v, nor a scale load outside ``K_DESCALE``."""
@@ -243,21 +227,15 @@ def _exp2(x, POLY_EVERY: gl.constexpr):
 
 @gluon.jit
 def _softmax(s, m_i, l_i, start, kv_len, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-             P_SHIFT: gl.constexpr, POLY_EVERY: gl.constexpr, MAX_SLACK: gl.constexpr):
+             P_SHIFT: gl.constexpr, POLY_EVERY: gl.constexpr):
     """Online softmax step on one score tile: new max, probabilities, rescale factor, new sum.
 
     The probabilities come out times ``2 ** P_SHIFT`` (FP8's ``P_MULT``; 0 in 16 bits), and so does
-    the row sum: the scaling costs no multiply and cancels in the normalisation. With ``MAX_SLACK`` the
-    running maximum moves only when a tile's exceeds it by more than that, as in the portable kernel
-    (``attention.MAX_SLACK``), which this must equal bit for bit."""
+    the row sum: the scaling costs no multiply and cancels in the normalisation."""
     if start + BLOCK_N > kv_len:  # the ragged last block: keys past the end never win
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((cols < kv_len)[None, :], s, float("-inf"))
-    m_tile = gl.max(s, 1) * qk_scale
-    if MAX_SLACK > 0:
-        m_new = gl.where(m_tile > m_i + MAX_SLACK, m_tile, m_i)
-    else:
-        m_new = gl.maximum(m_i, m_tile)
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     if P_SHIFT == 0:
         p = _exp2(s * qk_scale - m_new[:, None], POLY_EVERY)
     else:
@@ -361,16 +339,12 @@ def _flush(total_smem, acc, beta, t, o_layout: gl.constexpr, ROWS: gl.constexpr,
 
 
 @gluon.jit
-def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS, q_off, stride_qs, stride_ob, stride_oh, stride_os,
-              stride_lb, stride_lh, q_heads, q_len, kv_len, m0, kept, n, n_blocks, qk_scale,
-              q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
+def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len, kv_len,
+              m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               FP8: gl.constexpr, WRITE_LSE: gl.constexpr, POLY_EVERY: gl.constexpr,
-              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr, MAX_SLACK: gl.constexpr, REORDER: gl.constexpr):
+              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
-
-    The epilogue works out its program's output rows again (``_work_item``) rather than hold their
-    offsets in registers across the loop, where they spilled.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
     warpgroup's rows; each k tile brings its block's scale (``K_DESCALE``), folded into the
@@ -429,7 +403,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS, q_off, stride_
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
-                                      P_SHIFT if FP8 else 0, POLY_EVERY, MAX_SLACK)
+                                      P_SHIFT if FP8 else 0, POLY_EVERY)
 
         for t in range(0, n - 1):
             nxt = (t + 1) % STAGES
@@ -450,7 +424,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS, q_off, stride_
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
-                                          P_SHIFT if FP8 else 0, POLY_EVERY, MAX_SLACK)
+                                          P_SHIFT if FP8 else 0, POLY_EVERY)
             if LATE_WAIT:
                 l_i = _wait_products_after(l_i)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
@@ -471,15 +445,11 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS, q_off, stride_
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
     # -- epilogue: normalise; a row with no kept block stays zero; scatter back through ORDER
-    b, h, pid_m = _work_item(PROGRAMS, q_heads, REORDER)
-    b64 = b.to(gl.int64)
-    m0 = pid_m * (2 * ROWS)
     if WRITE_LSE:  # m_i and l_i are in base 2: ln(sum) = (m + log2 l) * ln 2; -inf for a row with no kept key
         lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_i)) * 0.6931471805599453)
         offs_l = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))  # in the scores' layout:
         l_ok = offs_l < q_len  # no layout change, the row indices read again instead
-        lse_rows = gl.load(ORDER + offs_l, mask=l_ok, other=0).to(gl.int64)
-        gl.store(LSE + b64 * stride_lb + h * stride_lh + lse_rows, lse, mask=l_ok)
+        gl.store(LSE + lse_off + gl.load(ORDER + offs_l, mask=l_ok, other=0).to(gl.int64), lse, mask=l_ok)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     if FP8:  # the float32 total; undo v's channel scales and P's multiplier
         acc = total_smem.load(o_layout) * beta[:, None] + acc
@@ -491,19 +461,18 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS, q_off, stride_
     offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
     m_ok = offs_m < q_len
     rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
-    o_ptrs = Out + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
-    gl.store(o_ptrs, out, mask=m_ok[:, None])
+    gl.store(Out + o_off + rows[:, None] * stride_os + offs_d[None, :], out, mask=m_ok[:, None])
 
 
 @gluon.jit
 def block_sparse_attention_fwd_ws(
-    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE, PROGRAMS,
+    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
     q_heads, kv_heads, q_len, kv_len, kv_pitch, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
-    RESCALE_SKIP: gl.constexpr = False, MAX_SLACK: gl.constexpr = 0.0, REORDER: gl.constexpr = False,
+    RESCALE_SKIP: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -511,13 +480,17 @@ def block_sparse_attention_fwd_ws(
     block reads past ``kv_len`` (up to the pitch) must hold finite values, since a zero probability times
     an infinite v is NaN. FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
     ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise). With ``WRITE_LSE`` each
-    row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to.
-    With ``REORDER`` program ``i`` (in grid order) runs work item ``PROGRAMS[i]`` (``program_order``)."""
+    row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to."""
     gl.static_assert(not (FP8 and WRITE_LSE), "the FP8 kernel does not write the log-sum-exp")
     dtype: gl.constexpr = desc_k.dtype
-    b, h, pid_m = _work_item(PROGRAMS, q_heads, REORDER)
+    pid_m = gl.program_id(0)  # query blocks vary fastest: CTAs running together share one head's k and v in L2
+    pid_bh = gl.program_id(1)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
     b64 = b.to(gl.int64)
     q_off = b64 * stride_qb + h * stride_qh
+    o_off = b64 * stride_ob + h * stride_oh
+    lse_off = b64 * stride_lb + h * stride_lh
 
     # -- this block's mask row: n kept tiles (clamped to the row's length), their block indices at `kept`
     n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
@@ -550,44 +523,26 @@ def block_sparse_attention_fwd_ws(
 
     m0 = pid_m * (2 * ROWS)
     gl.warp_specialize([
-        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, PROGRAMS, q_off, stride_qs, stride_ob, stride_oh,
-                     stride_os, stride_lb, stride_lh, q_heads, q_len, kv_len, m0, kept, n, n_blocks, qk_scale,
-                     q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, BLOCK_N,
-                     STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT, RESCALE_SKIP, MAX_SLACK, REORDER)),
-        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, PROGRAMS, q_off, stride_qs, stride_ob, stride_oh,
-                     stride_os, stride_lb, stride_lh, q_heads, q_len, kv_len, m0, kept, n, n_blocks, qk_scale,
-                     q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, BLOCK_N,
-                     STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT, RESCALE_SKIP, MAX_SLACK, REORDER)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
+                     kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
+                     v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
+                     RESCALE_SKIP)),
+        (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
+                     kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
+                     v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
+                     RESCALE_SKIP)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-# Launch the heaviest mask rows first. RainFusion's first-frame sink rows keep every block (at Wan2.1-1.3B
-# 13 of a head's 256 rows keep 256 tiles, the rest 53-65); launched in grid order, the last of them start
-# late and run alone at the end. A greedy simulation of the launch puts that tail at 5 % past ideal at
-# Wan2.1-1.3B and 2.4 % at CogVideoX-5B, and at 0.5 % and 0.8 % with the heavy rows first.
-# The build that writes the log-sum-exp keeps grid order: there the reordered epilogue spilled (8 local loads).
-HEAVY_ROWS_FIRST = True
-
-
-def program_order(kv_counts: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """The launch order: int32 work items ``(batch * heads + head) * q_blocks + q_block``, rows that keep
-    at least three quarters of the ``n_blocks`` key blocks first, each part in grid order (so programs
-    running together still share a head's k and v in L2). No host synchronisation."""
-    light = (kv_counts.reshape(-1) * 4 < 3 * n_blocks).to(torch.uint8)
-    return torch.argsort(light, stable=True).to(torch.int32)
-
-
 def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1) -> dict:
     """The kernel's compile-time arguments for one build, as ``launch`` passes them (and
-    ``tools/compile_hopper_kernel.py`` compiles them): the tuning, the schedule and, in 16 bits, the
-    portable kernel's running-maximum slack, so that the two stay equal bit for bit."""
+    ``tools/compile_hopper_kernel.py`` compiles them): its tuning and its schedule."""
     schedule = SCHEDULES[fp8, head_dim]
     return dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
                 WRITE_LSE=lse, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
-                RESCALE_SKIP=schedule.rescale_skip, MAX_SLACK=0.0 if fp8 else portable.MAX_SLACK,
-                REORDER=HEAVY_ROWS_FIRST and not lse)
+                RESCALE_SKIP=schedule.rescale_skip)
 
 
 def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
@@ -646,13 +601,12 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
     grid = (-(-q_len // BLOCK), batch * heads)
-    constants = kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads)
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
         kv_counts if lse is None else lse,
-        program_order(kv_counts, kv_indices.shape[3]) if constants["REORDER"] else kv_counts,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_pitch, kv_indices.shape[3], scale * 1.4426950408889634,
-        **constants, num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
+        **kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads),
+        num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
