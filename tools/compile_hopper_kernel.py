@@ -10,8 +10,9 @@ instruction of interest its machine code holds: tensor-core products (``HGMMA`` 
 exponentials that run while the tensor cores compute ``P_t V_t`` (``SCHEDULES``'s late wait), and
 ``LOOP``, the instructions of one consumer's loop over the kept tiles (what each of its threads issues per
 tile; its rarely taken branches count too).
-``tests/test_ws_kernel.py`` runs it to prove the kernel still builds where no Hopper GPU is present. Exits 3 when
-this Triton cannot compile Gluon ahead of time. Run it without ``TRITON_INTERPRET``.
+``tests/test_ws_kernel.py`` runs it to prove the kernel still builds where no Hopper GPU is present. Triton 3.6
+(what the GPU test machines run) and later compile it; exits 3 when this Triton cannot compile Gluon ahead
+of time. Run it without ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
         desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block],
                                   [8 * block, 1], [head_dim, block], v_layout)
     kernel = ws.block_sparse_attention_fwd_ws
-    types = {"Q": "*bf16", "Out": "*bf16", "desc_k": desc_k.__mangle__(), "desc_v": desc_v.__mangle__(),
+    types = {"Q": "*bf16", "Out": "*bf16", "desc_k": descriptor_type(desc_k), "desc_v": descriptor_type(desc_v),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
              "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
     constants = ws.kernel_constants(head_dim, fp8, lse)
@@ -64,6 +65,17 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
         sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True,
                               check=True).stdout
     return compiled.metadata.shared, sass
+
+
+def descriptor_type(desc) -> str:
+    """A tensor descriptor's type in a kernel signature: ``__mangle__`` where Triton has it (3.7 and
+    later), else the launcher's own mangling (Triton 3.6, what the GPU machines of the tests run)."""
+    mangle = getattr(desc, "__mangle__", None)
+    if mangle is not None:
+        return mangle()
+    from triton.runtime.jit import mangle_type
+
+    return mangle_type(desc)
 
 
 def exponentials_under_pv(sass: str) -> int:
@@ -113,9 +125,12 @@ def main() -> int:
     except ImportError as exc:
         print(f"this Triton cannot compile Gluon kernels ahead of time ({exc})")
         return 3
-    if not hasattr(TensorDescriptor, "__mangle__"):  # older Triton: no ahead-of-time signature for descriptors
-        print(f"Triton {triton.__version__} cannot compile Gluon kernels with tensor descriptors ahead of time")
-        return 3
+    try:
+        from triton.runtime.jit import mangle_type  # noqa: F401
+    except ImportError:
+        if not hasattr(TensorDescriptor, "__mangle__"):  # no ahead-of-time signature for descriptors
+            print(f"Triton {triton.__version__} cannot compile Gluon kernels with tensor descriptors ahead of time")
+            return 3
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         print("this Triton ships no cuobjdump to read the compiled kernel")
         return 3

@@ -183,6 +183,13 @@ SCHEDULES = {
 
 
 @gluon.jit
+def _opaque(x):
+    """``x`` (an int32 scalar), through an instruction the compiler cannot merge with a later one: an
+    address worked out from it is worked out afresh later, not kept in registers (or spilled) until then."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _kept_block(kept, t, n_blocks):
     """Index of the ``t``-th kept key block, clamped to ``[0, n_blocks)``: a mask edited after its checks can
     never move a TMA copy outside k and v, nor a scale load outside ``K_DESCALE``."""
@@ -371,7 +378,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
     out_dtype: gl.constexpr = Out.dtype.element_ty
 
     # -- this warpgroup's query rows, gathered through the permutation into shared memory
-    offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    offs_m = _opaque(m0) + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
     m_ok = offs_m < q_len
     rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
@@ -457,7 +464,8 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         acc = acc * gl.load(V_DESCALE + offs_o)[None, :]  # P_MULT cancels: l_i holds it too (_softmax)
     out = (acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]).to(out_dtype)
     out = gl.convert_layout(out, ld_layout)
-    # the rows' indices read again (from L2) rather than held in registers across the loop, where they spilled
+    # the rows' indices read again (from L2) rather than held in registers across the loop, where they spilled;
+    # the first read's addresses went through _opaque, so that these are not the same values kept since then
     offs_m = m0 + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
     m_ok = offs_m < q_len
     rows = gl.load(ORDER + offs_m, mask=m_ok, other=0).to(gl.int64)
