@@ -5,8 +5,10 @@
 Per shape (batch 1, head dim 128, bf16 inputs, sparsity 0.8, one mask predicted from
 synthetic video-DiT activations, ``rainfusion_core.synthetic``):
 
-* kept-block throughput of the Hopper kernel in bf16 and in FP8 on the same mask, q/k/v
-  already permuted (FP8 "kernel" excludes the k/v quantisation pass, "+ quantise" includes it);
+* kept-block throughput of the Hopper kernel alone in bf16 and in FP8 on the same mask, q/k/v
+  already permuted, on the operands a call passes it (``benchmarking.hopper_kernel_operands``: 16-bit
+  k/v padded to whole blocks, FP8 k/v quantised); "+ quantise" is the FP8 call on permuted inputs,
+  the k/v quantisation pass included;
 * the whole ``rf.sparse_attention`` call (prediction, permutation, quantisation, kernel)
   in both precisions, against dense cuDNN attention in bf16;
 * the FP8 output against the bf16 sparse output (cosine, relative L2), and each against
@@ -24,9 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
 from rainfusion_core.backends.triton.hopper import attention as ws
-from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
-from rainfusion_core.backends.triton.quantize import quantize_kv
-from rainfusion_core.benchmarking import comma_choices, median_ms, synthetic_video_problem
+from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
+from rainfusion_core.benchmarking import comma_choices, hopper_kernel_operands, median_ms, synthetic_video_problem
 
 MODELS = {  # heads, latent grid of a 81-frame video (480p / 720p), no text in self-attention
     "wan-1.3b": (12, rf.VideoLayout(21, 30, 52)),
@@ -54,20 +55,18 @@ def measure(name: str) -> list[str]:
     kept_tflop = 4 * heads * seq * seq * HEAD_DIM * density / 1e12
     identity = torch.arange(seq, device="cuda")
     counts, indices = mask.kv_counts.contiguous(), mask.kv_indices.contiguous()
-    quantised = quantize_kv(kp, vp, identity, ws.BLOCK)
     out = torch.empty_like(qp)
 
-    def fp8_kernel_only():
-        k8, k_descale, v8t, v_descale = quantised
-        ws.launch(qp, k8, v8t, out, counts, indices, identity, scale, k_descale, v_descale)
+    def kernel_only(precision):  # the kernel alone, on the operands the call would pass it
+        k_op, v_op, extra = hopper_kernel_operands(kp, vp, precision)
+        return lambda: ws.launch(qp, k_op, v_op, out, counts, indices, identity, scale, **extra)
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         dense_out = F.scaled_dot_product_attention(q, k, v)
     times = {
-        "bf16 kernel": bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale,
-                                                                   options=TritonOptions(kernel="ws"))),
-        "fp8 kernel": bench(fp8_kernel_only),
+        "bf16 kernel": bench(kernel_only("bf16")),
+        "fp8 kernel": bench(kernel_only("fp8")),
         "fp8 kernel + quantise": bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale,
                                                                              precision="fp8")),
         "bf16 whole call": bench(lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),

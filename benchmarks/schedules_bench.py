@@ -22,7 +22,9 @@ import dataclasses
 import torch
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import comma_choices, median_ms, require_hopper, synthetic_video_problem
+from rainfusion_core.benchmarking import (
+    comma_choices, hopper_kernel_operands, median_ms, require_hopper, synthetic_video_problem,
+)
 from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
 SHAPES = {name: kernel_shape(name) for name in KERNEL_SHAPES}  # heads, head dim, layout
@@ -42,8 +44,6 @@ def neighbours(table) -> list:
 
 def measure(name: str, precisions, rounds: int) -> list[str]:
     from rainfusion_core.backends.triton.hopper import attention as ws
-    from rainfusion_core.backends.triton.permute import gather_rows
-    from rainfusion_core.backends.triton.quantize import quantize_kv
 
     heads, head_dim, layout = SHAPES[name]
     seq = layout.seq_len
@@ -55,12 +55,8 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
     rows = []
     for precision in precisions:
         fp8 = precision == "fp8"
-        if fp8:  # k in float8, v in float8 and transposed, with their scales (what the FP8 call passes)
-            k8, k_descale, v8t, v_descale = quantize_kv(kp, vp, ident, ws.BLOCK)
-            args, extra = (qp, k8, v8t), {"k_descale": k_descale, "v_descale": v_descale}
-        else:  # 16-bit k and v padded with zero rows to whole blocks, as the call pads its copies
-            pitch = -(-seq // ws.BLOCK) * ws.BLOCK
-            args, extra = (qp, *gather_rows(ident, kp, vp, pitch=pitch)), {"kv_len": seq}
+        k_op, v_op, extra = hopper_kernel_operands(kp, vp, precision)  # what the call passes the kernel
+        args = (qp, k_op, v_op)
         table = ws.SCHEDULES[fp8, head_dim]
         variants = neighbours(table)
         times = {s: [] for s in variants}

@@ -117,3 +117,23 @@ def synthetic_video_problem(layout, heads: int, head_dim: int, device, *, sparsi
     permuted = tuple(perm.apply(x, 2).contiguous() for x in (q, k, v))
     mask = predict_block_mask(permuted[0], permuted[1], layout, sparsity=sparsity)
     return q, k, v, perm, permuted, mask
+
+
+def hopper_kernel_operands(k, v, precision: str) -> tuple:
+    """``(k, v, launch keywords)`` of already permuted ``[B, H, S, D]`` k and v as the Hopper kernel
+    (``backends/triton/hopper/attention.launch``) takes them, so that a benchmark times the kernel alone:
+    in 16 bits contiguous copies padded with zero rows to whole blocks (what the call's copies are), in
+    FP8 the quantised k and transposed v with their scales (what the call's quantisation pass writes)."""
+    from .backends.triton.hopper import attention as ws
+
+    seq = k.shape[2]
+    order = torch.arange(seq, device=k.device)
+    if precision == "fp8":
+        from .backends.triton.quantize import quantize_kv
+
+        k8, k_descale, v8t, v_descale = quantize_kv(k, v, order, ws.BLOCK)
+        return k8, v8t, {"k_descale": k_descale, "v_descale": v_descale}
+    from .backends.triton.permute import gather_rows
+
+    k_pad, v_pad = gather_rows(order, k, v, pitch=-(-seq // ws.BLOCK) * ws.BLOCK)
+    return k_pad, v_pad, {"kv_len": seq}
