@@ -29,10 +29,20 @@ def test_rounds_must_be_at_least_one(script):
     assert run.returncode == 2 and "--rounds: at least 1, got 0" in run.stderr.splitlines()[-1], run.stderr
 
 
+def test_the_profile_script_names_a_bad_argument_in_one_line():
+    run = _run("hopper_profile.py", "--launches", "0")
+    assert run.returncode == 2 and "--launches: at least 1, got 0" in run.stderr.splitlines()[-1], run.stderr
+    run = _run("hopper_profile.py", "--precision", "fp4")
+    assert run.returncode == 2 and "argument --precision: invalid choice: 'fp4'" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
 @pytest.mark.skipif(ON_HOPPER, reason="on a Hopper GPU the scripts run")
-@pytest.mark.parametrize("script", ["schedules_bench.py", "peers_bench.py"])
-def test_without_a_hopper_gpu_the_script_says_so(script):
-    run = _run(script, "--shapes", "cogvideox-5b")
+@pytest.mark.parametrize("script, args", [("schedules_bench.py", ["--shapes", "cogvideox-5b"]),
+                                          ("peers_bench.py", ["--shapes", "cogvideox-5b"]),
+                                          ("hopper_profile.py", ["--shape", "cogvideox-5b"])])
+def test_without_a_hopper_gpu_the_script_says_so(script, args):
+    run = _run(script, *args)
     assert run.returncode == 2, run.stderr
     assert run.stderr.splitlines()[-1].endswith("needs an NVIDIA Hopper GPU (sm_90)")
     assert "Traceback" not in run.stderr
