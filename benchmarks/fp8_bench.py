@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
-from rainfusion_core.backends.triton.hopper import attention as ws
 from rainfusion_core.backends.triton.launch import block_sparse_attention_triton
-from rainfusion_core.benchmarking import comma_choices, hopper_kernel_operands, median_ms, synthetic_video_problem
+from rainfusion_core.benchmarking import comma_choices, hopper_kernel_call, median_ms, synthetic_video_problem
 
 MODELS = {  # heads, latent grid of a 81-frame video (480p / 720p), no text in self-attention
     "wan-1.3b": (12, rf.VideoLayout(21, 30, 52)),
@@ -53,20 +52,13 @@ def measure(name: str) -> list[str]:
     density = mask.token_density()
     scale = HEAD_DIM ** -0.5
     kept_tflop = 4 * heads * seq * seq * HEAD_DIM * density / 1e12
-    identity = torch.arange(seq, device="cuda")
-    counts, indices = mask.kv_counts.contiguous(), mask.kv_indices.contiguous()
-    out = torch.empty_like(qp)
-
-    def kernel_only(precision):  # the kernel alone, on the operands the call would pass it
-        k_op, v_op, extra = hopper_kernel_operands(kp, vp, precision)
-        return lambda: ws.launch(qp, k_op, v_op, out, counts, indices, identity, scale, **extra)
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         dense_out = F.scaled_dot_product_attention(q, k, v)
     times = {
-        "bf16 kernel": bench(kernel_only("bf16")),
-        "fp8 kernel": bench(kernel_only("fp8")),
+        "bf16 kernel": bench(hopper_kernel_call(qp, kp, vp, mask, scale, "bf16")),
+        "fp8 kernel": bench(hopper_kernel_call(qp, kp, vp, mask, scale, "fp8")),
         "fp8 kernel + quantise": bench(lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale,
                                                                              precision="fp8")),
         "bf16 whole call": bench(lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),

@@ -12,7 +12,8 @@ first use) with its FlashAttention-3 and FlashAttention-2 kernels, planned once 
 cuDNN's block-sparse attention (``nvidia-cudnn-frontend``, experimental; on sm_90 it takes 64-token
 blocks, so the mask is given as 64-token blocks, :func:`bsa_metadata`; its FP8 variant takes only
 a fixed number of whole blocks per row on sm_90 and so cannot express these masks);
-our Hopper kernel and the whole ``rf.sparse_attention`` call (from model order). Every sparse peer's
+our Hopper kernel alone (on the operands a call passes it, k and v padded to whole blocks:
+``benchmarking.hopper_kernel_call``) and the whole ``rf.sparse_attention`` call (from model order). Every sparse peer's
 output is compared with ours (largest difference printed), so a timing is never of a different mask.
 A peer that cannot run prints one line saying why. Times are ``triton.testing.do_bench`` medians;
 with ``--rounds N`` every call is timed N times, the calls in turn, and the median of the N is
@@ -31,8 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
-from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
-from rainfusion_core.benchmarking import comma_choices, median_ms, require_hopper
+from rainfusion_core.benchmarking import comma_choices, hopper_kernel_call, median_ms, require_hopper
 from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
 SHAPES = {name: kernel_shape(name) for name in KERNEL_SHAPES}  # heads, head dim, layout
@@ -127,12 +127,11 @@ def measure(name: str, peers=PEERS, rounds: int = 1) -> list[str]:
          lambda: _flashinfer(qp, kp, vp, mask, scale, "fa2")),
         ("cudnn-bsa", "cuDNN block-sparse attention (64-token blocks)", density, None,
          lambda: _cudnn_bsa(qp, kp, vp, mask, scale)),
-        ("ours", "ours: Hopper kernel", density, None,
-         lambda: lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))),
+        ("ours", "ours: Hopper kernel", density, None, lambda: hopper_kernel_call(qp, kp, vp, mask, scale)),
         ("whole", "ours: whole rf.sparse_attention", density, None,
          lambda: lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),
     ]
-    ours = block_sparse_attention_triton(qp, kp, vp, mask, scale, options=TritonOptions(kernel="ws"))
+    ours = hopper_kernel_call(qp, kp, vp, mask, scale)().clone()  # the kernel alone, on padded copies of k, v
     rows, times, timed, failed = [], {}, [], {}
     print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
     for key, what, fraction, sdpa, build in runs:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import rainfusion_core as rf
-from rainfusion_core.benchmarking import median_ms
+from rainfusion_core.benchmarking import hopper_kernel_call, median_ms
 from rainfusion_core.shapes import REFERENCE_SHAPES
 from rainfusion_core.backends.triton.launch import TritonOptions, block_sparse_attention_triton
 from rainfusion_core.backends.triton.permute import gather_rows
@@ -39,13 +39,14 @@ def _ws_one_launch(q, k, v, mask, scale, order):
     from rainfusion_core.backends.triton.hopper import attention as gluon_attention
 
     out = torch.empty_like(q)
-    pitch = -(-k.shape[2] // gluon_attention.BLOCK) * gluon_attention.BLOCK  # whole blocks, zero rows past S
-    k_perm, v_perm = gather_rows(order, k, v, pitch=pitch)
+    k_perm, v_perm = gather_rows(order, k, v, pitch=gluon_attention.padded_rows(k.shape[2]))  # zero rows past S
     gluon_attention.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, scale, kv_len=k.shape[2])
     return out
 
 
 def run(name: str) -> list[str]:
+    from rainfusion_core.backends.triton.hopper.attention import padded_rows
+
     batch, heads, frames, height, width, _ = REFERENCE_SHAPES[name]
     layout = rf.VideoLayout(frames, height, width)
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -75,9 +76,10 @@ def run(name: str) -> list[str]:
             lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE)),
         "kernel, portable Triton, k/v gathered copies": bench(
             lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE_COPIES)),
-        "kernel alone, on permuted copies (default)": bench(
-            lambda: block_sparse_attention_triton(qp, kp, vp, mask, scale)),
-        "copies: gather k, v (Triton)": bench(lambda: gather_rows(order, k, v)),
+        "kernel alone, warp-specialised, on padded permuted copies": bench(
+            hopper_kernel_call(qp, kp, vp, mask, scale)),
+        "copies: gather k, v, padded to whole blocks (Triton)": bench(
+            lambda: gather_rows(order, k, v, pitch=padded_rows(k.shape[2]))),
         "copies: permute q, k, v (index_select)": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
         "copies: inverse permutation of out (index_select)": bench(lambda: perm.undo(out_p, 2)),
         "whole call (eager)": bench(call),

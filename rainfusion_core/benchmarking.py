@@ -122,10 +122,13 @@ def synthetic_video_problem(layout, heads: int, head_dim: int, device, *, sparsi
 def hopper_kernel_operands(k, v, precision: str) -> tuple:
     """``(k, v, launch keywords)`` of already permuted ``[B, H, S, D]`` k and v as the Hopper kernel
     (``backends/triton/hopper/attention.launch``) takes them, so that a benchmark times the kernel alone:
-    in 16 bits contiguous copies padded with zero rows to whole blocks (what the call's copies are), in
-    FP8 the quantised k and transposed v with their scales (what the call's quantisation pass writes)."""
+    in 16 bits (``"bf16"``) contiguous copies padded with zero rows to whole blocks (what the call's copies
+    are), in FP8 (``"fp8"``) the quantised k and transposed v with their scales (what the call's
+    quantisation pass writes)."""
     from .backends.triton.hopper import attention as ws
 
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
     seq = k.shape[2]
     order = torch.arange(seq, device=k.device)
     if precision == "fp8":
@@ -135,5 +138,22 @@ def hopper_kernel_operands(k, v, precision: str) -> tuple:
         return k8, v8t, {"k_descale": k_descale, "v_descale": v_descale}
     from .backends.triton.permute import gather_rows
 
-    k_pad, v_pad = gather_rows(order, k, v, pitch=-(-seq // ws.BLOCK) * ws.BLOCK)
+    k_pad, v_pad = gather_rows(order, k, v, pitch=ws.padded_rows(seq))
     return k_pad, v_pad, {"kv_len": seq}
+
+
+def hopper_kernel_call(q, k, v, mask, scale: float, precision: str = "bf16"):
+    """A call of the Hopper kernel alone on already permuted ``[B, H, S, D]`` q, k, v: the operands
+    (``hopper_kernel_operands``), the output and the mask's tensors made once, here; each call of the
+    returned function is one launch, and returns the output."""
+    from .backends.triton.hopper import attention as ws
+
+    k_op, v_op, extra = hopper_kernel_operands(k, v, precision)
+    counts, indices = mask.kv_counts.contiguous(), mask.kv_indices.contiguous()
+    order = torch.arange(q.shape[2], device=q.device)
+    out = torch.empty_like(q)
+
+    def launch():
+        ws.launch(q, k_op, v_op, out, counts, indices, order, scale, **extra)
+        return out
+    return launch

@@ -272,6 +272,54 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
     assert triton_launch._make_plan(q, q, q, q, mask, None, WS).kernel == "ws"
 
 
+@pytest.mark.parametrize("tokens, copies", [(231, True), (256, False)])
+def test_permuted_inputs_skip_the_copy_only_in_whole_blocks(monkeypatch, tokens, copies):
+    # the kernel's ragged last tile would read the next head's rows: a ragged length is always copied, padded
+    monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
+    q = torch.empty(1, 2, tokens, 128)
+    mask = rf.BlockMask.stand_in(1, 2, tokens, tokens, 128, "cpu")
+    plan = triton_launch._make_plan(q, q, q, q, mask, None, WS)
+    assert plan.kernel == "ws" and (plan.head_step > 0) == copies, plan
+
+
+def test_the_hopper_launch_refuses_unpadded_16bit_keys_and_a_bad_length():
+    pytest.importorskip("triton.experimental.gluon")
+    from rainfusion_core.backends.triton.hopper import attention as ws
+
+    q = torch.zeros(1, 1, 200, 64, dtype=torch.bfloat16)
+    counts, indices = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="whole 128-row blocks per head .*got 200 rows"):
+        ws.launch(q, q, q, torch.empty_like(q), counts, indices, torch.arange(200), 0.1)
+    kv = torch.zeros(1, 1, 256, 64, dtype=torch.bfloat16)
+    for bad in (0, 257):
+        with pytest.raises(ValueError, match=f"kv_len: expected 1..256 .*got {bad}"):
+            ws.launch(q, kv, kv, torch.empty_like(q), counts, indices, torch.arange(200), 0.1, kv_len=bad)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_the_kernel_benchmarks_time_what_the_call_passes_the_kernel(monkeypatch, precision):
+    # benchmarking.hopper_kernel_operands must give the kernel what _run_ws gives it, or the kernel rows
+    # of the benchmarks would time other operands than a call's
+    pytest.importorskip("triton.experimental.gluon")
+    from rainfusion_core.backends.triton.hopper import attention as ws
+    from rainfusion_core.benchmarking import hopper_kernel_operands
+
+    seen = []
+    monkeypatch.setattr(ws, "launch", lambda q, k, v, *args, **kwargs: seen.append((k, v, args, kwargs)))
+    q, k, v = (torch.randn(1, 2, 200, 64, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    mask = rf.BlockMask.from_dense(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
+                                   q_len=200, kv_len=200)
+    plan = triton_launch.LaunchPlan("ws", head_step=2, fp8=precision == "fp8")
+    triton_launch._run_ws(plan, q, k, v, mask, 0.1, None, torch.empty_like(q))
+    (k_call, v_call, args, kwargs), = seen
+    k_op, v_op, extra = hopper_kernel_operands(k, v, precision)
+    assert torch.equal(k_call.float(), k_op.float()) and torch.equal(v_call.float(), v_op.float())
+    if precision == "fp8":  # the scales, passed positionally by the call
+        assert torch.equal(args[-2], extra["k_descale"]) and torch.equal(args[-1], extra["v_descale"])
+    else:
+        assert kwargs["kv_len"] == extra["kv_len"] == 200 and k_call.shape[2] == 256
+
+
 # --------------------------------------------------------------------------- FP8 (rainfusion_core.precision)
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
@@ -358,8 +406,10 @@ def test_skipping_unit_rescales_changes_no_bit_and_keeps_nan(monkeypatch, head_d
 def test_fp8_p_permutation_in_the_kernel_is_the_key_order_of_v():
     pytest.importorskip("triton.experimental.gluon")
     from rainfusion_core.backends.triton.hopper import attention as ws
+    from rainfusion_core.backends.triton.quantize import KEY_BITS
 
-    assert f"gl.permute(p, {list(ws.P_KEY_DIMS)})" in ws._p_operand.src
+    assert ws.P_KEY_DIMS == tuple([0, 1] + [2 + (4 - bit) for bit in KEY_BITS])  # v8t's key order
+    assert f"gl.permute(p, {list(ws.P_KEY_DIMS)})" in ws._p_operand.src  # spelled out in the kernel
 
 
 def test_every_supported_head_dim_has_a_schedule_in_both_precisions():

@@ -61,7 +61,7 @@ class LaunchPlan:
     """What :func:`plan_launch` decided for one class of calls; cached, reused by every call of the class.
 
     ``kernel == "ws"``: the Hopper kernel, k/v copied ``head_step`` kv heads at a time
-    (0: k and v are already permuted and contiguous, no copy); with ``fp8`` k and v are
+    (0: k and v are already permuted, contiguous and whole 128-row blocks, no copy); with ``fp8`` k and v are
     quantised by ``quantize.py`` instead, all heads in one pass. ``"triton"``: the portable
     kernel with ``config``, mask block ``mask_block``, rows gathered through the
     permutation (``gather_q``/``gather_kv``) and TMA descriptors (``tma_q``/``tma_kv``).
@@ -266,7 +266,7 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     step = plan.head_step
     # Each head's copies are padded with zero rows to whole blocks: the kernel's ragged last tile then
     # reads zeros, never the next head's first rows (whose NaN or inf would leak through a zero probability).
-    pitch = -(-kv_len // ws.BLOCK) * ws.BLOCK
+    pitch = ws.padded_rows(kv_len)
     # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
     # views of their first batch * heads * pitch * D elements, contiguous as TMA needs them.
     k_buf, v_buf = (torch.empty(batch * step * pitch * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))

@@ -29,8 +29,8 @@ def gather_rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < HEAD_DIM)[None, :]
     ok = (offs < length)[:, None] & d_ok
-    rows = tl.load(ORDER + offs, mask=offs < length, other=0).to(tl.int32)
-    base = X + (pid_bh // heads).to(tl.int64) * stride_xb + (pid_bh % heads) * stride_xh
+    rows = tl.load(ORDER + offs, mask=offs < length, other=0)  # int64: rows * stride may pass 2**31
+    base = X + (pid_bh // heads).to(tl.int64) * stride_xb + (pid_bh % heads).to(tl.int64) * stride_xh
     tile = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd, mask=ok, other=0.0)
     out = Out + pid_bh.to(tl.int64) * pitch * HEAD_DIM
     tl.store(out + offs[:, None] * HEAD_DIM + offs_d[None, :], tile, mask=(offs < pitch)[:, None] & d_ok)

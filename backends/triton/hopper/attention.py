@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from rainfusion_core import fp8 as recipe
 
-from ..quantize import KEY_BITS, padded_length
+from ..quantize import padded_length
 
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -73,9 +73,8 @@ FLUSH_EVERY: gl.constexpr = gl.constexpr(8)
 LOADER_REGS: gl.constexpr = gl.constexpr(24)
 # FP8: _p_operand's permutation of P reshaped to [row, chunk, key bits 4, 3, 2, 1, 0]: v8t's key order
 # (quantize.KEY_BITS). _p_operand spells it out: Triton 3.6's permute takes no constexpr list (a test
-# checks that the two agree).
+# checks the three against each other).
 P_KEY_DIMS = (0, 1, 2, 4, 5, 3, 6)
-assert P_KEY_DIMS == tuple([0, 1] + [2 + (4 - bit) for bit in KEY_BITS])
 
 
 # -- exponentials off the special-function unit (FlashAttention-4's idea). Per SM that unit computes 16
@@ -544,6 +543,11 @@ def block_sparse_attention_fwd_ws(
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
+def padded_rows(length: int) -> int:
+    """Rows per head of the 16-bit k and v copies: ``length`` rounded up to whole blocks."""
+    return -(-length // BLOCK) * BLOCK
+
+
 def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1) -> dict:
     """The kernel's compile-time arguments for one build, as ``launch`` passes them (and
     ``tools/compile_hopper_kernel.py`` compiles them): its tuning and its schedule."""
@@ -583,8 +587,10 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     ``kv_len`` (default: k's rows per head) is the keys' length when k and v carry rows past it. 16-bit
     k and v hold whole blocks per head, zero past ``kv_len`` (``permute.gather_rows(..., pitch=)``), so
     that a ragged last tile never reads the next head's first rows: a NaN or inf there would reach the
-    output through a zero probability. FP8 v is padded by ``quantize_kv``; FP8 k needs no padding
-    (scores past ``kv_len`` are replaced, not multiplied).
+    output through a zero probability. FP8 v is transposed, one row per (head, channel): past
+    ``kv_len`` a tile reads that row's zeros (``quantize_kv`` writes them up to ``S_pad``) and past
+    ``S_pad`` the zeros TMA fills in, never another head's keys. FP8 k needs no padding (scores past
+    ``kv_len`` are replaced, not multiplied).
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_pitch = k.shape[1], k.shape[2]
