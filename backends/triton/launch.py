@@ -164,7 +164,8 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
             from .hopper.attention import BLOCK
 
             contiguous = order is None and k.is_contiguous() and v.is_contiguous() and k.shape[2] % BLOCK == 0
-            head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
+            # one kv head's k (or v) rows; the copies pad them to whole blocks, at most 127 rows more
+            head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()
             return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
             raise ValueError(f"kernel='ws' cannot run this call: {reason}")
