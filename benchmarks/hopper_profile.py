@@ -22,15 +22,14 @@ import argparse
 import torch
 
 from rainfusion_core.benchmarking import hopper_kernel_call, require_hopper, synthetic_video_problem
+from rainfusion_core.precision import PRECISIONS
 from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
-
-PRECISIONS = ("bf16", "fp8")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="wan-1.3b", choices=list(KERNEL_SHAPES), help="default wan-1.3b")
-    parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="default bf16")
+    parser.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS, help=f"default {PRECISIONS[0]}")
     parser.add_argument("--launches", type=int, default=4,
                         help="kernel launches after the operands are made (default 4; ncu skips the first)")
     args = parser.parse_args()

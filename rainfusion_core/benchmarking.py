@@ -122,16 +122,16 @@ def synthetic_video_problem(layout, heads: int, head_dim: int, device, *, sparsi
 def hopper_kernel_operands(k, v, precision: str) -> tuple:
     """``(k, v, launch keywords)`` of already permuted ``[B, H, S, D]`` k and v as the Hopper kernel
     (``backends/triton/hopper/attention.launch``) takes them, so that a benchmark times the kernel alone:
-    in 16 bits (``"bf16"``) contiguous copies padded with zero rows to whole blocks (what the call's copies
-    are), in FP8 (``"fp8"``) the quantised k and transposed v with their scales (what the call's
-    quantisation pass writes)."""
+    in 16 bits contiguous copies padded with zero rows to whole blocks (what the call's copies are), in
+    FP8 the quantised k and transposed v with their scales (what the call's quantisation pass writes).
+    ``precision`` names a row of ``rainfusion_core.precision.TABLE``."""
     from .backends.triton.hopper import attention as ws
+    from .fp8 import FP8_DTYPE
+    from .precision import get_precision
 
-    if precision not in ("bf16", "fp8"):
-        raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
     seq = k.shape[2]
     order = torch.arange(seq, device=k.device)
-    if precision == "fp8":
+    if get_precision(precision).operand_dtype == FP8_DTYPE:  # refuses a name the precision table lacks
         from .backends.triton.quantize import quantize_kv
 
         k8, k_descale, v8t, v_descale = quantize_kv(k, v, order, ws.BLOCK)

@@ -59,5 +59,5 @@ def test_the_kernel_benchmarks_pad_16bit_operands_with_zero_rows_and_name_a_bad_
     assert extra == {"kv_len": 200} and k_op.shape == v_op.shape == (1, 2, 256, 64)
     for got, want in ((k_op, k), (v_op, v)):
         assert torch.equal(got[:, :, :200], want) and (got[:, :, 200:] == 0).all()
-    with pytest.raises(ValueError, match="precision: expected 'bf16' or 'fp8', got 'fp16'"):
+    with pytest.raises(ValueError, match="precision must be one of \\('bf16', 'fp8'\\), got 'fp16'"):
         hopper_kernel_operands(k, v, "fp16")
