@@ -11,9 +11,10 @@ permuted, the mask predicted at sparsity 0.8), and the kernel gets the operands 
 (``benchmarking.hopper_kernel_call``: 16-bit k/v padded to whole blocks, or FP8's quantised ones),
 made once before the launches, so the profiler sees the attention kernel and nothing of the call around
 it (the kernel-name filter leaves the copy or quantisation kernels out). What to read in the report: the
-tensor pipe's share of peak (``ComputeWorkloadAnalysis``), the cycles between a warp's instructions and what it waited on (``WarpStateStats``: ``long scoreboard``
-for loads, ``math pipe throttle`` for a busy unit, ``barrier`` and ``wait`` for the consumers'
-barriers and the tensor cores), and how often a scheduler found no eligible warp (``SchedulerStats``).
+tensor pipe's share of peak (``ComputeWorkloadAnalysis``), the cycles between a warp's instructions and
+what it waited on (``WarpStateStats``: ``long scoreboard`` for loads, ``math pipe throttle`` for a busy
+unit, ``barrier`` and ``wait`` for the consumers' barriers and the tensor cores), and how often a
+scheduler found no eligible warp (``SchedulerStats``).
 """
 from __future__ import annotations
 
