@@ -7,7 +7,7 @@ synthetic video-DiT activations, ``rainfusion_core.synthetic``):
 
 * kept-block throughput of the Hopper kernel alone in bf16 and in FP8 on the same mask, q/k/v
   already permuted, on the operands a call passes it (``benchmarking.hopper_kernel_operands``: 16-bit
-  k/v padded to whole blocks, FP8 k/v quantised); "+ quantise" is the FP8 call on permuted inputs,
+  k/v as they are, FP8 k/v quantised); "+ quantise" is the FP8 call on permuted inputs,
   the k/v quantisation pass included;
 * the whole ``rf.sparse_attention`` call (prediction, permutation, quantisation, kernel)
   in both precisions, against dense cuDNN attention in bf16;

@@ -4,7 +4,7 @@
 
 48 heads, head dim 64, 13×30×45 latent tokens + 226 text tokens, bf16, sparsity 0.8 (the
 mask predicted from random q/k). The Hopper kernel row times the kernel alone on the operands a
-call passes it (``benchmarking.hopper_kernel_call``: k and v padded to whole blocks); the portable
+call passes it (``benchmarking.hopper_kernel_call``: k and v as they are); the portable
 kernel's row is the call on permuted inputs. Times are do_bench-style medians; TFLOP/s count the kept
 blocks only. FlexAttention runs compiled, with the same mask converted to its BlockMask.
 """

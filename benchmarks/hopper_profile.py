@@ -8,7 +8,7 @@
 
 The inputs are what the kernel benchmarks use (batch 1, bf16 synthetic video-DiT activations, already
 permuted, the mask predicted at sparsity 0.8), and the kernel gets the operands a call passes it
-(``benchmarking.hopper_kernel_call``: 16-bit k/v padded to whole blocks, or FP8's quantised ones),
+(``benchmarking.hopper_kernel_call``: 16-bit k/v as they are, or FP8's quantised ones),
 made once before the launches, so the profiler sees the attention kernel and nothing of the call around
 it (the kernel-name filter leaves the copy or quantisation kernels out). What to read in the report: the
 tensor pipe's share of peak (``ComputeWorkloadAnalysis``), the cycles between a warp's instructions and

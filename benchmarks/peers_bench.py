@@ -12,7 +12,7 @@ first use) with its FlashAttention-3 and FlashAttention-2 kernels, planned once 
 cuDNN's block-sparse attention (``nvidia-cudnn-frontend``, experimental; on sm_90 it takes 64-token
 blocks, so the mask is given as 64-token blocks, :func:`bsa_metadata`; its FP8 variant takes only
 a fixed number of whole blocks per row on sm_90 and so cannot express these masks);
-our Hopper kernel alone (on the operands a call passes it, k and v padded to whole blocks:
+our Hopper kernel alone (on the operands a call passes it, permuted k and v as they are:
 ``benchmarking.hopper_kernel_call``) and the whole ``rf.sparse_attention`` call (from model order). Every sparse peer's
 output is compared with ours (largest difference printed), so a timing is never of a different mask.
 A peer that cannot run prints one line saying why. Times are ``triton.testing.do_bench`` medians;

@@ -39,14 +39,12 @@ def _ws_one_launch(q, k, v, mask, scale, order):
     from rainfusion_core.backends.triton.hopper import attention as gluon_attention
 
     out = torch.empty_like(q)
-    k_perm, v_perm = gather_rows(order, k, v, pitch=gluon_attention.padded_rows(k.shape[2]))  # zero rows past S
-    gluon_attention.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, scale, kv_len=k.shape[2])
+    k_perm, v_perm = gather_rows(order, k, v)
+    gluon_attention.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, scale)
     return out
 
 
 def run(name: str) -> list[str]:
-    from rainfusion_core.backends.triton.hopper.attention import padded_rows
-
     batch, heads, frames, height, width, _ = REFERENCE_SHAPES[name]
     layout = rf.VideoLayout(frames, height, width)
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -76,10 +74,9 @@ def run(name: str) -> list[str]:
             lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE)),
         "kernel, portable Triton, k/v gathered copies": bench(
             lambda: block_sparse_attention_triton(q, k, v, mask, scale, order=order, options=PORTABLE_COPIES)),
-        "kernel alone, warp-specialised, on padded permuted copies": bench(
+        "kernel alone, warp-specialised, on permuted copies": bench(
             hopper_kernel_call(qp, kp, vp, mask, scale)),
-        "copies: gather k, v, padded to whole blocks (Triton)": bench(
-            lambda: gather_rows(order, k, v, pitch=padded_rows(k.shape[2]))),
+        "copies: gather k, v (Triton)": bench(lambda: gather_rows(order, k, v)),
         "copies: permute q, k, v (index_select)": bench(lambda: (perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2))),
         "copies: inverse permutation of out (index_select)": bench(lambda: perm.undo(out_p, 2)),
         "whole call (eager)": bench(call),

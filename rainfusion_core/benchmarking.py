@@ -122,24 +122,20 @@ def synthetic_video_problem(layout, heads: int, head_dim: int, device, *, sparsi
 def hopper_kernel_operands(k, v, precision: str) -> tuple:
     """``(k, v, launch keywords)`` of already permuted ``[B, H, S, D]`` k and v as the Hopper kernel
     (``backends/triton/hopper/attention.launch``) takes them, so that a benchmark times the kernel alone:
-    in 16 bits contiguous copies padded with zero rows to whole blocks (what the call's copies are), in
+    in 16 bits k and v themselves (a call on permuted inputs TMA can read passes them without a copy), in
     FP8 the quantised k and transposed v with their scales (what the call's quantisation pass writes).
     ``precision`` names a row of ``rainfusion_core.precision.TABLE``."""
     from .backends.triton.hopper import attention as ws
     from .fp8 import FP8_DTYPE
     from .precision import get_precision
 
-    seq = k.shape[2]
-    order = torch.arange(seq, device=k.device)
     if get_precision(precision).operand_dtype == FP8_DTYPE:  # refuses a name the precision table lacks
         from .backends.triton.quantize import quantize_kv
 
+        order = torch.arange(k.shape[2], device=k.device)
         k8, k_descale, v8t, v_descale = quantize_kv(k, v, order, ws.BLOCK)
         return k8, v8t, {"k_descale": k_descale, "v_descale": v_descale}
-    from .backends.triton.permute import gather_rows
-
-    k_pad, v_pad = gather_rows(order, k, v, pitch=ws.padded_rows(seq))
-    return k_pad, v_pad, {"kv_len": seq}
+    return k, v, {}
 
 
 def hopper_kernel_call(q, k, v, mask, scale: float, precision: str = "bf16"):

@@ -142,16 +142,19 @@ def test_ws_on_permuted_tensors(contiguous):
 
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
-@pytest.mark.parametrize("through_order", [True, False], ids=["model-order", "permuted-inputs"])
-def test_a_ragged_last_tile_never_reads_the_next_heads_values(through_order, head_dim):
-    # 231 tokens: the last key tile holds 103 keys and 25 rows past the end. The kernel's copies are padded
-    # with zero rows, so those 25 rows are never kv head 1's first rows, whose inf would turn head 0's
+@pytest.mark.parametrize("inputs", ["model-order", "permuted", "permuted-bsnd"])
+def test_a_ragged_last_tile_never_reads_the_next_heads_values(inputs, head_dim):
+    # 231 tokens: the last key tile holds 103 keys and 25 rows past the end. The kernel reads k and v through
+    # 4-D descriptors, so those 25 rows are TMA's zeros, never kv head 1's first rows (in a copy, or in the
+    # caller's own permuted tensors, contiguous or [B, S, H, D] in memory), whose inf would turn head 0's
     # zero probabilities into NaN (0 * inf).
     layout, q, k, v, _ = _problem("ragged-7x11", torch.bfloat16, head_dim=head_dim)
+    if inputs == "permuted-bsnd":
+        k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
     dense = random_dense(2, 4, 2, 2, density=0.5)
     dense[..., -1] = True  # every row keeps the ragged last block
     mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=layout.seq_len, kv_len=layout.seq_len)
-    order = rf.build_permutation(layout, DEVICE).indices if through_order else None
+    order = rf.build_permutation(layout, DEVICE).indices if inputs == "model-order" else None
     v[:, 1, 0 if order is None else order[0]] = float("inf")  # kv head 1's first row in the kernel's order
     got = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=WS)
     want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
@@ -272,28 +275,32 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
     assert triton_launch._make_plan(q, q, q, q, mask, None, WS).kernel == "ws"
 
 
-@pytest.mark.parametrize("tokens, copies", [(231, True), (256, False)])
-def test_permuted_inputs_skip_the_copy_only_in_whole_blocks(monkeypatch, tokens, copies):
-    # the kernel's ragged last tile would read the next head's rows: a ragged length is always copied, padded
+@pytest.mark.parametrize("case, copies", [("ragged", False), ("bsnd", False), ("odd-stride", True),
+                                           ("odd-start", True), ("model-order", True)])
+def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case, copies):
+    # the kernel reads k and v through 4-D descriptors (zeros past S per head): any length, any strides
+    # that are whole 16 bytes; anything else, or inputs in model order, is copied
     monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
-    q = torch.empty(1, 2, tokens, 128)
-    mask = rf.BlockMask.stand_in(1, 2, tokens, tokens, 128, "cpu")
-    plan = triton_launch._make_plan(q, q, q, q, mask, None, WS)
+    q = torch.empty(1, 2, 231, 128, dtype=torch.bfloat16)
+    kv = {"ragged": q, "bsnd": torch.empty(1, 231, 2, 128, dtype=torch.bfloat16).transpose(1, 2),
+          "odd-stride": torch.empty(1, 2, 231, 132, dtype=torch.bfloat16)[..., :128],
+          "odd-start": torch.empty(1, 2, 231, 129, dtype=torch.bfloat16)[..., 1:], "model-order": q}[case]
+    order = torch.arange(231) if case == "model-order" else None
+    mask = rf.BlockMask.stand_in(1, 2, 231, 231, 128, "cpu")
+    plan = triton_launch._make_plan(q, kv, kv, q, mask, order, WS)
     assert plan.kernel == "ws" and (plan.head_step > 0) == copies, plan
 
 
-def test_the_hopper_launch_refuses_unpadded_16bit_keys_and_a_bad_length():
+def test_the_hopper_launch_refuses_keys_tma_cannot_read():
     pytest.importorskip("triton.experimental.gluon")
     from rainfusion_core.backends.triton.hopper import attention as ws
 
     q = torch.zeros(1, 1, 200, 64, dtype=torch.bfloat16)
     counts, indices = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match="whole 128-row blocks per head .*got 200 rows"):
-        ws.launch(q, q, q, torch.empty_like(q), counts, indices, torch.arange(200), 0.1)
-    kv = torch.zeros(1, 1, 256, 64, dtype=torch.bfloat16)
-    for bad in (0, 257):
-        with pytest.raises(ValueError, match=f"kv_len: expected 1..256 .*got {bad}"):
-            ws.launch(q, kv, kv, torch.empty_like(q), counts, indices, torch.arange(200), 0.1, kv_len=bad)
+    odd = torch.zeros(1, 1, 200, 68, dtype=torch.bfloat16)[..., :64]  # rows 136 bytes apart
+    for k, v, name in ((odd, q, "k"), (q, odd, "v")):
+        with pytest.raises(ValueError, match=rf"{name}: TMA needs .*16-byte aligned strides .*\(13600, 13600, 68, 1\)"):
+            ws.launch(q, k, v, torch.empty_like(q), counts, indices, torch.arange(200), 0.1)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -309,15 +316,17 @@ def test_the_kernel_benchmarks_time_what_the_call_passes_the_kernel(monkeypatch,
     q, k, v = (torch.randn(1, 2, 200, 64, device=DEVICE, dtype=torch.float16) for _ in range(3))
     mask = rf.BlockMask.from_dense(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
                                    q_len=200, kv_len=200)
-    plan = triton_launch.LaunchPlan("ws", head_step=2, fp8=precision == "fp8")
+    monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
+    plan = (triton_launch._make_fp8_plan if precision == "fp8" else triton_launch._make_plan)(
+        *((q, q, mask, WS) if precision == "fp8" else (q, k, v, q, mask, None, WS)))
     triton_launch._run_ws(plan, q, k, v, mask, 0.1, None, torch.empty_like(q))
     (k_call, v_call, args, kwargs), = seen
     k_op, v_op, extra = hopper_kernel_operands(k, v, precision)
     assert torch.equal(k_call.float(), k_op.float()) and torch.equal(v_call.float(), v_op.float())
     if precision == "fp8":  # the scales, passed positionally by the call
         assert torch.equal(args[-2], extra["k_descale"]) and torch.equal(args[-1], extra["v_descale"])
-    else:
-        assert kwargs["kv_len"] == extra["kv_len"] == 200 and k_call.shape[2] == 256
+    else:  # permuted inputs TMA can read go to the kernel as they are
+        assert extra == {} and set(kwargs) == {"lse"} and k_call is k and v_call is v
 
 
 # --------------------------------------------------------------------------- FP8 (rainfusion_core.precision)

@@ -41,8 +41,7 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
 
     k_dtype, gl_dtype = (torch.float8_e4m3fn, gl.float8e4nv) if fp8 else (torch.bfloat16, gl.bfloat16)
     block = ws.BLOCK
-    layout = gl.NVMMASharedLayout.get_default_for([block, head_dim], gl_dtype)
-    desc_k = TensorDescriptor.from_tensor(torch.empty(8 * block, head_dim, dtype=k_dtype), [block, head_dim], layout)
+    desc_k = ws.kv_descriptor(torch.empty(1, 2, 4 * block, head_dim, dtype=k_dtype), "k")  # as launch makes it
     desc_v = desc_k
     if fp8:  # v transposed: [heads * D, S]
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block], gl_dtype)

@@ -160,13 +160,10 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
         reason = _ws_unavailable_reason(q, out, block_mask.block_size)
         if reason is None and options.kernel == "auto" and q.shape[2] < _ws_min_tokens(q.shape[3]):
             reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
-        if reason is None:  # no copy needs permuted, contiguous k and v of whole blocks (see _run_ws)
-            from .hopper.attention import BLOCK
-
-            contiguous = order is None and k.is_contiguous() and v.is_contiguous() and k.shape[2] % BLOCK == 0
-            # one kv head's k (or v) rows; the copies pad them to whole blocks, at most 127 rows more
-            head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()
-            return LaunchPlan("ws", head_step=0 if contiguous else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
+        if reason is None:  # permuted k and v that TMA can read need no copy (see _run_ws)
+            in_place = order is None and _tma_strides(k, v)
+            head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
+            return LaunchPlan("ws", head_step=0 if in_place else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
             raise ValueError(f"kernel='ws' cannot run this call: {reason}")
     from . import attention as kernels
@@ -257,7 +254,7 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
         k8, k_descale, v8t, v_descale = quantize_kv(k, v, kv_order, ws.BLOCK)
         ws.launch(q, k8, v8t, out, counts, indices, q_order, scale, k_descale, v_descale)
         return
-    if plan.head_step == 0:  # already permuted and TMA-ready: no copy at all
+    if plan.head_step == 0:  # already permuted, strides TMA can read: no copy at all
         ws.launch(q, k, v, out, counts, indices, q_order, scale, lse=lse)
         return
     from .permute import gather_rows_into as gather
@@ -265,20 +262,17 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     batch, kv_heads, kv_len, head_dim = k.shape
     group = q.shape[1] // kv_heads
     step = plan.head_step
-    # Each head's copies are padded with zero rows to whole blocks: the kernel's ragged last tile then
-    # reads zeros, never the next head's first rows (whose NaN or inf would leak through a zero probability).
-    pitch = ws.padded_rows(kv_len)
     # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
-    # views of their first batch * heads * pitch * D elements, contiguous as TMA needs them.
-    k_buf, v_buf = (torch.empty(batch * step * pitch * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
+    # views of their first batch * heads * S * D elements, contiguous as TMA needs them.
+    k_buf, v_buf = (torch.empty(batch * step * kv_len * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
     for h0 in range(0, kv_heads, step):
         heads = min(step, kv_heads - h0)
-        shape = (batch, heads, pitch, head_dim)
+        shape = (batch, heads, kv_len, head_dim)
         k_perm = gather(kv_order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
         v_perm = gather(kv_order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
         qh = slice(h0 * group, (h0 + heads) * group)
         ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], q_order, scale,
-                  lse=None if lse is None else lse[:, qh], kv_len=kv_len)
+                  lse=None if lse is None else lse[:, qh])
 
 
 def _identity(length: int, device: torch.device) -> torch.Tensor:
@@ -339,16 +333,21 @@ def _tma_usable(*tensors) -> bool:
     q = tensors[0]
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    head_dim, size = q.shape[-1], q.element_size()
+    head_dim = q.shape[-1]
     if head_dim != _next_power_of_2(head_dim) or head_dim < 16:
         return False
     try:
         importlib.import_module("triton.tools.tensor_descriptor")
     except ImportError:
         return False
+    return _tma_strides(*tensors)
+
+
+def _tma_strides(*tensors) -> bool:
+    """A TMA descriptor can read each tensor: unit last stride, the other strides and the start 16-byte aligned."""
     return all(
-        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-1])
-        for x in tensors
+        x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+        and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]) for x in tensors
     )
 
 

@@ -15,8 +15,9 @@ and runs three partitions:
   docs/benchmarks-history.md.)
 
 Inputs: q and out in the model's order, rows read and written through
-``ORDER``; k and v as contiguous copies in permuted order (TMA cannot gather
-rows on Hopper). In FP8 (``precision="fp8"``, ``rainfusion_core.fp8``) the same
+``ORDER``; k and v in permuted order (TMA cannot gather rows on Hopper), read
+through 4-D descriptors ``[B, Hkv, S, D]``, so a tile past a head's last key
+gets TMA's zero fill, never the next head's rows. In FP8 (``precision="fp8"``, ``rainfusion_core.fp8``) the same
 program runs both products on the 8-bit tensor cores: k is float8, v float8 and transposed
 (written by ``quantize.py``), q and P are rounded in the kernel. Covers 16-bit inputs, head dims 64
 and 128 (``TUNING``) and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
@@ -196,11 +197,12 @@ def _kept_block(kept, t, n_blocks):
 
 
 @gluon.jit
-def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0, v_row0,
-            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
+def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, b, kv_h,
+            v_row0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
     """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed.
 
-    In FP8 v is stored transposed (``[D, S]`` per head): its tile starts at column ``start``."""
+    k (and 16-bit v) tiles are boxes ``[1, 1, BLOCK_N, D]`` at ``(b, kv_h, start, 0)``. In FP8 v is stored
+    transposed (``[D, S]`` per head, one 2-D row per (head, channel)): its tile starts at column ``start``."""
     for t in range(n):
         slot = t % STAGES
         phase = (t // STAGES) & 1
@@ -208,13 +210,13 @@ def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
         # -- slots start out free: the first wait on an empty barrier passes at once
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
-        _tma_load(desc_k, [row0 + start, 0], k_ready.index(slot), k_smem.index(slot))
+        _tma_load(desc_k, [b, kv_h, start, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
         if FP8:
             _tma_load(desc_v, [v_row0, start], v_ready.index(slot), v_smem.index(slot))
         else:
-            _tma_load(desc_v, [row0 + start, 0], v_ready.index(slot), v_smem.index(slot))
+            _tma_load(desc_v, [b, kv_h, start, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -312,12 +314,18 @@ def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr
 
 
 @gluon.jit
-def _v_operand(v_smem, slot, FP8: gl.constexpr):
+def _k_operand(k_smem, slot, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The B operand of ``Q K^T``: the k tile (a ``[1, 1, keys, D]`` box), seen as ``[D, keys]``."""
+    return k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+
+
+@gluon.jit
+def _v_operand(v_smem, slot, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, FP8: gl.constexpr):
     """The B operand of ``P V``: the v tile, seen as ``[keys, D]`` (FP8 stores it ``[D, keys]``)."""
     if FP8:
         tile = v_smem.index(slot).permute((1, 0))
     else:
-        tile = v_smem.index(slot)
+        tile = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
     return tile
 
 
@@ -405,7 +413,8 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         # -- tile 0: scores and probabilities; nothing to accumulate yet
         start, scale = _tile_info(qk_scale, K_DESCALE, kept, 0, n_blocks, BLOCK_N, FP8)
         mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_tile, _k_operand(k_smem, 0, BLOCK_N, HEAD_DIM), zero_s, use_acc=False,
+                              is_async=True)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
@@ -417,14 +426,14 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             start, scale = _tile_info(qk_scale, K_DESCALE, kept, t + 1, n_blocks, BLOCK_N, FP8)
             # -- issue S_{t+1} = Q K_{t+1}^T, rescale O, issue O += P_t V_t
             mbarrier.wait(k_ready.index(nxt), ((t + 1) // STAGES) & 1)
-            s_tok = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
+            s_tok = warpgroup_mma(q_tile, _k_operand(k_smem, nxt, BLOCK_N, HEAD_DIM), zero_s, use_acc=False,
                                   is_async=True)
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = _rescale(acc, alpha_o, RESCALE_SKIP)
             if FP8:
                 beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
-            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, FP8), acc,
+            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, BLOCK_N, HEAD_DIM, FP8), acc,
                                   is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -445,7 +454,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         if FP8:
             beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, FP8), acc,
+        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, FP8), acc,
                               is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
@@ -476,16 +485,16 @@ def block_sparse_attention_fwd_ws(
     Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
-    q_heads, kv_heads, q_len, kv_len, kv_pitch, n_blocks, qk_scale,
+    q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
     RESCALE_SKIP: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
-    A kv head's k and v rows start every ``kv_pitch`` rows of the 2-D descriptors; the tiles a ragged last
-    block reads past ``kv_len`` (up to the pitch) must hold finite values, since a zero probability times
-    an infinite v is NaN. FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
+    ``desc_k`` and ``desc_v`` are 4-D (``[B, Hkv, kv_len, D]``): a ragged last tile gets zeros past ``kv_len``
+    from TMA, never the next head's rows, whose NaN or inf a zero probability would carry into the output.
+    FP8: k and v are float8 (v transposed); ``K_DESCALE [B * Hkv, n_blocks]`` and
     ``V_DESCALE [B * Hkv, HEAD_DIM]`` hold their scales (unused otherwise). With ``WRITE_LSE`` each
     row's natural log-sum-exp goes to ``LSE [B, H, S]`` (unit stride along S) at the row its output goes to."""
     gl.static_assert(not (FP8 and WRITE_LSE), "the FP8 kernel does not write the log-sum-exp")
@@ -502,15 +511,15 @@ def block_sparse_attention_fwd_ws(
     # -- this block's mask row: n kept tiles (clamped to the row's length), their block indices at `kept`
     n = gl.minimum(gl.maximum(gl.load(KV_COUNTS + b64 * stride_cb + h * stride_ch + pid_m), 0), n_blocks)
     kept = KV_INDICES + b64 * stride_ib + h * stride_ih + pid_m * stride_ir
-    kv_head = b * kv_heads + h // GROUP
-    row0 = kv_head * kv_pitch
+    kv_h = h // GROUP
+    kv_head = b * kv_heads + kv_h
     k_descale = K_DESCALE + kv_head * n_blocks
     v_descale = V_DESCALE + kv_head * HEAD_DIM
 
     # -- shared memory: two 64-row query tiles, two-slot k and v rings with their barriers
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
     if FP8:  # each consumer's float32 running total of O (see _consumer)
         o_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, HEAD_DIM],
@@ -538,14 +547,9 @@ def block_sparse_attention_fwd_ws(
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
                      RESCALE_SKIP)),
-        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, row0,
+        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, b, kv_h,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-
-
-def padded_rows(length: int) -> int:
-    """Rows per head of the 16-bit k and v copies: ``length`` rounded up to whole blocks."""
-    return -(-length // BLOCK) * BLOCK
 
 
 def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1) -> dict:
@@ -572,55 +576,54 @@ def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
+def kv_descriptor(x: torch.Tensor, name: str) -> TensorDescriptor:
+    """A 4-D TMA descriptor of ``[B, Hkv, S, D]`` k (or 16-bit v), in ``[1, 1, BLOCK, D]`` boxes: rows past S
+    come back as zeros, per head. TMA needs a unit last stride and 16-byte aligned strides and start."""
+    size = x.element_size()
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * size % 16 for s in x.stride()[:-1]):
+        raise ValueError(f"{name}: TMA needs a unit last stride and 16-byte aligned strides and start, got strides "
+                         f"{x.stride()} of {x.dtype} at offset {x.data_ptr() % 16} from 16 bytes")
+    box = [1, 1, BLOCK, x.shape[-1]]
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), box,
+                            gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype]))
+
+
 def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None,
-           lse=None, kv_len: int | None = None) -> None:
+           lse=None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
-    through ``order``; k and v contiguous, already in permuted order (streamed by TMA). ``kv_counts
-    [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices of a larger mask (unit last stride).
+    through ``order``; k and v already in permuted order, any 16-byte aligned strides (streamed by TMA,
+    zeros past S per head). ``kv_counts [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices
+    of a larger mask (unit last stride).
 
     FP8 (``rainfusion_core.fp8``): k is float8 ``[B, Hkv, S, D]`` with ``k_descale [B, Hkv, nb]``,
     v is float8 *transposed*, ``[B, Hkv, D, S_pad]`` (``S_pad``: S rounded up to 32, keys reordered within
     each 32-key chunk as ``quantize.key_slots`` says, zeros past S) with
-    ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit.
+    ``v_descale [B, Hkv, D]``, as ``backends/triton/quantize.py`` writes them; q stays 16-bit. FP8 v is
+    one 2-D row per (head, channel): past S a tile reads that row's zeros (up to ``S_pad``) and TMA's
+    zero fill (past it), never another head's keys.
     ``lse`` (float32 ``[B, H, S]``, unit stride along S; 16-bit calls) receives each row's log-sum-exp.
-
-    ``kv_len`` (default: k's rows per head) is the keys' length when k and v carry rows past it. 16-bit
-    k and v hold whole blocks per head, zero past ``kv_len`` (``permute.gather_rows(..., pitch=)``), so
-    that a ragged last tile never reads the next head's first rows: a NaN or inf there would reach the
-    output through a zero probability. FP8 v is transposed, one row per (head, channel): past
-    ``kv_len`` a tile reads that row's zeros (``quantize_kv`` writes them up to ``S_pad``) and past
-    ``S_pad`` the zeros TMA fills in, never another head's keys. FP8 k needs no padding (scores past
-    ``kv_len`` are replaced, not multiplied).
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_pitch = k.shape[1], k.shape[2]
-    kv_len = kv_pitch if kv_len is None else kv_len
-    if not 0 < kv_len <= kv_pitch:
-        raise ValueError(f"kv_len: expected 1..{kv_pitch} (k's rows per head), got {kv_len}")
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     fp8 = k.dtype == torch.float8_e4m3fn
-    if not fp8 and kv_pitch % BLOCK:
-        raise ValueError(f"k, v: 16-bit k and v need whole {BLOCK}-row blocks per head (zero rows past kv_len, "
-                         f"as permute.gather_rows(..., pitch=) writes them), got {kv_pitch} rows")
-    dtype = _GL_DTYPES[k.dtype]
-    k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], dtype)
-    desc_k = TensorDescriptor.from_tensor(k.view(-1, head_dim), [BLOCK, head_dim], k_layout)
+    desc_k = kv_descriptor(k, "k")
     if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
-        if v.shape[-1] != padded_length(kv_len):
-            raise ValueError(f"v: FP8 v is [B, Hkv, D, S_pad] with S_pad = {padded_length(kv_len)} "
-                             f"(quantize.quantize_kv), got width {v.shape[-1]}")
-        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], dtype)
+        if v.shape[-1] != padded_length(kv_len) or not v.is_contiguous():
+            raise ValueError(f"v: FP8 v is a contiguous [B, Hkv, D, S_pad] with S_pad = {padded_length(kv_len)} "
+                             f"(quantize.quantize_kv), got shape {tuple(v.shape)}, strides {v.stride()}")
+        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], gl.float8e4nv)
         desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
                                   [head_dim, BLOCK], v_layout)
     else:
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
-        desc_v = TensorDescriptor.from_tensor(v.view(-1, head_dim), [BLOCK, head_dim], k_layout)
+        desc_v = kv_descriptor(v, "v")
     grid = (-(-q_len // BLOCK), batch * heads)
     block_sparse_attention_fwd_ws[grid](
         q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
         kv_counts if lse is None else lse,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
-        heads, kv_heads, q_len, kv_len, kv_pitch, kv_indices.shape[3], scale * 1.4426950408889634,
+        heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
         **kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads),
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
