@@ -610,7 +610,8 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
         if v.shape[-1] != padded_length(kv_len) or not v.is_contiguous():
             raise ValueError(f"v: FP8 v is a contiguous [B, Hkv, D, S_pad] with S_pad = {padded_length(kv_len)} "
-                             f"(quantize.quantize_kv), got shape {tuple(v.shape)}, strides {v.stride()}")
+                             f"(quantize.quantize_kv), got width {v.shape[-1]}"
+                             f"{'' if v.is_contiguous() else ' (not contiguous)'}")
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], gl.float8e4nv)
         desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
                                   [head_dim, BLOCK], v_layout)
