@@ -1,8 +1,14 @@
 """Run the Hopper kernel alone at one shape and precision, for a profiler to capture.
 
-    ncu --kernel-name regex:fwd_ws --launch-skip 1 --launch-count 1 \\
+    ncu --clock-control none --kernel-name regex:fwd_ws --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \\
         --section SchedulerStats --section Occupancy \\
+        python benchmarks/hopper_profile.py --shape wan-1.3b --precision bf16
+    # pipes busy and stall reasons, as BENCHMARKS.md's table has them:
+    M=regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
+    M=$M,regex:sm__inst_executed_pipe_.*.avg.pct_of_peak_sustained_active
+    M=$M,regex:sm__pipe_.*_cycles_active.avg.pct_of_peak_sustained_active
+    ncu --clock-control none --kernel-name regex:fwd_ws --launch-skip 1 --launch-count 1 --metrics "$M" \\
         python benchmarks/hopper_profile.py --shape wan-1.3b --precision bf16
     # needs an NVIDIA Hopper GPU
 

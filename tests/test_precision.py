@@ -260,7 +260,8 @@ def test_fp8_operands_of_the_wrong_shape_are_refused_before_any_launch():
     v8t = torch.zeros(1, 1, 64, 208, dtype=torch.float8_e4m3fn)  # rounded to 16, not to 32
     counts, indices = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
     strided = torch.zeros(1, 1, 224, 64, dtype=torch.float8_e4m3fn).transpose(2, 3)
-    for v, match in ((v8t, "S_pad = 224 .*got width 208$"), (strided, "S_pad = 224 .*got width 224 \\(not contiguous\\)")):
+    for v, match in ((v8t, "S_pad = 224 .*got width 208$"),
+                     (strided, "S_pad = 224 .*got width 224 \\(not contiguous\\)")):
         with pytest.raises(ValueError, match=match):
             ws.launch(q, k8, v, torch.empty_like(q), counts, indices, torch.arange(200), 0.1,
                       torch.ones(1, 1, 2), torch.ones(1, 1, 64))

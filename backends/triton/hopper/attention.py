@@ -17,10 +17,11 @@ and runs three partitions:
 Inputs: q and out in the model's order, rows read and written through
 ``ORDER``; k and v in permuted order (TMA cannot gather rows on Hopper), read
 through 4-D descriptors ``[B, Hkv, S, D]``, so a tile past a head's last key
-gets TMA's zero fill, never the next head's rows. In FP8 (``precision="fp8"``, ``rainfusion_core.fp8``) the same
-program runs both products on the 8-bit tensor cores: k is float8, v float8 and transposed
-(written by ``quantize.py``), q and P are rounded in the kernel. Covers 16-bit inputs, head dims 64
-and 128 (``TUNING``) and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
+gets TMA's zero fill, never the next head's rows. In FP8 (``precision="fp8"``,
+``rainfusion_core.fp8``) the same program runs both products on the 8-bit tensor
+cores: k is float8, v float8 and transposed (written by ``quantize.py``), q and P
+are rounded in the kernel. Covers 16-bit inputs, head dims 64 and 128 (``TUNING``)
+and 128-token mask blocks; :func:`unsupported_reason` says why a call is not covered.
 """
 from __future__ import annotations
 
@@ -433,8 +434,8 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
             if FP8:
                 beta = beta * alpha_o
             mbarrier.wait(v_ready.index(cur), (t // STAGES) & 1)
-            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, cur, BLOCK_N, HEAD_DIM, FP8), acc,
-                                  is_async=True)
+            o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8),
+                                  _v_operand(v_smem, cur, BLOCK_N, HEAD_DIM, FP8), acc, is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(nxt), count=1)
@@ -454,8 +455,8 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
         if FP8:
             beta = beta * alpha_o
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8), _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, FP8), acc,
-                              is_async=True)
+        o_tok = warpgroup_mma(_p_operand(p, dtype, p_layout, FP8),
+                              _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, FP8), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
