@@ -117,6 +117,23 @@ def test_ws_with_more_queries_than_keys_or_fewer(q_len, kv_len, precision):
 
 
 @ON_HOPPER
+@pytest.mark.parametrize("kv_layout", ["bsnd", "expanded-heads", "odd-stride"])
+def test_ws_reads_permuted_kv_in_place_or_through_a_copy_alike(kv_layout):
+    # permuted k and v that TMA can describe are read where they are; a stride-0 view (k expanded over heads)
+    # or rows not whole 16 bytes apart go through the launcher's copy: the output is the portable kernel's
+    _, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
+    if kv_layout == "bsnd":
+        k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    elif kv_layout == "expanded-heads":
+        k, v = (x[:, :1].expand_as(x) for x in (k, v))
+    else:
+        k, v = (torch.nn.functional.pad(x, (0, 4))[..., :128] for x in (k, v))
+    want = block_sparse_attention_triton(q, k, v, mask, 0.09, options=PORTABLE)
+    got = block_sparse_attention_triton(q, k, v, mask, 0.09, options=WS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@ON_HOPPER
 def test_ws_with_a_batch_shared_mask():
     # share_batch_mask=True gives kv_counts / kv_indices expanded over the batch (stride 0)
     layout, q, k, v, mask = _problem("ragged-7x11", torch.bfloat16)
@@ -276,7 +293,7 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
 
 
 @pytest.mark.parametrize("case, copies", [("ragged", False), ("bsnd", False), ("odd-stride", True),
-                                           ("odd-start", True), ("model-order", True)])
+                                           ("odd-start", True), ("expanded", True), ("model-order", True)])
 def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case, copies):
     # the kernel reads k and v through 4-D descriptors (zeros past S per head): any length, any strides
     # that are whole 16 bytes; anything else, or inputs in model order, is copied
@@ -284,7 +301,8 @@ def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case
     q = torch.empty(1, 2, 231, 128, dtype=torch.bfloat16)
     kv = {"ragged": q, "bsnd": torch.empty(1, 231, 2, 128, dtype=torch.bfloat16).transpose(1, 2),
           "odd-stride": torch.empty(1, 2, 231, 132, dtype=torch.bfloat16)[..., :128],
-          "odd-start": torch.empty(1, 2, 231, 129, dtype=torch.bfloat16)[..., 1:], "model-order": q}[case]
+          "odd-start": torch.empty(1, 2, 231, 129, dtype=torch.bfloat16)[..., 1:], "model-order": q,
+          "expanded": torch.empty(1, 1, 231, 128, dtype=torch.bfloat16).expand(1, 2, 231, 128)}[case]
     order = torch.arange(231) if case == "model-order" else None
     mask = rf.BlockMask.stand_in(1, 2, 231, 231, 128, "cpu")
     plan = triton_launch._make_plan(q, kv, kv, q, mask, order, WS)

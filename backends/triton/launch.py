@@ -19,6 +19,8 @@ from rainfusion_core.caching import may_cache
 from rainfusion_core.fp8 import FP8_DTYPE
 from rainfusion_core.precision import DEFAULT_PRECISION, get_precision
 
+from .tma import tma_readable
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read before Triton loads)."""
@@ -161,7 +163,7 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
         if reason is None and options.kernel == "auto" and q.shape[2] < _ws_min_tokens(q.shape[3]):
             reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
         if reason is None:  # permuted k and v that TMA can read need no copy (see _run_ws)
-            in_place = order is None and _tma_strides(k, v)
+            in_place = order is None and tma_readable(k) and tma_readable(v)
             head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
             return LaunchPlan("ws", head_step=0 if in_place else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
@@ -340,15 +342,7 @@ def _tma_usable(*tensors) -> bool:
         importlib.import_module("triton.tools.tensor_descriptor")
     except ImportError:
         return False
-    return _tma_strides(*tensors)
-
-
-def _tma_strides(*tensors) -> bool:
-    """A TMA descriptor can read each tensor: unit last stride, the other strides and the start 16-byte aligned."""
-    return all(
-        x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-        and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]) for x in tensors
-    )
+    return all(tma_readable(x) for x in tensors)
 
 
 def _next_power_of_2(n: int) -> int:

@@ -40,6 +40,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from rainfusion_core import fp8 as recipe
 
 from ..quantize import padded_length
+from ..tma import tma_readable
 
 # Triton 3.7+ names the TMA load ``async_load`` and keeps the old name only as an error.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -579,11 +580,10 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.floa
 
 def kv_descriptor(x: torch.Tensor, name: str) -> TensorDescriptor:
     """A 4-D TMA descriptor of ``[B, Hkv, S, D]`` k (or 16-bit v), in ``[1, 1, BLOCK, D]`` boxes: rows past S
-    come back as zeros, per head. TMA needs a unit last stride and 16-byte aligned strides and start."""
-    size = x.element_size()
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * size % 16 for s in x.stride()[:-1]):
-        raise ValueError(f"{name}: TMA needs a unit last stride and 16-byte aligned strides and start, got strides "
-                         f"{x.stride()} of {x.dtype} at offset {x.data_ptr() % 16} from 16 bytes")
+    come back as zeros, per head. Raises, naming the tensor, where TMA cannot read it (``tma_readable``)."""
+    if not tma_readable(x):
+        raise ValueError(f"{name}: TMA needs a unit last stride and nonzero, 16-byte aligned strides and start, got "
+                         f"strides {x.stride()} of {x.dtype} at offset {x.data_ptr() % 16} from 16 bytes")
     box = [1, 1, BLOCK, x.shape[-1]]
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box,
                             gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype]))
