@@ -131,7 +131,7 @@ def measure(name: str, peers=PEERS, rounds: int = 1) -> list[str]:
         ("whole", "ours: whole rf.sparse_attention", density, None,
          lambda: lambda: rf.sparse_attention(q, k, v, layout, backend="triton")),
     ]
-    ours = hopper_kernel_call(qp, kp, vp, mask, scale)().clone()  # the kernel alone, on padded copies of k, v
+    ours = hopper_kernel_call(qp, kp, vp, mask, scale)().clone()  # the kernel alone, on permuted k, v as they are
     rows, times, timed, failed = [], {}, [], {}
     print(f"== {name}: {heads} heads × d{head_dim}, {seq} tokens, mask density {density:.3f}", flush=True)
     for key, what, fraction, sdpa, build in runs:

@@ -3,9 +3,8 @@
     python benchmarks/triton_bench.py [--shapes wan1.3b,wan14b] [--sweep] [--no-flex]
 
 The sparse rows time the default kernel through the call on permuted inputs (the warp-specialised
-one on sm_90, see ``backends/triton/hopper/attention.py``, which for a sequence that is not a whole
-number of 128-token blocks copies k and v padded first); the portable Triton kernel has its own
-row, and the sweep tunes it. For each reference shape of docs/design.md (bf16, head dim 128) the mask is the one
+one on sm_90, see ``backends/triton/hopper/attention.py``, which reads them in place); the portable
+Triton kernel has its own row, and the sweep tunes it. For each reference shape of docs/design.md (bf16, head dim 128) the mask is the one
 RainFusion2.0 predicts at sparsity 0.8 with the first-frame sink on. Times are
 ``triton.testing.do_bench`` medians after warm-up; TFLOP/s counts kept blocks only
 (4 * B * H * S^2 * D * token density). FlexAttention is compiled once, its block

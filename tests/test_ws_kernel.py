@@ -159,15 +159,12 @@ def test_ws_on_permuted_tensors(contiguous):
 
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
-@pytest.mark.parametrize("inputs", ["model-order", "permuted", "permuted-bsnd"])
+@pytest.mark.parametrize("inputs", ["model-order", "permuted"])
 def test_a_ragged_last_tile_never_reads_the_next_heads_values(inputs, head_dim):
     # 231 tokens: the last key tile holds 103 keys and 25 rows past the end. The kernel reads k and v through
     # 4-D descriptors, so those 25 rows are TMA's zeros, never kv head 1's first rows (in a copy, or in the
-    # caller's own permuted tensors, contiguous or [B, S, H, D] in memory), whose inf would turn head 0's
-    # zero probabilities into NaN (0 * inf).
+    # caller's own permuted tensors), whose inf would turn head 0's zero probabilities into NaN (0 * inf).
     layout, q, k, v, _ = _problem("ragged-7x11", torch.bfloat16, head_dim=head_dim)
-    if inputs == "permuted-bsnd":
-        k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
     dense = random_dense(2, 4, 2, 2, density=0.5)
     dense[..., -1] = True  # every row keeps the ragged last block
     mask = rf.BlockMask.from_dense(dense.to(DEVICE), block_size=128, q_len=layout.seq_len, kv_len=layout.seq_len)
@@ -301,7 +298,7 @@ def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case
     q = torch.empty(1, 2, 231, 128, dtype=torch.bfloat16)
     kv = {"ragged": q, "bsnd": torch.empty(1, 231, 2, 128, dtype=torch.bfloat16).transpose(1, 2),
           "odd-stride": torch.empty(1, 2, 231, 132, dtype=torch.bfloat16)[..., :128],
-          "odd-start": torch.empty(1, 2, 231, 129, dtype=torch.bfloat16)[..., 1:], "model-order": q,
+          "odd-start": torch.empty(2 * 231 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 2, 231, 128), "model-order": q,
           "expanded": torch.empty(1, 1, 231, 128, dtype=torch.bfloat16).expand(1, 2, 231, 128)}[case]
     order = torch.arange(231) if case == "model-order" else None
     mask = rf.BlockMask.stand_in(1, 2, 231, 231, 128, "cpu")
@@ -319,6 +316,11 @@ def test_the_hopper_launch_refuses_keys_tma_cannot_read():
     for k, v, name in ((odd, q, "k"), (q, odd, "v")):
         with pytest.raises(ValueError, match=rf"{name}: TMA needs .*16-byte aligned strides .*\(13600, 13600, 68, 1\)"):
             ws.launch(q, k, v, torch.empty_like(q), counts, indices, torch.arange(200), 0.1)
+    shifted = torch.zeros(200 * 64 + 1, dtype=torch.bfloat16)[1:].view(1, 1, 200, 64)  # start 2 bytes off
+    expanded = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, 1, 200, 64)  # stride 0 along S
+    for k, match in ((shifted, "at offset 2 from 16 bytes"), (expanded, r"strides \(64, 64, 0, 1\)")):
+        with pytest.raises(ValueError, match=f"k: TMA needs .*{match}"):
+            ws.launch(q, k, q, torch.empty_like(q), counts, indices, torch.arange(200), 0.1)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])

@@ -63,7 +63,7 @@ class LaunchPlan:
     """What :func:`plan_launch` decided for one class of calls; cached, reused by every call of the class.
 
     ``kernel == "ws"``: the Hopper kernel, k/v copied ``head_step`` kv heads at a time
-    (0: k and v are already permuted, contiguous and whole 128-row blocks, no copy); with ``fp8`` k and v are
+    (0: k and v are already permuted and TMA can read them, ``tma.tma_readable``: no copy); with ``fp8`` k and v are
     quantised by ``quantize.py`` instead, all heads in one pass. ``"triton"``: the portable
     kernel with ``config``, mask block ``mask_block``, rows gathered through the
     permutation (``gather_q``/``gather_kv``) and TMA descriptors (``tma_q``/``tma_kv``).
@@ -331,7 +331,7 @@ def _run_triton(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=No
 
 
 def _tma_usable(*tensors) -> bool:
-    """TMA needs a Hopper-or-newer GPU, a power-of-two head dim, unit last stride, 16-byte aligned rest."""
+    """TMA needs a Hopper-or-newer GPU, a power-of-two head dim and tensors it can read (``tma_readable``)."""
     q = tensors[0]
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
