@@ -247,7 +247,8 @@ def test_v8t_key_order_is_the_fp8_kernels_register_order(length):
 
 def test_fp8_operands_of_the_wrong_shape_are_refused_before_any_launch():
     # quantize_kv zero-fills v8t up to whole 32-key chunks only with whole-chunk blocks; the Hopper kernel
-    # reads v8t's width as S_pad, so a v of any other width (keys in model order, say) must not reach it
+    # reads v8t's width as S_pad, so a v of any other width (keys in model order, say), and v8t or scales
+    # smaller than what the kernel reads, must not reach it
     pytest.importorskip("triton")
     from rainfusion_core.backends.triton.hopper import attention as ws
     from rainfusion_core.backends.triton.quantize import quantize_kv
@@ -257,11 +258,20 @@ def test_fp8_operands_of_the_wrong_shape_are_refused_before_any_launch():
         quantize_kv(k, k, torch.arange(200), 16)
     q = torch.randn(1, 1, 200, 64, dtype=torch.bfloat16)
     k8 = torch.zeros(1, 1, 200, 64, dtype=torch.float8_e4m3fn)
-    v8t = torch.zeros(1, 1, 64, 208, dtype=torch.float8_e4m3fn)  # rounded to 16, not to 32
+    v8t = torch.zeros(1, 1, 64, 224, dtype=torch.float8_e4m3fn)
+    k_descale, v_descale = torch.ones(1, 1, 2), torch.ones(1, 1, 64)
     counts, indices = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
-    strided = torch.zeros(1, 1, 224, 64, dtype=torch.float8_e4m3fn).transpose(2, 3)
-    for v, match in ((v8t, "S_pad = 224 .*got width 208$"),
-                     (strided, "S_pad = 224 .*got width 224 \\(not contiguous\\)")):
-        with pytest.raises(ValueError, match=match):
-            ws.launch(q, k8, v, torch.empty_like(q), counts, indices, torch.arange(200), 0.1,
-                      torch.ones(1, 1, 2), torch.ones(1, 1, 64))
+    bad = {  # the kernel reads v8t's rows (heads x D) and width as S_pad, and nb (D) scales per kv head
+        "v": [(torch.zeros(1, 1, 64, 208, dtype=torch.float8_e4m3fn), r"\[1, 1, 64, 224\].*got .* \[1, 1, 64, 208\]$"),
+              (v8t.transpose(2, 3).contiguous().transpose(2, 3), r"\(not contiguous\)"),
+              (v8t[:, :, :32], r"got .* \[1, 1, 32, 224\]")],
+        "k_descale": [(torch.ones(1, 1, 1), r"shape \[1, 1, 2\].*got torch.float32 \[1, 1, 1\]"),
+                      (torch.ones(1, 1, 2, dtype=torch.float16), "got torch.float16")],
+        "v_descale": [(torch.ones(1, 1, 32), r"shape \[1, 1, 64\].*got torch.float32 \[1, 1, 32\]")],
+    }
+    for name, cases in bad.items():
+        for x, match in cases:
+            args = {"v": v8t, "k_descale": k_descale, "v_descale": v_descale, name: x}
+            with pytest.raises(ValueError, match=f"^{name}: expected a contiguous .*{match}"):
+                ws.launch(q, k8, args["v"], torch.empty_like(q), counts, indices, torch.arange(200), 0.1,
+                          args["k_descale"], args["v_descale"])

@@ -349,6 +349,40 @@ def test_the_kernel_benchmarks_time_what_the_call_passes_the_kernel(monkeypatch,
         assert extra == {} and set(kwargs) == {"lse"} and k_call is k and v_call is v
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("through_order", [False, True], ids=["permuted", "model-order"])
+def test_the_launcher_passes_its_own_checks_with_what_the_call_makes(monkeypatch, precision, through_order):
+    # _run_ws through the real hopper launch, the kernel itself stubbed (no GPU here): the operands a call makes
+    # (the 16-bit copies or k/v as they are, FP8's quantize_kv output) meet the launch's checks, and the kernel
+    # gets 4-D k (and 16-bit v) descriptors of the keys' length, GQA's group and the mask's block count
+    pytest.importorskip("triton.experimental.gluon")
+    from rainfusion_core.backends.triton.hopper import attention as ws
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(ws, "block_sparse_attention_fwd_ws", Kernel())
+    monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
+    q = torch.randn(1, 4, 200, 64, device=DEVICE, dtype=torch.float16)
+    k, v = (torch.randn(1, 2, 200, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    mask = rf.BlockMask.from_dense(torch.ones(1, 4, 2, 2, dtype=torch.bool, device=DEVICE), block_size=128,
+                                   q_len=200, kv_len=200)
+    order = torch.randperm(200, device=DEVICE) if through_order else None
+    plan = (triton_launch._make_fp8_plan(q, q, mask, WS) if precision == "fp8"
+            else triton_launch._make_plan(q, k, v, q, mask, order, WS))
+    triton_launch._run_ws(plan, q, k, v, mask, 0.1, order, torch.empty_like(q))
+    (grid, args, kwargs), = launches
+    desc_k = args[2]
+    assert grid == (2, 4) and kwargs["GROUP"] == 2 and kwargs["FP8"] == (precision == "fp8")
+    assert list(desc_k.shape) == [1, 2, 200, 64] and list(desc_k.block_shape) == [1, 1, 128, 64]
+    assert args[-3:-1] == (200, 2)  # kv_len, n_blocks
+    if precision == "bf16":
+        assert list(args[3].shape) == [1, 2, 200, 64] and (args[3].base is v) == (not through_order)
+
+
 # --------------------------------------------------------------------------- FP8 (rainfusion_core.precision)
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])

@@ -589,6 +589,19 @@ def kv_descriptor(x: torch.Tensor, name: str) -> TensorDescriptor:
                             gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype]))
 
 
+def _check_fp8_operands(v, k_descale, v_descale, v_shape: tuple, n_blocks: int) -> None:
+    """FP8's v8t and scales as ``quantize.quantize_kv`` writes them: the kernel reads ``v_shape``'s rows and
+    ``n_blocks`` (``D``) scales per kv head, so anything smaller would be read past its end."""
+    batch, kv_heads, head_dim, s_pad = v_shape
+    for name, x, dtype, shape in (("v", v, torch.float8_e4m3fn, v_shape),
+                                  ("k_descale", k_descale, torch.float32, (batch, kv_heads, n_blocks)),
+                                  ("v_descale", v_descale, torch.float32, (batch, kv_heads, head_dim))):
+        if tuple(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {dtype} tensor of shape {list(shape)}, as "
+                             f"quantize.quantize_kv writes it (v: [B, Hkv, D, S_pad], S_pad = {s_pad}), got "
+                             f"{x.dtype} {list(x.shape)}{'' if x.is_contiguous() else ' (not contiguous)'}")
+
+
 def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None,
            lse=None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
@@ -609,10 +622,8 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     fp8 = k.dtype == torch.float8_e4m3fn
     desc_k = kv_descriptor(k, "k")
     if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
-        if v.shape[-1] != padded_length(kv_len) or not v.is_contiguous():
-            raise ValueError(f"v: FP8 v is a contiguous [B, Hkv, D, S_pad] with S_pad = {padded_length(kv_len)} "
-                             f"(quantize.quantize_kv), got width {v.shape[-1]}"
-                             f"{'' if v.is_contiguous() else ' (not contiguous)'}")
+        _check_fp8_operands(v, k_descale, v_descale, (batch, kv_heads, head_dim, padded_length(kv_len)),
+                            kv_indices.shape[3])
         v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], gl.float8e4nv)
         desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
                                   [head_dim, BLOCK], v_layout)
