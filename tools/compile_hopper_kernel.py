@@ -33,20 +33,14 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, st
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from rainfusion_core.backends.triton.hopper import attention as ws
 
-    k_dtype, gl_dtype = (torch.float8_e4m3fn, gl.float8e4nv) if fp8 else (torch.bfloat16, gl.bfloat16)
+    k_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     block = ws.BLOCK
-    desc_k = ws.kv_descriptor(torch.empty(1, 2, 4 * block, head_dim, dtype=k_dtype), "k")  # as launch makes it
-    desc_v = desc_k
-    if fp8:  # v transposed: [heads * D, S]
-        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block], gl_dtype)
-        desc_v = TensorDescriptor(torch.empty(head_dim, 8 * block, dtype=k_dtype), [head_dim, 8 * block],
-                                  [8 * block, 1], [head_dim, block], v_layout)
+    desc_k = ws.kv_descriptor(torch.empty(1, 2, 4 * block, head_dim, dtype=k_dtype), "k")  # as launch makes them
+    desc_v = ws.v8t_descriptor(torch.empty(1, 2, head_dim, 4 * block, dtype=k_dtype)) if fp8 else desc_k
     kernel = ws.block_sparse_attention_fwd_ws
     types = {"Q": "*bf16", "Out": "*bf16", "desc_k": descriptor_type(desc_k), "desc_v": descriptor_type(desc_v),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",

@@ -589,6 +589,14 @@ def kv_descriptor(x: torch.Tensor, name: str) -> TensorDescriptor:
                             gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype]))
 
 
+def v8t_descriptor(v: torch.Tensor) -> TensorDescriptor:
+    """A 2-D TMA descriptor of FP8's transposed ``[B, Hkv, D, S_pad]`` v (contiguous), in ``[D, BLOCK]`` boxes:
+    one row per (head, channel), so a tile past ``S_pad`` gets TMA's zeros, never another head's keys."""
+    head_dim, width = v.shape[-2], v.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], gl.float8e4nv)
+    return TensorDescriptor(v, [v.numel() // width, width], [width, 1], [head_dim, BLOCK], layout)
+
+
 def _check_fp8_operands(v, k_descale, v_descale, v_shape: tuple, n_blocks: int) -> None:
     """FP8's v8t and scales as ``quantize.quantize_kv`` writes them: the kernel reads ``v_shape``'s rows and
     ``n_blocks`` (``D``) scales per kv head, so anything smaller would be read past its end."""
@@ -624,9 +632,7 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     if fp8:  # v8t rows are (head, channel) pairs, keys reordered within 32-key chunks and zero past kv_len
         _check_fp8_operands(v, k_descale, v_descale, (batch, kv_heads, head_dim, padded_length(kv_len)),
                             kv_indices.shape[3])
-        v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK], gl.float8e4nv)
-        desc_v = TensorDescriptor(v, [batch * kv_heads * head_dim, v.shape[-1]], [v.shape[-1], 1],
-                                  [head_dim, BLOCK], v_layout)
+        desc_v = v8t_descriptor(v)
     else:
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = kv_descriptor(v, "v")
