@@ -145,33 +145,3 @@ def test_gather_rows_into_writes_its_output_and_checks_it():
             gather_rows_into(order, x, bad)
     with pytest.raises(ValueError, match=r"order: expected shape \[70\], got \[69\]"):
         gather_rows_into(order[:69], x, torch.empty_like(x))
-
-
-@pytest.mark.parametrize("frames, height, width, text, position, copied", [
-    (3, 30, 52, 0, "head", 4),  # width 52: later frames' right columns come in runs of 4; 4 of 37 tiles copied
-    (2, 16, 24, 0, "head", 0),  # every group in order: nothing copied
-    (2, 9, 16, 21, "tail", 1),  # 309 tokens: the ragged last group's tile copied, text at the end
-], ids=["wan-like-52", "tiled", "ragged-text"])
-def test_gather_tiles_copies_only_tiles_whose_groups_are_out_of_order(frames, height, width, text, position, copied):
-    from rainfusion_core.backends.triton.permute import gather_tiles_into
-
-    layout = rf.VideoLayout(frames, height, width, text_len=text, text_position=position)
-    seq, tiles = layout.seq_len, -(-layout.seq_len // 128)
-    x = torch.randn(2, seq, 3, 16, device=DEVICE).transpose(1, 2)  # BSND memory
-    order = rf.build_permutation(layout, DEVICE).indices
-    want = x.index_select(2, order)
-    out = torch.full((2, 3, seq, 16), float("nan"), device=DEVICE)
-    rows = torch.full((tiles * 16,), -7, dtype=torch.int32, device=DEVICE)
-    gather_tiles_into(order, x, out, rows, 128, 8)
-    rows = rows.view(tiles, 16).cpu()
-    padded = torch.cat([x, torch.zeros(2, 3, 8, 16, device=DEVICE)], 2)  # zeros past the end, as TMA reads
-    direct = (rows >= 0).all(1)
-    assert bool(((rows >= 0).all(1) | (rows == -1).all(1)).all()), rows  # a tile's entries: all set or all -1
-    for t in range(tiles):
-        span = slice(128 * t, min(seq, 128 * t + 128))
-        if direct[t]:  # left uncopied; its groups read from x where the entries say give the permuted rows
-            read = torch.cat([padded[:, :, r:r + 8] for r in rows[t].tolist()], 2)[:, :, :span.stop - span.start]
-            assert torch.equal(read, want[:, :, span]) and bool(out[:, :, span].isnan().all())
-        else:
-            assert torch.equal(out[:, :, span], want[:, :, span])
-    assert int((~direct).sum()) == copied, rows

@@ -178,35 +178,6 @@ def test_a_ragged_last_tile_never_reads_the_next_heads_values(inputs, head_dim):
 
 @ON_HOPPER
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
-def test_ws_reads_tiles_in_model_order_from_k_and_v_themselves(head_dim):
-    # A tile whose 8-row groups are each consecutive in model order is not copied: the kernel reads it from k and
-    # v (BSND here, GQA 2) in 8-row TMA boxes. Those tiles' copies are NaN here, so reading one would show.
-    from rainfusion_core.backends.triton.hopper import attention as ws
-    from rainfusion_core.backends.triton.permute import gather_tiles_into
-
-    layout = rf.VideoLayout(3, 12, 20, text_len=37)  # later frames' right columns in runs of 4; 757 tokens
-    seq, nb = layout.seq_len, -(-layout.seq_len // 128)
-    q, k, v = (torch.randn(1, seq, h, head_dim, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for h in (4, 2, 2))
-    order = rf.build_permutation(layout, DEVICE).indices
-    mask = rf.BlockMask.from_dense(random_dense(1, 4, nb, nb, density=0.6).to(DEVICE), block_size=128,
-                                   q_len=seq, kv_len=seq)
-    k_perm, v_perm = (torch.full((1, 2, seq, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-                      for _ in range(2))
-    rows = torch.empty(nb * 16, dtype=torch.int32, device=DEVICE)
-    gather_tiles_into(order, k, k_perm, rows, ws.BLOCK, ws.GROUP_ROWS)
-    gather_tiles_into(order, v, v_perm, rows, ws.BLOCK, ws.GROUP_ROWS)
-    in_place = int((rows.view(nb, 16) >= 0).all(1).sum())
-    assert 0 < in_place < nb  # both kinds of tile
-    out = torch.empty_like(q)
-    ws.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, 0.09, model_kv=(k, v, rows))
-    want = block_sparse_attention_triton(q, k, v, mask, 0.09, order=order, options=PORTABLE)
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"tile_rows: expected a contiguous int32 tensor of shape \[96\]"):
-        ws.launch(q, k_perm, v_perm, out, mask.kv_counts, mask.kv_indices, order, 0.09, model_kv=(k, v, rows[:-1]))
-
-
-@ON_HOPPER
-@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_ws_meets_the_parity_rule(name, head_dim):
     layout, q, k, v, mask = _problem(name, torch.bfloat16, head_dim=head_dim)
@@ -318,26 +289,21 @@ def test_dispatch_rule_per_head_dim(monkeypatch, head_dim, tokens, kernel):
     assert triton_launch._make_plan(q, q, q, q, mask, None, WS).kernel == "ws"
 
 
-@pytest.mark.parametrize("case, copies, model_kv", [
-    ("ragged", False, False), ("bsnd", False, False), ("odd-stride", True, False), ("odd-start", True, False),
-    ("expanded", True, False), ("model-order", True, True), ("model-order-bsnd", True, True),
-    ("model-order-odd-stride", True, False)])
-def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case, copies, model_kv):
+@pytest.mark.parametrize("case, copies", [("ragged", False), ("bsnd", False), ("odd-stride", True),
+                                           ("odd-start", True), ("expanded", True), ("model-order", True)])
+def test_permuted_inputs_skip_the_copy_where_tma_can_read_them(monkeypatch, case, copies):
     # the kernel reads k and v through 4-D descriptors (zeros past S per head): any length, any strides
-    # that are whole 16 bytes; anything else is copied. Inputs in model order are copied tile by tile,
-    # where a tile's 8-row groups are out of order there, and read in place elsewhere, if TMA can read them
+    # that are whole 16 bytes; anything else, or inputs in model order, is copied
     monkeypatch.setattr(triton_launch, "_ws_unavailable_reason", lambda q, out, block: None)
     q = torch.empty(1, 2, 231, 128, dtype=torch.bfloat16)
-    bsnd = torch.empty(1, 231, 2, 128, dtype=torch.bfloat16).transpose(1, 2)
-    odd = torch.empty(1, 2, 231, 132, dtype=torch.bfloat16)[..., :128]
-    kv = {"ragged": q, "bsnd": bsnd, "odd-stride": odd,
+    kv = {"ragged": q, "bsnd": torch.empty(1, 231, 2, 128, dtype=torch.bfloat16).transpose(1, 2),
+          "odd-stride": torch.empty(1, 2, 231, 132, dtype=torch.bfloat16)[..., :128],
           "odd-start": torch.empty(2 * 231 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 2, 231, 128), "model-order": q,
-          "expanded": torch.empty(1, 1, 231, 128, dtype=torch.bfloat16).expand(1, 2, 231, 128),
-          "model-order-bsnd": bsnd, "model-order-odd-stride": odd}[case]
-    order = torch.arange(231) if case.startswith("model-order") else None
+          "expanded": torch.empty(1, 1, 231, 128, dtype=torch.bfloat16).expand(1, 2, 231, 128)}[case]
+    order = torch.arange(231) if case == "model-order" else None
     mask = rf.BlockMask.stand_in(1, 2, 231, 231, 128, "cpu")
     plan = triton_launch._make_plan(q, kv, kv, q, mask, order, WS)
-    assert plan.kernel == "ws" and (plan.head_step > 0) == copies and plan.model_kv == model_kv, plan
+    assert plan.kernel == "ws" and (plan.head_step > 0) == copies, plan
 
 
 def test_the_hopper_launch_refuses_keys_tma_cannot_read():
@@ -415,13 +381,6 @@ def test_the_launcher_passes_its_own_checks_with_what_the_call_makes(monkeypatch
     assert args[-3:-1] == (200, 2)  # kv_len, n_blocks
     if precision == "bf16":
         assert list(args[3].shape) == [1, 2, 200, 64] and (args[3].base is v) == (not through_order)
-    # in model order the 16-bit kernel also gets k and v themselves, in 8-row boxes, for the tiles left uncopied
-    model_kv = precision == "bf16" and through_order
-    assert kwargs["GROUP_ROWS"] == (ws.GROUP_ROWS if model_kv else 0)
-    if model_kv:
-        desc_km, desc_vm = args[4], args[5]
-        assert desc_km.base.data_ptr() == k.data_ptr() and desc_vm.base.data_ptr() == v.data_ptr()
-        assert list(desc_km.block_shape) == [1, 1, ws.GROUP_ROWS, 64] and args[12].dtype == torch.int32  # TILE_ROWS
 
 
 # --------------------------------------------------------------------------- FP8 (rainfusion_core.precision)
@@ -524,7 +483,7 @@ def test_every_supported_head_dim_has_a_schedule_in_both_precisions():
     assert all(s.poly_every in (0, 2, 4) for s in ws.SCHEDULES.values()), ws.SCHEDULES
 
 
-@pytest.mark.parametrize("build", ["bf16", "model-kv", "fp8", "lse"])
+@pytest.mark.parametrize("build", ["bf16", "fp8", "lse"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build):
     # Where no Hopper GPU is present this is the check that the Gluon code still builds for one.
@@ -538,8 +497,8 @@ def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build)
     tool = Path(__file__).resolve().parents[1] / "tools" / "compile_hopper_kernel.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
     fp8 = build == "fp8"
-    args = [sys.executable, str(tool), "--head-dim", str(head_dim), "--json"] + (
-        {"fp8": ["--fp8"], "lse": ["--lse"], "model-kv": ["--model-kv"]}.get(build, []))
+    args = [sys.executable, str(tool), "--head-dim", str(head_dim), "--json"] + ({"fp8": ["--fp8"], "lse": ["--lse"]}
+                                                                                   .get(build, []))
     run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     if run.returncode == 3:  # this Triton cannot compile Gluon ahead of time, or ships no cuobjdump
         pytest.skip(run.stdout.strip().splitlines()[-1])

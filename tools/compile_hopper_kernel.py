@@ -1,6 +1,6 @@
 """Compile the Hopper (sm_90a) attention kernel on any machine and count what it became.
 
-    python tools/compile_hopper_kernel.py [--head-dim 128] [--fp8 | --lse] [--model-kv] [--json]
+    python tools/compile_hopper_kernel.py [--head-dim 128] [--fp8 | --lse] [--json]
 
 No GPU is needed: Triton compiles Gluon for a named target and ships ``ptxas`` and
 ``cuobjdump``. Prints the shared memory the kernel takes and how many of each
@@ -27,10 +27,9 @@ import tempfile
 INSTRUCTIONS = ("HGMMA", "QGMMA", "F2FP", "LDL", "STL", "I2F")
 
 
-def compile_kernel(head_dim: int, fp8: bool, lse: bool = False, model_kv: bool = False) -> tuple[int, str]:
+def compile_kernel(head_dim: int, fp8: bool, lse: bool = False) -> tuple[int, str]:
     """``(shared memory bytes, SASS)`` of the kernel for one head dim and precision (``lse``: the
-    16-bit build that also writes each row's log-sum-exp; ``model_kv``: the 16-bit build that reads the
-    tiles of k and v left uncopied from the model-order tensors, ``launch``'s ``model_kv``)."""
+    16-bit build that also writes each row's log-sum-exp)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,14 +41,11 @@ def compile_kernel(head_dim: int, fp8: bool, lse: bool = False, model_kv: bool =
     block = ws.BLOCK
     desc_k = ws.kv_descriptor(torch.empty(1, 2, 4 * block, head_dim, dtype=k_dtype), "k")  # as launch makes them
     desc_v = ws.v8t_descriptor(torch.empty(1, 2, head_dim, 4 * block, dtype=k_dtype)) if fp8 else desc_k
-    desc_rows = ws.kv_descriptor(torch.empty(1, 2, 4 * block, head_dim, dtype=k_dtype), "k", ws.GROUP_ROWS)
-    desc_km = desc_rows if model_kv else desc_k  # without model_kv launch passes desc_k and desc_v again
     kernel = ws.block_sparse_attention_fwd_ws
     types = {"Q": "*bf16", "Out": "*bf16", "desc_k": descriptor_type(desc_k), "desc_v": descriptor_type(desc_v),
-             "desc_km": descriptor_type(desc_km), "desc_vm": descriptor_type(desc_km if model_kv else desc_v),
              "KV_COUNTS": "*i32", "KV_INDICES": "*i32", "ORDER": "*i64", "K_DESCALE": "*fp32",
-             "V_DESCALE": "*fp32", "LSE": "*fp32", "TILE_ROWS": "*i32", "qk_scale": "fp32"}
-    constants = ws.kernel_constants(head_dim, fp8, lse, group_rows=ws.GROUP_ROWS if model_kv else 0)
+             "V_DESCALE": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
+    constants = ws.kernel_constants(head_dim, fp8, lse)
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
@@ -108,14 +104,10 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     parser.add_argument("--fp8", action="store_true", help="the FP8 build (precision='fp8')")
     parser.add_argument("--lse", action="store_true", help="the 16-bit build that writes the log-sum-exp")
-    parser.add_argument("--model-kv", action="store_true",
-                        help="the 16-bit build that reads uncopied k and v tiles in the model's order")
     parser.add_argument("--json", action="store_true", help="print the counts as one JSON line")
     args = parser.parse_args()
     if args.fp8 and args.lse:
         parser.error("the FP8 kernel does not write the log-sum-exp: --fp8 or --lse, not both")
-    if args.fp8 and args.model_kv:
-        parser.error("the FP8 kernel reads k and v from the quantisation pass: --fp8 or --model-kv, not both")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels")
         return 2
@@ -135,7 +127,7 @@ def main() -> int:
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         print("this Triton ships no cuobjdump to read the compiled kernel")
         return 3
-    shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse, args.model_kv)
+    shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse)
     counts = {name: sass.count(name) for name in INSTRUCTIONS}
     counts["EX2_UNDER_PV"] = exponentials_under_pv(sass)
     counts["LOOP"] = loop_instructions(sass)
@@ -144,7 +136,6 @@ def main() -> int:
         print(json.dumps(counts))
     else:
         build = "FP8" if args.fp8 else "16-bit with lse" if args.lse else "16-bit"
-        build += ", k and v read in the model's order where uncopied" if args.model_kv else ""
         print(f"head dim {args.head_dim}, {build}: " +
               ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -63,17 +63,14 @@ class LaunchPlan:
     """What :func:`plan_launch` decided for one class of calls; cached, reused by every call of the class.
 
     ``kernel == "ws"``: the Hopper kernel, k/v copied ``head_step`` kv heads at a time
-    (0: k and v are already permuted and TMA can read them, ``tma.tma_readable``: no copy); with ``model_kv`` only
-    the tiles whose 8-row groups are not consecutive in the model's order are copied, the others read in place
-    (``permute.gather_tiles_into``); with ``fp8`` k and v are quantised by ``quantize.py`` instead, all heads in
-    one pass. ``"triton"``: the portable
+    (0: k and v are already permuted and TMA can read them, ``tma.tma_readable``: no copy); with ``fp8`` k and v are
+    quantised by ``quantize.py`` instead, all heads in one pass. ``"triton"``: the portable
     kernel with ``config``, mask block ``mask_block``, rows gathered through the
     permutation (``gather_q``/``gather_kv``) and TMA descriptors (``tma_q``/``tma_kv``).
     """
 
     kernel: str
     head_step: int = 0
-    model_kv: bool = False
     fp8: bool = False
     config: object = None
     mask_block: int = 0
@@ -166,12 +163,9 @@ def _make_plan(q, k, v, out, block_mask, order, options: TritonOptions) -> Launc
         if reason is None and options.kernel == "auto" and q.shape[2] < _ws_min_tokens(q.shape[3]):
             reason = "shorter than where it beats the portable kernel"  # auto only: kernel="ws" still runs it
         if reason is None:  # permuted k and v that TMA can read need no copy (see _run_ws)
-            readable = tma_readable(k) and tma_readable(v)
-            if order is None and readable:
-                return LaunchPlan("ws")
+            in_place = order is None and tma_readable(k) and tma_readable(v)
             head_bytes = k.shape[0] * k.shape[2] * k.shape[3] * k.element_size()  # one kv head's k (or v) rows
-            return LaunchPlan("ws", head_step=_ws_head_chunks(q.shape[1], k.shape[1], head_bytes),
-                              model_kv=order is not None and readable)
+            return LaunchPlan("ws", head_step=0 if in_place else _ws_head_chunks(q.shape[1], k.shape[1], head_bytes))
         if options.kernel == "ws":
             raise ValueError(f"kernel='ws' cannot run this call: {reason}")
     from . import attention as kernels
@@ -265,7 +259,7 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     if plan.head_step == 0:  # already permuted, strides TMA can read: no copy at all
         ws.launch(q, k, v, out, counts, indices, q_order, scale, lse=lse)
         return
-    from .permute import gather_rows_into, gather_tiles_into
+    from .permute import gather_rows_into as gather
 
     batch, kv_heads, kv_len, head_dim = k.shape
     group = q.shape[1] // kv_heads
@@ -273,25 +267,14 @@ def _run_ws(plan: LaunchPlan, q, k, v, block_mask, scale, order, out, lse=None) 
     # One pair of buffers serves every chunk (stream order makes reuse safe); a chunk's copies are
     # views of their first batch * heads * S * D elements, contiguous as TMA needs them.
     k_buf, v_buf = (torch.empty(batch * step * kv_len * head_dim, dtype=k.dtype, device=k.device) for _ in range(2))
-    if plan.model_kv:  # where each tile starts in k and v, group by group, or -1 where it was copied
-        tile_rows = torch.empty(indices.shape[3] * (ws.BLOCK // ws.GROUP_ROWS), dtype=torch.int32, device=k.device)
     for h0 in range(0, kv_heads, step):
         heads = min(step, kv_heads - h0)
         shape = (batch, heads, kv_len, head_dim)
-        k_src, v_src = k[:, h0:h0 + heads], v[:, h0:h0 + heads]
-        k_perm = k_buf[:k_buf.numel() * heads // step].view(shape)
-        v_perm = v_buf[:v_buf.numel() * heads // step].view(shape)
-        model_kv = None
-        if plan.model_kv:
-            gather_tiles_into(kv_order, k_src, k_perm, tile_rows, ws.BLOCK, ws.GROUP_ROWS)
-            gather_tiles_into(kv_order, v_src, v_perm, tile_rows, ws.BLOCK, ws.GROUP_ROWS)
-            model_kv = (k_src, v_src, tile_rows)
-        else:
-            gather_rows_into(kv_order, k_src, k_perm)
-            gather_rows_into(kv_order, v_src, v_perm)
+        k_perm = gather(kv_order, k[:, h0:h0 + heads], k_buf[:k_buf.numel() * heads // step].view(shape))
+        v_perm = gather(kv_order, v[:, h0:h0 + heads], v_buf[:v_buf.numel() * heads // step].view(shape))
         qh = slice(h0 * group, (h0 + heads) * group)
         ws.launch(q[:, qh], k_perm, v_perm, out[:, qh], counts[:, qh], indices[:, qh], q_order, scale,
-                  lse=None if lse is None else lse[:, qh], model_kv=model_kv)
+                  lse=None if lse is None else lse[:, qh])
 
 
 def _identity(length: int, device: torch.device) -> torch.Tensor:

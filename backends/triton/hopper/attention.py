@@ -46,7 +46,6 @@ from ..tma import tma_readable
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK = 128  # query rows per program = key rows per tile = mask block
-GROUP_ROWS = 8  # k and v read in the model's order (launch's kv_rows): rows per TMA box
 ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup
 # Per head dim, with the reason (H100, docs/benchmarks-history.md):
 #   128: two slots per k and v ring (2 x 32 KB each) keep the next tile's copy ahead of the MMAs;
@@ -200,54 +199,26 @@ def _kept_block(kept, t, n_blocks):
 
 
 @gluon.jit
-def _load_tile(desc, desc_rows, bar, dest, b, kv_h, start, tile_rows, GROUP_ROWS: gl.constexpr,
-               BLOCK_N: gl.constexpr):
-    """TMA copies of one k (or 16-bit v) tile into ``dest``: one ``[1, 1, BLOCK_N, D]`` box of the permuted
-    tensor at row ``start``. With ``GROUP_ROWS``, a tile whose ``tile_rows`` entries are all set (``permute.
-    gather_tiles_into`` left it uncopied) comes instead from the model-order tensor, ``BLOCK_N // GROUP_ROWS``
-    boxes of ``GROUP_ROWS`` rows, each at the row its entry gives."""
-    if GROUP_ROWS == 0:
-        _tma_load(desc, [b, kv_h, start, 0], bar, dest)
-    else:
-        pairs = (tile_rows + start // GROUP_ROWS).to(gl.pointer_type(gl.int64), bitcast=True)
-        pair = gl.load(pairs)  # two groups' rows in one load (a tile's entries start 64-byte aligned)
-        if pair.to(gl.int32) >= 0:  # the tile's entries are all set or all -1
-            for j in gl.static_range(BLOCK_N // GROUP_ROWS // 2):
-                if j > 0:
-                    pair = gl.load(pairs + j)
-                _tma_load(desc_rows, [b, kv_h, pair.to(gl.int32), 0], bar,
-                          dest.slice(2 * j * GROUP_ROWS, GROUP_ROWS, dim=2))
-                _tma_load(desc_rows, [b, kv_h, (pair >> 32).to(gl.int32), 0], bar,
-                          dest.slice((2 * j + 1) * GROUP_ROWS, GROUP_ROWS, dim=2))
-        else:
-            _tma_load(desc, [b, kv_h, start, 0], bar, dest)
-
-
-@gluon.jit
-def _loader(desc_k, desc_v, desc_km, desc_vm, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n,
-            n_blocks, b, kv_h, v_row0, tile_rows, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FP8: gl.constexpr,
-            GROUP_ROWS: gl.constexpr, TILE_BYTES: gl.constexpr):
+def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, b, kv_h,
+            v_row0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
     """Issue the TMA copies of the kept k and v tiles, each into a slot the consumers have freed.
 
-    k (and 16-bit v) tiles come from the permuted copies (or, with ``GROUP_ROWS``, from the model-order
-    ``desc_km``/``desc_vm`` where ``tile_rows`` says so: ``_load_tile``). In FP8 v is stored transposed
-    (``[D, S]`` per head, one 2-D row per (head, channel)): its tile starts at column ``start``."""
+    k (and 16-bit v) tiles are boxes ``[1, 1, BLOCK_N, D]`` at ``(b, kv_h, start, 0)``. In FP8 v is stored
+    transposed (``[D, S]`` per head, one 2-D row per (head, channel)): its tile starts at column ``start``."""
     for t in range(n):
         slot = t % STAGES
         phase = (t // STAGES) & 1
         start = _kept_block(kept, t, n_blocks) * BLOCK_N
         # -- slots start out free: the first wait on an empty barrier passes at once
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
-        mbarrier.expect(k_ready.index(slot), TILE_BYTES)
-        _load_tile(desc_k, desc_km, k_ready.index(slot), k_smem.index(slot), b, kv_h, start, tile_rows, GROUP_ROWS,
-                   BLOCK_N)
+        mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+        _tma_load(desc_k, [b, kv_h, start, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
-        mbarrier.expect(v_ready.index(slot), TILE_BYTES)
+        mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
         if FP8:
             _tma_load(desc_v, [v_row0, start], v_ready.index(slot), v_smem.index(slot))
         else:
-            _load_tile(desc_v, desc_vm, v_ready.index(slot), v_smem.index(slot), b, kv_h, start, tile_rows,
-                       GROUP_ROWS, BLOCK_N)
+            _tma_load(desc_v, [b, kv_h, start, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -513,13 +484,13 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
 
 @gluon.jit
 def block_sparse_attention_fwd_ws(
-    Q, Out, desc_k, desc_v, desc_km, desc_vm, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE, TILE_ROWS,
+    Q, Out, desc_k, desc_v, KV_COUNTS, KV_INDICES, ORDER, K_DESCALE, V_DESCALE, LSE,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir, stride_lb, stride_lh,
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
-    RESCALE_SKIP: gl.constexpr = False, GROUP_ROWS: gl.constexpr = 0,
+    RESCALE_SKIP: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -550,12 +521,8 @@ def block_sparse_attention_fwd_ws(
     # -- shared memory: two 64-row query tiles, two-slot k and v rings with their barriers
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
-    # with GROUP_ROWS a tile is BLOCK_N // GROUP_ROWS boxes of the descriptors
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
-    if FP8:
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
-    else:
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
     if FP8:  # each consumer's float32 running total of O (see _consumer)
         o_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, HEAD_DIM],
                                         gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.float32))
@@ -582,19 +549,18 @@ def block_sparse_attention_fwd_ws(
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
                      RESCALE_SKIP)),
-        (_loader, (desc_k, desc_v, desc_km, desc_vm, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n,
-                   n_blocks, b, kv_h, kv_head * HEAD_DIM, TILE_ROWS, STAGES, BLOCK_N, FP8, GROUP_ROWS,
-                   BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8)),
+        (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, b, kv_h,
+                   kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1, group_rows: int = 0) -> dict:
+def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1) -> dict:
     """The kernel's compile-time arguments for one build, as ``launch`` passes them (and
     ``tools/compile_hopper_kernel.py`` compiles them): its tuning and its schedule."""
     schedule = SCHEDULES[fp8, head_dim]
     return dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
                 WRITE_LSE=lse, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
-                RESCALE_SKIP=schedule.rescale_skip, GROUP_ROWS=group_rows)
+                RESCALE_SKIP=schedule.rescale_skip)
 
 
 def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
@@ -612,13 +578,13 @@ def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
-def kv_descriptor(x: torch.Tensor, name: str, rows: int = BLOCK) -> TensorDescriptor:
-    """A 4-D TMA descriptor of ``[B, Hkv, S, D]`` k (or 16-bit v), in ``[1, 1, rows, D]`` boxes: rows past S
+def kv_descriptor(x: torch.Tensor, name: str) -> TensorDescriptor:
+    """A 4-D TMA descriptor of ``[B, Hkv, S, D]`` k (or 16-bit v), in ``[1, 1, BLOCK, D]`` boxes: rows past S
     come back as zeros, per head. Raises, naming the tensor, where TMA cannot read it (``tma_readable``)."""
     if not tma_readable(x):
         raise ValueError(f"{name}: TMA needs a unit last stride and nonzero, 16-byte aligned strides and start, got "
                          f"strides {x.stride()} of {x.dtype} at offset {x.data_ptr() % 16} from 16 bytes")
-    box = [1, 1, rows, x.shape[-1]]
+    box = [1, 1, BLOCK, x.shape[-1]]
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box,
                             gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype]))
 
@@ -644,25 +610,8 @@ def _check_fp8_operands(v, k_descale, v_descale, v_shape: tuple, n_blocks: int) 
                              f"{x.dtype} {list(x.shape)}{'' if x.is_contiguous() else ' (not contiguous)'}")
 
 
-def _model_kv_operands(model_kv, k, n_blocks: int) -> tuple:
-    """``(desc_km, desc_vm, tile_rows)`` of ``launch``'s ``model_kv``, checked against the permuted ``k``."""
-    k_model, v_model, tile_rows = model_kv
-    if k.dtype == torch.float8_e4m3fn:
-        raise ValueError("model_kv: FP8 reads k and v from the quantisation pass's output only")
-    for name, x in (("k_model", k_model), ("v_model", v_model)):
-        if x.shape != k.shape or x.dtype != k.dtype:
-            raise ValueError(f"{name}: expected a {k.dtype} tensor of shape {list(k.shape)} (k's), "
-                             f"got {x.dtype} {list(x.shape)}")
-    groups = n_blocks * BLOCK // GROUP_ROWS
-    if tile_rows.dtype != torch.int32 or tile_rows.shape != (groups,) or not tile_rows.is_contiguous():
-        raise ValueError(f"tile_rows: expected a contiguous int32 tensor of shape [{groups}], as "
-                         f"permute.gather_tiles_into writes it, got {tile_rows.dtype} {list(tile_rows.shape)}")
-    return (kv_descriptor(k_model, "k_model", GROUP_ROWS), kv_descriptor(v_model, "v_model", GROUP_ROWS),
-            tile_rows)
-
-
 def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=None, v_descale=None,
-           lse=None, model_kv=None) -> None:
+           lse=None) -> None:
     """Run the kernel on ``[B, H, S, D]`` views (any strides, unit last stride): q read and out written
     through ``order``; k and v already in permuted order, any 16-byte aligned strides (streamed by TMA,
     zeros past S per head). ``kv_counts [B, H, nb]`` and ``kv_indices [B, H, nb, nb]`` may be head slices
@@ -675,10 +624,6 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     one 2-D row per (head, channel): past S a tile reads that row's zeros (up to ``S_pad``) and TMA's
     zero fill (past it), never another head's keys.
     ``lse`` (float32 ``[B, H, S]``, unit stride along S; 16-bit calls) receives each row's log-sum-exp.
-    ``model_kv = (k_model, v_model, tile_rows)`` (16-bit calls): k and v in the model's order, of k's shape,
-    and ``permute.gather_tiles_into``'s int32 ``tile_rows`` (``GROUP_ROWS`` rows a group, ``nb * BLOCK //
-    GROUP_ROWS`` entries): the tiles it left uncopied in ``k`` and ``v`` are read from ``k_model`` and
-    ``v_model``, ``GROUP_ROWS`` rows at a time.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -691,16 +636,13 @@ def launch(q, k, v, out, kv_counts, kv_indices, order, scale: float, k_descale=N
     else:
         k_descale = v_descale = kv_counts  # not read: a placeholder pointer
         desc_v = kv_descriptor(v, "v")
-    desc_km, desc_vm, tile_rows = desc_k, desc_v, kv_counts  # placeholders, not read without model_kv
-    if model_kv is not None:
-        desc_km, desc_vm, tile_rows = _model_kv_operands(model_kv, k, kv_indices.shape[3])
     grid = (-(-q_len // BLOCK), batch * heads)
     block_sparse_attention_fwd_ws[grid](
-        q, out, desc_k, desc_v, desc_km, desc_vm, kv_counts, kv_indices, order, k_descale, v_descale,
-        kv_counts if lse is None else lse, tile_rows,
+        q, out, desc_k, desc_v, kv_counts, kv_indices, order, k_descale, v_descale,
+        kv_counts if lse is None else lse,
         *q.stride()[:3], *out.stride()[:3], *kv_counts.stride()[:2], *kv_indices.stride()[:3],
         *((0, 0) if lse is None else lse.stride()[:2]),
         heads, kv_heads, q_len, kv_len, kv_indices.shape[3], scale * 1.4426950408889634,
-        **kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads, 0 if model_kv is None else GROUP_ROWS),
+        **kernel_constants(head_dim, fp8, lse is not None, heads // kv_heads),
         num_warps=4, maxnreg=(2 * CONSUMER_REGS + LOADER_REGS) // 3,
     )
