@@ -6,9 +6,10 @@
 ``SCHEDULES`` (``backends/triton/hopper/attention.py``) says per precision and head dim whether a
 consumer holds its wait for ``P_t V_t`` behind the next tile's softmax (the late wait), how many of
 P's exponentials a polynomial on the FMA units computes (none, one in four, one in two) and whether
-a warp skips O's rescale when no row's maximum moved. Per shape (batch 1, bf16 synthetic video-DiT
+a warp skips O's rescale when no row's maximum moved, and whether a tile's k slot is freed together with
+the previous tile's v slot. Per shape (batch 1, bf16 synthetic video-DiT
 activations, inputs already permuted, the mask predicted at sparsity 0.8) this runs the kernel with
-the table's schedule and each schedule that differs from it in one field (five in all), on the same
+the table's schedule and each schedule that differs from it in one field (six in all), on the same
 inputs, every schedule timed once per round and the rounds in turn, so slow drift of the GPU's
 clocks hits all of them alike. Prints each schedule's times (``triton.testing.do_bench`` medians),
 its best TFLOP/s on kept blocks, and the largest difference of its output from the table's
@@ -39,6 +40,7 @@ def neighbours(table) -> list:
     variants += [dataclasses.replace(table, poly_every=poly) for poly in POLY_EVERY if poly != table.poly_every]
     variants.append(dataclasses.replace(table, late_wait=not table.late_wait))
     variants.append(dataclasses.replace(table, rescale_skip=not table.rescale_skip))
+    variants.append(dataclasses.replace(table, joint_release=not table.joint_release))
     return variants
 
 
@@ -74,7 +76,8 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
             diff = (outs[schedule].float() - outs[table].float()).abs().max().item()
             mark = " **(table)**" if schedule == table else ""
             rows.append(f"| {name} | d{head_dim} {precision} | poly_every={schedule.poly_every} "
-                        f"late_wait={schedule.late_wait} rescale_skip={schedule.rescale_skip}{mark} | "
+                        f"late_wait={schedule.late_wait} rescale_skip={schedule.rescale_skip} "
+                        f"joint_release={schedule.joint_release}{mark} | "
                         + " / ".join(f"{t:.3f}" for t in times[schedule])
                         + f" ms | {tflop / min(times[schedule]) * 1e3:.0f} | {diff:.1e} |")
             print(rows[-1], flush=True)

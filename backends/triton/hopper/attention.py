@@ -161,10 +161,15 @@ class Schedule:
             (``_wait_products_after``); without it the compiler moves that wait above the softmax.
         rescale_skip: a warp skips O's rescale when none of its rows' maxima moved (``_rescale``); the
             output is bit-identical either way.
+        joint_release: free tile ``t + 1``'s k slot together with tile ``t``'s v slot, once ``P_t V_t`` is
+            done, rather than as soon as ``S_{t+1}`` is. Gluon synchronises the warpgroup before each
+            ``mbarrier.arrive``: two arrives back to back wait once for the slowest warp, not twice. The
+            loader still has a whole iteration to fetch the tile after next into the freed slot.
     """
     poly_every: int = 0
     late_wait: bool = False
     rescale_skip: bool = False
+    joint_release: bool = False
 
 
 # Keyed by (FP8, head dim); measured on an H200 side by side (docs/benchmarks-history.md; each schedule
@@ -177,10 +182,10 @@ class Schedule:
 # polynomial; the late wait 6 % (d=128) and 22 % (d=64) slower (its products are half as long as 16-bit
 # ones). The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on Hopper).
 SCHEDULES = {
-    (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True),
-    (False, 64): Schedule(poly_every=0, late_wait=False),
-    (True, 128): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
-    (True, 64): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
+    (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True, joint_release=True),
+    (False, 64): Schedule(poly_every=0, late_wait=False, joint_release=True),
+    (True, 128): Schedule(poly_every=0, late_wait=False, rescale_skip=True, joint_release=True),
+    (True, 64): Schedule(poly_every=0, late_wait=False, rescale_skip=True, joint_release=True),
 }
 
 
@@ -359,7 +364,7 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
               m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty, v_ready, v_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               FP8: gl.constexpr, WRITE_LSE: gl.constexpr, POLY_EVERY: gl.constexpr,
-              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr):
+              LATE_WAIT: gl.constexpr, RESCALE_SKIP: gl.constexpr, JOINT_RELEASE: gl.constexpr):
     """One warpgroup: ROWS query rows against every kept key tile, FlashAttention-3 order.
 
     FP8 (``rainfusion_core.fp8``): q is rounded here with one power-of-two scale for the
@@ -439,13 +444,16 @@ def _consumer(Q, Out, ORDER, K_DESCALE, V_DESCALE, LSE, q_off, o_off, lse_off, s
                                   _v_operand(v_smem, cur, BLOCK_N, HEAD_DIM, FP8), acc, is_async=True)
             # -- softmax of S_{t+1} while P_t V_t runs
             s = warpgroup_mma_wait(1, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(nxt), count=1)
+            if not JOINT_RELEASE:
+                mbarrier.arrive(k_empty.index(nxt), count=1)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, kv_len, scale, s_layout, BLOCK_N,
                                           P_SHIFT if FP8 else 0, POLY_EVERY)
             if LATE_WAIT:
                 l_i = _wait_products_after(l_i)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(cur), count=1)
+            if JOINT_RELEASE:
+                mbarrier.arrive(k_empty.index(nxt), count=1)
             if FP8:
                 acc, beta = _flush(total_smem, acc, beta, t, o_layout, ROWS, HEAD_DIM)
 
@@ -490,7 +498,7 @@ def block_sparse_attention_fwd_ws(
     q_heads, kv_heads, q_len, kv_len, n_blocks, qk_scale,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
     WRITE_LSE: gl.constexpr = False, POLY_EVERY: gl.constexpr = 0, LATE_WAIT: gl.constexpr = False,
-    RESCALE_SKIP: gl.constexpr = False,
+    RESCALE_SKIP: gl.constexpr = False, JOINT_RELEASE: gl.constexpr = False,
 ):
     """One program: 128 permuted query rows of one (batch, head) over the kept key tiles of their mask row.
 
@@ -544,11 +552,11 @@ def block_sparse_attention_fwd_ws(
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 0, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
-                     RESCALE_SKIP)),
+                     RESCALE_SKIP, JOINT_RELEASE)),
         (_consumer, (Q, Out, ORDER, k_descale, v_descale, LSE, q_off, o_off, lse_off, stride_qs, stride_os, q_len,
                      kv_len, m0, kept, n, n_blocks, qk_scale, q_smem, k_smem, v_smem, o_smem, k_ready, k_empty,
                      v_ready, v_empty, 1, HEAD_DIM, BLOCK_N, STAGES, FP8, WRITE_LSE, POLY_EVERY, LATE_WAIT,
-                     RESCALE_SKIP)),
+                     RESCALE_SKIP, JOINT_RELEASE)),
         (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, kept, n, n_blocks, b, kv_h,
                    kv_head * HEAD_DIM, STAGES, BLOCK_N, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -560,7 +568,7 @@ def kernel_constants(head_dim: int, fp8: bool, lse: bool = False, group: int = 1
     schedule = SCHEDULES[fp8, head_dim]
     return dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_N=BLOCK, STAGES=TUNING[head_dim]["stages"], FP8=fp8,
                 WRITE_LSE=lse, POLY_EVERY=schedule.poly_every, LATE_WAIT=schedule.late_wait,
-                RESCALE_SKIP=schedule.rescale_skip)
+                RESCALE_SKIP=schedule.rescale_skip, JOINT_RELEASE=schedule.joint_release)
 
 
 def unsupported_reason(q: torch.Tensor, mask_block: int) -> str | None:
