@@ -513,6 +513,8 @@ def test_hopper_kernel_compiles_to_its_tensor_core_instructions(head_dim, build)
         assert counts["EX2_UNDER_PV"] >= 2 * 64, counts
     else:  # without it the compiler moves the wait for P V above the softmax: the schedule reached the kernel
         assert counts["EX2_UNDER_PV"] == 0, counts
+    # the joint release frees the k slot after P V's wait, beside the v slot: no barrier within the softmax
+    assert (counts["BAR_UNDER_SOFTMAX"] == 0) == ws.SCHEDULES[fp8, head_dim].joint_release, counts
 
 
 @ON_HOPPER

@@ -8,8 +8,9 @@ instruction of interest its machine code holds: tensor-core products (``HGMMA`` 
 16-bit, ``QGMMA`` for FP8), float8/bf16 packing (``F2FP``), local-memory spills
 (``LDL``/``STL``), quarter-rate conversions (``I2F``) and ``EX2_UNDER_PV``, the softmax's
 exponentials that run while the tensor cores compute ``P_t V_t`` (``SCHEDULES``'s late wait), and
-``LOOP``, the instructions of one consumer's loop over the kept tiles (what each of its threads issues per
-tile; its rarely taken branches count too).
+``BAR_UNDER_SOFTMAX``, warpgroup barriers between the two waits of a tile (``SCHEDULES``'s joint
+release leaves none), and ``LOOP``, the instructions of one consumer's loop over the kept tiles (what
+each of its threads issues per tile; its rarely taken branches count too).
 ``tests/test_ws_kernel.py`` runs it to prove the kernel still builds where no Hopper GPU is present. Triton 3.6
 (what the GPU test machines run) and later compile it; exits 3 when this Triton cannot compile Gluon ahead
 of time. Run it without ``TRITON_INTERPRET``.
@@ -83,6 +84,19 @@ def exponentials_under_pv(sass: str) -> int:
     return count
 
 
+def barriers_under_softmax(sass: str) -> int:
+    """How many warpgroup barriers (``BAR.SYNC ..., 0x80``) lie between a wait that leaves one product in
+    flight and the next wait for all: the barriers before a k slot's release in the middle of a tile's
+    softmax, which ``SCHEDULES``'s joint release moves next to the v slot's."""
+    count, under = 0, False
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE" in line:
+            under = "gsb0, 0x1" in line
+        elif under and "BAR.SYNC" in line and "0x80" in line:
+            count += 1
+    return count
+
+
 def loop_instructions(sass: str) -> int:
     """Instructions in the smallest loop that issues tensor-core products: one consumer's loop over the kept
     tiles, as compiled (its rarely taken branches, the ragged last tile and FP8's flush, included). The
@@ -130,6 +144,7 @@ def main() -> int:
     shared, sass = compile_kernel(args.head_dim, args.fp8, args.lse)
     counts = {name: sass.count(name) for name in INSTRUCTIONS}
     counts["EX2_UNDER_PV"] = exponentials_under_pv(sass)
+    counts["BAR_UNDER_SOFTMAX"] = barriers_under_softmax(sass)
     counts["LOOP"] = loop_instructions(sass)
     counts["shared_bytes"] = shared
     if args.json:

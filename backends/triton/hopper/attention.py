@@ -181,11 +181,16 @@ class Schedule:
 # exponential on the special-function unit 2-4 % (d=128) and 8 % (d=64) faster than one in four by the
 # polynomial; the late wait 6 % (d=128) and 22 % (d=64) slower (its products are half as long as 16-bit
 # ones). The polynomial keeps NaN scores NaN and masked keys at zero (tests/test_ws_kernel.py, on Hopper).
+# The joint release won in no build in every round (H200, same inputs, 3 rounds; Wan2.1-14B 2): bf16 d128
+# 2.833-3.133 against 2.842-2.894 ms at Wan2.1-1.3B, 48.03-52.53 against 49.00-49.28 ms at Wan2.1-14B;
+# FP8 d128 2.500-2.504 both; d64 (CogVideoX-5B) bf16 3.093-3.103 against 3.079-3.129, FP8 3.169-3.193
+# against 3.169-3.192. Waiting at one barrier per tile instead of two changed nothing measurable (the
+# profile's barrier stalls may be waits for the slowest warp, which one barrier still makes; not profiled).
 SCHEDULES = {
-    (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True, joint_release=True),
-    (False, 64): Schedule(poly_every=0, late_wait=False, joint_release=True),
-    (True, 128): Schedule(poly_every=0, late_wait=False, rescale_skip=True, joint_release=True),
-    (True, 64): Schedule(poly_every=0, late_wait=False, rescale_skip=True, joint_release=True),
+    (False, 128): Schedule(poly_every=0, late_wait=True, rescale_skip=True),
+    (False, 64): Schedule(poly_every=0, late_wait=False),
+    (True, 128): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
+    (True, 64): Schedule(poly_every=0, late_wait=False, rescale_skip=True),
 }
 
 
