@@ -5,10 +5,10 @@
 
 ``SCHEDULES`` (``backends/triton/hopper/attention.py``) says per precision and head dim whether a
 consumer holds its wait for ``P_t V_t`` behind the next tile's softmax (the late wait), how many of
-P's exponentials a polynomial on the FMA units computes (none, one in four, one in two) and whether
-a warp skips O's rescale when no row's maximum moved, and whether a tile's k slot is freed together with
-the previous tile's v slot. Per shape (batch 1, bf16 synthetic video-DiT
-activations, inputs already permuted, the mask predicted at sparsity 0.8) this runs the kernel with
+P's exponentials a polynomial on the FMA units computes (none, one in four, one in two), whether
+a warp skips O's rescale when no row's maximum moved, and whether a tile's k slot is freed together
+with the previous tile's v slot. Per shape (batch 1, bf16 synthetic video-DiT activations, inputs
+already permuted, the mask predicted at sparsity 0.8) this runs the kernel with
 the table's schedule and each schedule that differs from it in one field (six in all), on the same
 inputs, every schedule timed once per round and the rounds in turn, so slow drift of the GPU's
 clocks hits all of them alike. Prints each schedule's times (``triton.testing.do_bench`` medians),

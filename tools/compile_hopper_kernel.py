@@ -92,7 +92,7 @@ def barriers_under_softmax(sass: str) -> int:
     for line in sass.splitlines():
         if "WARPGROUP.DEPBAR.LE" in line:
             under = "gsb0, 0x1" in line
-        elif under and "BAR.SYNC" in line and "0x80" in line:
+        elif under and re.search(r"BAR\.SYNC(\.\w+)*\s+0x[0-9a-f]+,\s*0x80\s*;", line):
             count += 1
     return count
 

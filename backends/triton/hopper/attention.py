@@ -163,8 +163,8 @@ class Schedule:
             output is bit-identical either way.
         joint_release: free tile ``t + 1``'s k slot together with tile ``t``'s v slot, once ``P_t V_t`` is
             done, rather than as soon as ``S_{t+1}`` is. Gluon synchronises the warpgroup before each
-            ``mbarrier.arrive``: two arrives back to back wait once for the slowest warp, not twice. The
-            loader still has a whole iteration to fetch the tile after next into the freed slot.
+            ``mbarrier.arrive``; this puts a tile's two barriers back to back instead of one in the middle
+            of its softmax. The loader still has a whole iteration to fetch the tile after next.
     """
     poly_every: int = 0
     late_wait: bool = False
