@@ -49,8 +49,8 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     ``>=`` the row's ``keep``-th largest (ties keep more); a row whose scaled scores hold
     a NaN or an infinity (NaN or infinite q or k) keeps every block. Then the first
     ``sink_blocks`` and the last ``text_blocks`` blocks are kept as whole rows
-    and whole columns (``NQ == NK``). Returns ``(dense, kv_counts, kv_indices)``
-    as :class:`~rainfusion_core.BlockMask` holds them.
+    and whole columns (the last rows of ``NQ``, the last columns of ``NK``).
+    Returns ``(dense, kv_counts, kv_indices)`` as :class:`~rainfusion_core.BlockMask` holds them.
     """
     scaled = scores * scale
     probs = torch.softmax(scaled, dim=-1)
@@ -58,11 +58,11 @@ def select_blocks(scores: torch.Tensor, *, scale: float, keep: int, sink_blocks:
     # A row whose scores hold a NaN or an infinity (a NaN or infinite value in q or k) keeps every block,
     # so the attention propagates it exactly as dense attention does instead of dropping poisoned blocks.
     mask = (probs >= threshold) | ~scaled.isfinite().all(dim=-1, keepdim=True)
-    nk = mask.shape[-1]
-    for blocks in (slice(0, sink_blocks), slice(nk - text_blocks, nk)):
-        if blocks.start < blocks.stop:
-            mask[:, :, blocks, :] = True
-            mask[:, :, :, blocks] = True
+    nq, nk = mask.shape[-2:]
+    for rows, cols in ((slice(0, sink_blocks), slice(0, sink_blocks)),
+                       (slice(max(nq - text_blocks, 0), nq), slice(max(nk - text_blocks, 0), nk))):
+        mask[:, :, rows, :] = True
+        mask[:, :, :, cols] = True
     made = BlockMask.from_dense(mask, block_size=1, q_len=mask.shape[2], kv_len=nk)
     return made.dense, made.kv_counts, made.kv_indices
 

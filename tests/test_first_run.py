@@ -84,15 +84,26 @@ def test_help_texts_and_defaults_are_shown():
         assert re.search(rf"^\s+{command}\s+\S", run.stdout, re.M), command
 
 
-def _one_line_error(run, *fragments):
-    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+def in_process(capsys, *args):
+    """``(exit status, stderr)`` of the command line's ``main`` run in this process: the cases below share one
+    torch import instead of paying one per subprocess. An exception escaping ``main`` fails the test."""
+    from rainfusion_core.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def _one_line_error(status, stderr, *fragments):
+    assert status == 2, (status, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def test_cli_errors_are_one_line_naming_the_option(tmp_path):
+def test_cli_errors_are_one_line_naming_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAINFUSION_PROGRESS", "0")
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
     grid = ["--frames", "2", "--height", "8", "--width", "8"]
@@ -114,8 +125,10 @@ def test_cli_errors_are_one_line_naming_the_option(tmp_path):
     ]
     if not torch.cuda.is_available():
         cases.append((["bench", "--device", "cuda"], "--device cuda", "not present on this machine"))
+    run = rainfusion(*cases[0][0])  # the installed entry point once; then main() in this process
+    _one_line_error(run.returncode, run.stderr, *cases[0][1:])
     for args, *fragments in cases:
-        _one_line_error(rainfusion(*args), *fragments)
+        _one_line_error(*in_process(capsys, *args), *fragments)
 
 
 def test_mask_out_without_suffix_reports_the_file_it_wrote(tmp_path):
@@ -156,9 +169,8 @@ def test_long_commands_show_progress_on_stderr_unless_hidden():
     assert hidden.returncode == 0 and hidden.stderr == ""
 
 
-def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path):
-    import torch
-
+def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAINFUSION_PROGRESS", "0")
     bad_q, bad_layout = tmp_path / "q-is-text.pt", tmp_path / "layout-is-list.pt"
     ok = {"q": torch.zeros(1, 1, 8, 4), "k": torch.zeros(1, 1, 8, 4), "v": torch.zeros(1, 1, 8, 4),
           "layout": {"frames": 1, "height": 2, "width": 4}}
@@ -177,9 +189,7 @@ def test_cli_sizes_seeds_and_capture_files_fail_in_one_line(tmp_path):
         (["mask", "--frames", "2", "--height", "8", "--width", "8", "--out", ""], "--out '': give a file name"),
     ]
     for args, expected in cases:
-        run = rainfusion(*args, timeout=120)
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, run.stderr[-2000:])
+        _one_line_error(*in_process(capsys, *args), expected)
 
 
 @pytest.mark.parametrize("args, message", [
