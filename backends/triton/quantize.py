@@ -58,11 +58,11 @@ CHUNK = 32
 
 
 @triton.jit
-def key_slot(key):
-    """The column of ``v8t`` that holds ``key`` (:func:`key_slots`, ``KEY_BITS``): bits 3, 2, 1 of the key's
-    place in its 32-key chunk move to bits 1, 3, 2."""
-    r = key & 31
-    return (key - r) + (r & 0x11) + (((r >> 2) & 1) << 3) + (((r >> 1) & 1) << 2) + (((r >> 3) & 1) << 1)
+def slot_key(column):
+    """The key that column ``column`` of ``v8t`` holds (the inverse of :func:`key_slots`, ``KEY_BITS``):
+    bits 3, 2, 1 of the column's place in its 32-key chunk are bits 1, 3, 2 of the key's."""
+    r = column & 31
+    return (column - r) + (r & 0x11) + (((r >> 1) & 1) << 3) + (((r >> 3) & 1) << 2) + (((r >> 2) & 1) << 1)
 
 
 @triton.jit
@@ -91,14 +91,18 @@ def quantize_kv_kernel(
              mask=ok[:, None])
     tl.store(K_DESCALE + pid_bh * n_blocks + pid_n, descale)
 
-    # -- v: the channel multipliers of this (batch, head), written transposed (keys contiguous)
-    v = tl.load(V + b64 * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=ok[:, None], other=0.0).to(tl.float32)
+    # -- v: the channel multipliers of this (batch, head), written transposed (keys contiguous). Each column
+    #    of the block is loaded from the key it holds, so the columns are stored in order: the stores coalesce
+    keys = pid_n * BLOCK + slot_key(tl.arange(0, BLOCK))
+    keys_ok = keys < length
+    v_rows = tl.load(ORDER + keys, mask=keys_ok, other=0).to(tl.int64)
+    vt = tl.load(V + b64 * stride_vb + h * stride_vh + v_rows[None, :] * stride_vs + offs_d[:, None] * stride_vd,
+                 mask=keys_ok[None, :], other=0.0).to(tl.float32)
     v_mult = tl.load(V_MULT + pid_bh * HEAD_DIM + offs_d)
     v8t = V8T + pid_bh.to(tl.int64) * HEAD_DIM * v8t_row
     # keys past the sequence, up to the end of their 32-key chunk, are written as zeros (their probability is 0)
-    tl.store(v8t + offs_d[None, :] * v8t_row + key_slot(offs)[:, None],
-             round_to_e4m3(v * v_mult[None, :]).to(V8T.dtype.element_ty), mask=(offs < v8t_row)[:, None])
+    tl.store(v8t + offs_d[:, None] * v8t_row + offs[None, :],
+             round_to_e4m3(vt * v_mult[:, None]).to(V8T.dtype.element_ty), mask=(offs < v8t_row)[None, :])
 
 
 def padded_length(length: int) -> int:
