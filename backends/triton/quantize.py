@@ -141,6 +141,6 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, block: in
     quantize_kv_kernel[(n_blocks, batch * heads)](
         k, v, order, k8, v8t, k_descale, v_mult.contiguous(),
         *k.stride(), *v.stride(), heads, length, n_blocks, row,
-        HEAD_DIM=head_dim, BLOCK=block, TOP=TOP_EXPONENT, MIN=MIN_AMAX, num_warps=8,
+        HEAD_DIM=head_dim, BLOCK=block, TOP=TOP_EXPONENT, MIN=MIN_AMAX, num_warps=4,
     )
     return k8, k_descale, v8t, v_descale.contiguous()
