@@ -15,7 +15,7 @@ def _run(script, *args):
                           timeout=120)
 
 
-@pytest.mark.parametrize("script", ["schedules_bench.py", "peers_bench.py"])
+@pytest.mark.parametrize("script", ["schedules_bench.py", "peers_bench.py", "tile_cost_bench.py"])
 def test_an_unknown_shape_is_named(script):
     run = _run(script, "--shapes", "wan-1.3b,nope")
     assert run.returncode == 2, run.stderr
@@ -23,7 +23,7 @@ def test_an_unknown_shape_is_named(script):
     assert "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("script", ["schedules_bench.py", "peers_bench.py"])
+@pytest.mark.parametrize("script", ["schedules_bench.py", "peers_bench.py", "tile_cost_bench.py"])
 def test_rounds_must_be_at_least_one(script):
     run = _run(script, "--rounds", "0")
     assert run.returncode == 2 and "--rounds: at least 1, got 0" in run.stderr.splitlines()[-1], run.stderr
@@ -40,6 +40,7 @@ def test_the_profile_script_names_a_bad_argument_in_one_line():
 @pytest.mark.skipif(ON_HOPPER, reason="on a Hopper GPU the scripts run")
 @pytest.mark.parametrize("script, args", [("schedules_bench.py", ["--shapes", "cogvideox-5b"]),
                                           ("peers_bench.py", ["--shapes", "cogvideox-5b"]),
+                                          ("tile_cost_bench.py", ["--shapes", "cogvideox-5b"]),
                                           ("hopper_profile.py", ["--shape", "cogvideox-5b"])])
 def test_without_a_hopper_gpu_the_script_says_so(script, args):
     run = _run(script, *args)
