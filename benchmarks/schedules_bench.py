@@ -24,7 +24,7 @@ import torch
 
 import rainfusion_core as rf
 from rainfusion_core.benchmarking import (
-    comma_choices, hopper_kernel_operands, median_ms, require_hopper, synthetic_video_problem,
+    hopper_kernel_operands, kernel_bench_args, median_ms, print_summary, synthetic_video_problem,
 )
 from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
@@ -87,24 +87,12 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="cogvideox-5b,wan-1.3b",
-                        help=f"comma-separated, of: {', '.join(SHAPES)}")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help=f"comma-separated, of: {', '.join(PRECISIONS)}")
-    parser.add_argument("--rounds", type=int, default=2, help="times each schedule is timed, in turn (default 2)")
-    args = parser.parse_args()
-    names = comma_choices(parser, "--shapes", args.shapes, SHAPES)
-    precisions = comma_choices(parser, "--precisions", args.precisions, PRECISIONS)
-    if args.rounds < 1:
-        parser.error(f"--rounds: at least 1, got {args.rounds}")
-    require_hopper(parser)
+    names, precisions, rounds = kernel_bench_args(parser, SHAPES, PRECISIONS, default_shapes="cogvideox-5b,wan-1.3b",
+                                                  rounds_help="times each schedule is timed, in turn (default 2)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = [row for name in names for row in measure(name, precisions, args.rounds)]
-    print("\n==== summary ====")
-    print("| shape | kernel | schedule | times per round | best TFLOP/s (kept blocks) "
-          "| max abs difference from the table's |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    rows = [row for name in names for row in measure(name, precisions, rounds)]
+    print_summary(["shape", "kernel", "schedule", "times per round", "best TFLOP/s (kept blocks)",
+                   "max abs difference from the table's"], rows)
 
 
 if __name__ == "__main__":

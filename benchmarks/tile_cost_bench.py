@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from rainfusion_core.benchmarking import (
-    comma_choices, hopper_kernel_operands, median_ms, require_hopper, synthetic_video_problem,
+    hopper_kernel_operands, kernel_bench_args, median_ms, print_summary, synthetic_video_problem,
 )
 from rainfusion_core.shapes import KERNEL_SHAPES, kernel_shape
 
@@ -70,23 +70,13 @@ def measure(name: str, precisions, rounds: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="wan-1.3b,cogvideox-5b", help=f"comma-separated, of: {', '.join(SHAPES)}")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help=f"comma-separated, of: {', '.join(PRECISIONS)}")
-    parser.add_argument("--rounds", type=int, default=2, help="timings per mask; the fastest counts (default 2)")
-    args = parser.parse_args()
-    names = comma_choices(parser, "--shapes", args.shapes, SHAPES)
-    precisions = comma_choices(parser, "--precisions", args.precisions, PRECISIONS)
-    if args.rounds < 1:
-        parser.error(f"--rounds: at least 1, got {args.rounds}")
-    require_hopper(parser)
+    names, precisions, rounds = kernel_bench_args(parser, SHAPES, PRECISIONS, default_shapes="wan-1.3b,cogvideox-5b",
+                                                  rounds_help="timings per mask; the fastest counts (default 2)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = [row for name in names for row in measure(name, precisions, args.rounds)]
-    print("\n==== summary ====")
-    print("| shape | kernel | programs | ms with N tiles per row (N:ms) | fixed cost per program (us) "
-          "| tile loop TFLOP/s | predicted mask: time, TFLOP/s (kept) | predicted mask without the fixed cost |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    rows = [row for name in names for row in measure(name, precisions, rounds)]
+    print_summary(["shape", "kernel", "programs", "ms with N tiles per row (N:ms)", "fixed cost per program (us)",
+                   "tile loop TFLOP/s", "predicted mask: time, TFLOP/s (kept)",
+                   "predicted mask without the fixed cost"], rows)
 
 
 if __name__ == "__main__":

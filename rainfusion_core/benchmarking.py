@@ -81,6 +81,30 @@ def require_hopper(parser) -> None:
         parser.error("needs an NVIDIA Hopper GPU (sm_90)")
 
 
+def kernel_bench_args(parser, shapes, precisions, *, default_shapes: str, rounds_help: str):
+    """``(shape names, precisions, rounds)`` of a Hopper kernel benchmark's ``--shapes``, ``--precisions``
+    and ``--rounds`` (default 2), each checked with a one-line error; then the same for a missing Hopper GPU."""
+    parser.add_argument("--shapes", default=default_shapes, help=f"comma-separated, of: {', '.join(shapes)}")
+    parser.add_argument("--precisions", default=",".join(precisions),
+                        help=f"comma-separated, of: {', '.join(precisions)}")
+    parser.add_argument("--rounds", type=int, default=2, help=rounds_help)
+    args = parser.parse_args()
+    names = comma_choices(parser, "--shapes", args.shapes, shapes)
+    chosen = comma_choices(parser, "--precisions", args.precisions, precisions)
+    if args.rounds < 1:
+        parser.error(f"--rounds: at least 1, got {args.rounds}")
+    require_hopper(parser)
+    return names, chosen, args.rounds
+
+
+def print_summary(header: list[str], rows: list[str]) -> None:
+    """A benchmark's closing Markdown table: ``header``'s cells, then ``rows`` (already ``| ... |`` lines)."""
+    print("\n==== summary ====")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    print("\n".join(rows))
+
+
 def device_name(device) -> str:
     """What a timing ran on: the GPU's name, or the CPU's model name and the threads torch uses.
 
