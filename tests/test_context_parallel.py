@@ -71,8 +71,13 @@ def _native_attention_with_lse():
     dispatch._native_attention_forward_op = forward_op
 
 
-def _worker(rank, world, family, order):
+def _ulysses_worker(rank, world, jobs):
+    """Each ``(family, order)`` of ``jobs`` under Ulysses: its sparse output, and the dense one after ``remove()``."""
     _setup_cpu_parallelism()
+    return {job: _ulysses_job(world, *job) for job in jobs}
+
+
+def _ulysses_job(world, family, order):
     from diffusers import ContextParallelConfig
 
     tiny = next(m for m in MODELS if m.family == family)
@@ -112,23 +117,32 @@ def _single_process(family):
     return sparse, dense
 
 
-def _run_parallel(family, order):
-    sparse, dense = run_ranks(_worker, WORLD, family, order)[0]
-    return torch.from_numpy(sparse), torch.from_numpy(dense)
+# Every family in one call order (Wan in both): one pair of processes runs them all, since spawning one costs seconds
+ULYSSES_JOBS = [(family, "rainfusion-first" if family == "Wan" else "parallel-first") for family in FAMILIES]
+ULYSSES_JOBS.append(("Wan", "parallel-first"))
 
 
+@pytest.fixture(scope="module")
+def ulysses_outputs():
+    """``(family, order) -> (sparse, dense)`` outputs of rank 0 for every job of ``ULYSSES_JOBS``."""
+    found = run_ranks(_ulysses_worker, WORLD, ULYSSES_JOBS)[0]
+    return {job: (torch.from_numpy(sparse), torch.from_numpy(dense)) for job, (sparse, dense) in found.items()}
+
+
+@pytest.mark.xdist_group("ulysses")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ulysses_two_processes_equal_one(family):
-    sparse, dense = _run_parallel(family, "parallel-first" if family != "Wan" else "rainfusion-first")
+def test_ulysses_two_processes_equal_one(family, ulysses_outputs):
+    sparse, dense = ulysses_outputs[family, "parallel-first" if family != "Wan" else "rainfusion-first"]
     expected_sparse, expected_dense = _single_process(family)
     torch.testing.assert_close(dense, expected_dense, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sparse, expected_sparse, rtol=1e-4, atol=1e-5)
     assert (sparse - dense).abs().max() > 1e-3  # the sparse path ran
 
 
-def test_ulysses_order_of_the_two_calls_does_not_matter():
-    first = _run_parallel("Wan", "parallel-first")
-    second = _run_parallel("Wan", "rainfusion-first")
+@pytest.mark.xdist_group("ulysses")
+def test_ulysses_order_of_the_two_calls_does_not_matter(ulysses_outputs):
+    first = ulysses_outputs["Wan", "parallel-first"]
+    second = ulysses_outputs["Wan", "rainfusion-first"]
     torch.testing.assert_close(first[0], second[0], rtol=0, atol=0)
 
 
