@@ -15,12 +15,21 @@ from rainfusion_core.selection import select_blocks
 
 DEVICE = triton_device()
 
-LAYOUTS = [
-    pytest.param(rf.VideoLayout(3, 8, 16), 32, 0.5, id="aligned-sink"),
-    pytest.param(rf.VideoLayout(3, 10, 12), 32, 0.7, id="unaligned-partial-last-block"),
-    pytest.param(rf.VideoLayout(4, 8, 8, text_len=20), 16, 0.8, id="text-head"),
-    pytest.param(rf.VideoLayout(2, 9, 9, text_len=5, text_position="tail"), 16, 0.6, id="text-tail"),
-    pytest.param(rf.VideoLayout(1, 16, 24), 64, 0.9, id="image-block64"),
+LAYOUTS = {
+    "aligned-sink": (rf.VideoLayout(3, 8, 16), 32, 0.5),
+    "unaligned-partial-last-block": (rf.VideoLayout(3, 10, 12), 32, 0.7),
+    "text-head": (rf.VideoLayout(4, 8, 8, text_len=20), 16, 0.8),
+    "text-tail": (rf.VideoLayout(2, 9, 9, text_len=5, text_position="tail"), 16, 0.6),
+    "image-block64": (rf.VideoLayout(1, 16, 24), 64, 0.9),
+}
+HEADS = {"mha": (2, 2), "gqa4": (4, 1)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Every layout with both head counts; the input dtype (only how the block means read q and k) rotates over them,
+# so each dtype meets several layouts and both head counts without the whole product (each case is interpreted)
+PREDICTION_CASES = [
+    pytest.param(*LAYOUTS[name], HEADS[heads], DTYPES[dtype], id=f"{dtype}-{heads}-{name}")
+    for i, name in enumerate(LAYOUTS) for j, heads in enumerate(HEADS)
+    for dtype in [list(DTYPES)[(i + j) % len(DTYPES)]]
 ]
 
 
@@ -30,9 +39,7 @@ def _assert_same_mask(got: rf.BlockMask, want: rf.BlockMask):
     assert torch.equal(got.kv_indices, want.kv_indices)  # kept blocks, then the skipped ones, ascending
 
 
-@pytest.mark.parametrize("layout, block_size, sparsity", LAYOUTS)
-@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout, block_size, sparsity, heads, dtype", PREDICTION_CASES)
 def test_fused_prediction_equals_reference(layout, block_size, sparsity, heads, dtype):
     q = torch.randn(2, heads[0], layout.seq_len, 32, device=DEVICE, dtype=dtype)
     k = torch.randn(2, heads[1], layout.seq_len, 32, device=DEVICE, dtype=dtype)
