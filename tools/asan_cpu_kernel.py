@@ -29,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,11 +94,12 @@ def build(out_dir: Path) -> Path:
         isa += [("kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"], "RF_HAVE_AVX2"),
                 ("kernel_avx512.cpp", ["-mavx512f", "-mfma", "-mf16c"], "RF_HAVE_AVX512")]
     macros = [f"-D{macro}=1" for _, _, macro in isa if macro]
-    objects = []
-    for source, flags in [(s, f) for s, f, _ in isa] + [("block_sparse_attention.cpp", macros), ("bindings.cpp", macros)]:
-        obj = out_dir / (source + ".o")
-        subprocess.run(common + flags + ["-c", str(ROOT / "csrc" / source), "-o", str(obj)], check=True)
-        objects.append(str(obj))
+    units = [(s, f) for s, f, _ in isa] + [("block_sparse_attention.cpp", macros), ("bindings.cpp", macros)]
+    objects = [str(out_dir / (source + ".o")) for source, _ in units]
+    commands = [common + flags + ["-c", str(ROOT / "csrc" / source), "-o", obj]
+                for (source, flags), obj in zip(units, objects)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler per core
+        list(pool.map(lambda command: subprocess.run(command, check=True), commands))
     subprocess.run([cxx, "-shared", "-fsanitize=address", "-fopenmp", *objects, "-o", str(target)], check=True)
     return target
 
