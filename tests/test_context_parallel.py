@@ -118,8 +118,8 @@ def _single_process(family):
 
 
 # Every family in one call order (Wan in both): one pair of processes runs them all, since spawning one costs seconds
-ULYSSES_JOBS = [(family, "rainfusion-first" if family == "Wan" else "parallel-first") for family in FAMILIES]
-ULYSSES_JOBS.append(("Wan", "parallel-first"))
+ORDER = {family: "rainfusion-first" if family == "Wan" else "parallel-first" for family in FAMILIES}
+ULYSSES_JOBS = [*ORDER.items(), ("Wan", "parallel-first")]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def ulysses_outputs():
 @pytest.mark.xdist_group("ulysses")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ulysses_two_processes_equal_one(family, ulysses_outputs):
-    sparse, dense = ulysses_outputs[family, "parallel-first" if family != "Wan" else "rainfusion-first"]
+    sparse, dense = ulysses_outputs[family, ORDER[family]]
     expected_sparse, expected_dense = _single_process(family)
     torch.testing.assert_close(dense, expected_dense, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sparse, expected_sparse, rtol=1e-4, atol=1e-5)
